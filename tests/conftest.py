@@ -1,0 +1,64 @@
+"""Shared fixtures: real models and real data, all from local files (never the network)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("KERAS_BACKEND", "torch")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2_weights():
+    from netgraft.data import mobilenet_v2_weights_path
+
+    return mobilenet_v2_weights_path()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from netgraft.data import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def imagenet_batch():
+    """foolbox's 20 real ImageNet images, resized and normalised as torchvision expects,
+    with their labels."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from netgraft.data import IMAGENET_MEAN, IMAGENET_STD, foolbox_images
+
+    tf = transforms.Compose(
+        [
+            transforms.Resize(256),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    items = foolbox_images("imagenet")
+    x = torch.stack([tf(Image.open(p).convert("RGB")) for p, _ in items])
+    y = torch.tensor([label for _, label in items])
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from netgraft.data import load_digits
+
+    return load_digits()
+
+
+@pytest.fixture(scope="session")
+def mnist5k():
+    from netgraft.data import load_mnist5k
+
+    return load_mnist5k()
