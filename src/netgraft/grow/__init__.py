@@ -1,0 +1,16 @@
+"""Grow trained networks in the middle without changing what they compute.
+
+- :func:`deepen` inserts an identity or zero-residual layer after any module;
+- :func:`widen` widens a Linear or Conv2d (Net2WiderNet);
+- :func:`expand_blocks` copies transformer blocks (Hugging Face GPT-2, Llama-style, BERT);
+- :func:`verify_equivalence` measures how much two models' outputs differ.
+
+Every growth operation verifies itself on a probe batch by default and records itself in
+the model's recipe.
+"""
+
+from .deepen import Deepened, Residual, deepen
+from .widen import widen
+from .verify import verify_equivalence
+
+__all__ = ["Deepened", "Residual", "deepen", "verify_equivalence", "widen"]
