@@ -3,6 +3,7 @@
 The public API, re-exported from the modules that own each idea.
 """
 
+from .cache import FeatureCache
 from .errors import (
     CacheError,
     DataError,
@@ -29,6 +30,7 @@ __all__ = [
     "CacheError",
     "DataError",
     "EquivalenceError",
+    "FeatureCache",
     "Layer",
     "LayerTable",
     "NetgraftError",
