@@ -17,6 +17,7 @@ from .errors import (
     WeightsError,
 )
 from .freeze import freeze, frozen_state, load_frozen_state, train_only, trainable_report, unfreeze
+from .grow import deepen, expand_blocks, grown_modules, verify_equivalence, widen
 from .layers import Block, Layer, LayerTable, blocks, layers, summary
 from .recipe import get_recipe
 from .reinit import reinit
@@ -41,9 +42,12 @@ __all__ = [
     "SurgeryError",
     "WeightsError",
     "blocks",
+    "deepen",
+    "expand_blocks",
     "freeze",
     "frozen_state",
     "get_recipe",
+    "grown_modules",
     "layers",
     "load_frozen_state",
     "load_model",
@@ -54,4 +58,6 @@ __all__ = [
     "train_only",
     "trainable_report",
     "unfreeze",
+    "verify_equivalence",
+    "widen",
 ]

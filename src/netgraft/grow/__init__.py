@@ -3,14 +3,26 @@
 - :func:`deepen` inserts an identity or zero-residual layer after any module;
 - :func:`widen` widens a Linear or Conv2d (Net2WiderNet);
 - :func:`expand_blocks` copies transformer blocks (Hugging Face GPT-2, Llama-style, BERT);
-- :func:`verify_equivalence` measures how much two models' outputs differ.
+- :func:`verify_equivalence` measures how much two models' outputs differ;
+- :func:`grown_modules` lists what growth added, for ``train_only``.
 
 Every growth operation verifies itself on a probe batch by default and records itself in
 the model's recipe.
 """
 
 from .deepen import Deepened, Residual, deepen
-from .widen import widen
+from .expand import GatedBlock, expand_blocks
+from .grown import grown_modules
 from .verify import verify_equivalence
+from .widen import widen
 
-__all__ = ["Deepened", "Residual", "deepen", "verify_equivalence", "widen"]
+__all__ = [
+    "Deepened",
+    "GatedBlock",
+    "Residual",
+    "deepen",
+    "expand_blocks",
+    "grown_modules",
+    "verify_equivalence",
+    "widen",
+]

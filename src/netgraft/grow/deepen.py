@@ -11,7 +11,8 @@ by a :class:`Deepened` container whose children are
   ``NAME.1.branch.1`` (activation) and ``NAME.1.branch.2`` (zero-initialised projection);
 - ``NAME.2``: the activation after an identity layer, when one was asked for.
 
-So ``netgraft.train_only(model, "NAME.1")`` trains exactly the new layer. Outputs of shape
+So ``netgraft.train_only(model, "NAME.1")`` (or ``netgraft.grown_modules(model)``) trains
+exactly the new layer. Outputs of shape
 ``(N, C, H, W)`` get a ``Conv2d`` acting on channels; every other output a ``Linear`` on its
 last dimension. This module never approximates: what cannot be exact is refused with
 :class:`SurgeryError`, and it never uses the ``x * conv_ones(x)`` trick, which changes the
@@ -31,6 +32,7 @@ from ..errors import NetgraftError, SurgeryError
 from ..layers import call_model, display_name
 from ..recipe import is_replaying, recorded
 from ..select import Selector, select_modules
+from .grown import mark_grown
 from .verify import check_growth, probe_input, snapshot
 
 __all__ = ["ACTIVATIONS", "Deepened", "Residual", "deepen"]
@@ -377,6 +379,7 @@ def _deepen(
         new = _build(
             wanted, shape, activation=activation, width=width, kernel_size=kernel_size, like=own
         )
+        mark_grown(new[0])
         wrapper = Deepened(original, *new)
         wrapper.train(original.training)
         for m in new:

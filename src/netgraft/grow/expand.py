@@ -1,0 +1,221 @@
+"""Add transformer blocks to a trained stack without changing what it computes.
+
+:func:`expand_blocks` copies blocks of a Hugging Face GPT-2, Llama-style (Llama, Mistral,
+Qwen2, ...) or BERT-style encoder and inserts each copy right after its original (block
+expansion, as in LLaMA Pro):
+
+- pre-norm blocks (``x + attn(norm(x))``, ``x + mlp(norm(x))``): the copy's attention-output
+  and MLP-output projections are zeroed, so the copy adds exactly nothing; their gradients
+  are not zero, so training moves it away from there;
+- post-norm blocks (BERT: the norm comes after the residual addition, so zeroing cannot make
+  the block the identity): the copy is wrapped in :class:`GatedBlock`,
+  ``y = x + g·(block(x) − x)`` with ``g = 0`` (state-dict names ``...layer.N.block.*`` and
+  ``...layer.N.gate``).
+
+Blocks are renumbered (every ``layer_idx`` attribute inside them) and the config's
+``num_hidden_layers`` (and ``layer_types``) updated, so a key-value cache built from the
+config has one slot per block and ``generate`` still works. Other stacks are refused with
+:class:`SurgeryError`; this module never approximates.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import NetgraftError, SurgeryError
+from ..recipe import is_replaying, recorded
+from .grown import mark_grown
+from .verify import check_growth, probe_input, snapshot
+
+__all__ = ["GatedBlock", "expand_blocks"]
+
+log = logging.getLogger(__name__)
+
+# (residual-output projections to zero, modules a pre-norm block of that family has)
+_PRE_NORM = [
+    (("attn.c_proj", "mlp.c_proj", "crossattention.c_proj"), ("ln_1", "ln_2")),  # GPT-2
+    (("self_attn.o_proj", "mlp.down_proj"), ("input_layernorm", "post_attention_layernorm")),
+]
+# modules of a post-norm (BERT-style) block: norm after each residual addition
+_POST_NORM = ("attention.output.LayerNorm", "output.LayerNorm")
+
+
+class GatedBlock(nn.Module):
+    """``y = x + gate·(block(x) − x)`` around a transformer block; with ``gate = 0`` it is the
+    identity. Extra outputs of the block (attention weights, caches) pass through."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        param = next(iter(block.parameters()), None)
+        dtype = param.dtype if param is not None else torch.get_default_dtype()
+        device = param.device if param is not None else None
+        self.gate = nn.Parameter(torch.zeros((), dtype=dtype, device=device))
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.block(hidden_states, *args, **kwargs)
+        first = out[0] if isinstance(out, tuple) else out
+        mixed = hidden_states + self.gate * (first - hidden_states)
+        return (mixed, *out[1:]) if isinstance(out, tuple) else mixed
+
+
+def _find_stack(model: nn.Module) -> tuple[str, nn.ModuleList, Any]:
+    config = getattr(model, "config", None)
+    depth = getattr(config, "num_hidden_layers", None)
+    if config is None or not isinstance(depth, int):
+        raise SurgeryError(
+            f"expand_blocks works on Hugging Face transformers (GPT-2, Llama-style, BERT); "
+            f"{type(model).__name__} has no config with num_hidden_layers"
+        )
+    stacks = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) == depth and depth > 0
+    ]
+    if len(stacks) != 1:
+        raise SurgeryError(
+            f"expand_blocks needs exactly one stack of {depth} blocks in "
+            f"{type(model).__name__}; found {len(stacks)} ({', '.join(n for n, _ in stacks)})"
+        )
+    return stacks[0][0], stacks[0][1], config
+
+
+def _inner(block: nn.Module) -> nn.Module:
+    return block.block if isinstance(block, GatedBlock) else block
+
+
+def _has(module: nn.Module, dotted: str) -> bool:
+    try:
+        module.get_submodule(dotted)
+        return True
+    except AttributeError:
+        return False
+
+
+def _grow_copy(block: nn.Module, stack_name: str) -> nn.Module:
+    """A copy of ``block`` that adds nothing to its input: zeroed output projections for a
+    pre-norm block, a closed gate for a post-norm one."""
+    source = _inner(block)
+    for projections, norms in _PRE_NORM:
+        if all(_has(source, n) for n in norms) and _has(source, projections[0]):
+            twin = copy.deepcopy(source)
+            with torch.no_grad():
+                for name in projections:
+                    if _has(twin, name):
+                        proj = twin.get_submodule(name)
+                        for p in proj.parameters(recurse=False):
+                            p.zero_()
+            return mark_grown(twin)
+    if all(_has(source, n) for n in _POST_NORM):
+        return mark_grown(GatedBlock(copy.deepcopy(source)))
+    raise SurgeryError(
+        f"expand_blocks knows pre-norm GPT-2/Llama-style blocks (zeroed output projections) "
+        f"and post-norm BERT-style blocks (gated); the blocks of {stack_name!r} are "
+        f"{type(source).__name__}, neither"
+    )
+
+
+def _positions(depth: int, every: int | None, after: int | list[int] | None) -> list[int]:
+    if (every is None) == (after is None):
+        raise NetgraftError("expand_blocks needs exactly one of every= or after=")
+    if every is not None:
+        if not isinstance(every, int) or every < 1:
+            raise NetgraftError(f"every must be a positive integer; found {every!r}")
+        return list(range(every - 1, depth, every))
+    wanted = [after] if isinstance(after, int) else list(after or [])
+    if not wanted:
+        raise NetgraftError("after= names no block")
+    out = []
+    for i in wanted:
+        if not isinstance(i, int) or not -depth <= i < depth:
+            raise SurgeryError(
+                f"after= takes block indices in [{-depth}, {depth - 1}]; found {i!r}"
+            )
+        out.append(i % depth)
+    return sorted(set(out))
+
+
+def _renumber(stack: nn.ModuleList) -> None:
+    for j, block in enumerate(stack):
+        for sub in block.modules():
+            if isinstance(getattr(sub, "layer_idx", None), int):
+                sub.layer_idx = j
+
+
+@recorded("expand_blocks")
+def expand_blocks(
+    model: nn.Module,
+    *,
+    every: int | None = None,
+    after: int | list[int] | None = None,
+    example_input: Any = None,
+    verify: bool = True,
+    atol: float | None = None,
+) -> nn.Module:
+    """Insert a function-preserving copy of a transformer block after every ``every``-th
+    block, or after the blocks whose indices ``after`` gives (counted in the stack before
+    growing); return the model, changed in place.
+
+    Pre-norm copies have zeroed attention/MLP output projections; post-norm (BERT) copies
+    are gated with ``g = 0`` (see the module docstring). Layer indices and the config's
+    ``num_hidden_layers`` are updated so cached generation still works; the new blocks are
+    listed by :func:`netgraft.grown_modules`. Verification works as in :func:`netgraft.deepen`
+    (random token ids when no ``example_input`` is given).
+    """
+    stack_name, stack, config = _find_stack(model)
+    depth = len(stack)
+    positions = _positions(depth, every, after)
+    replaying = is_replaying()
+    inputs = (
+        probe_input(model, example_input, what="expand_blocks")
+        if verify and not replaying
+        else None
+    )
+    before = snapshot(model) if inputs is not None else None
+    old_modules = OrderedDict(stack._modules)
+    old_idx = {
+        sub: sub.layer_idx
+        for sub in stack.modules()
+        if isinstance(getattr(sub, "layer_idx", None), int)
+    }
+    old_types = getattr(config, "layer_types", None)
+    grown: list[nn.Module] = []
+    types: list[Any] = []
+    for i, block in enumerate(old_modules.values()):
+        grown.append(block)
+        if old_types is not None:
+            types.append(old_types[i])
+        if i in positions:
+            grown.append(_grow_copy(block, stack_name))
+            if old_types is not None:
+                types.append(old_types[i])
+    stack._modules = OrderedDict((str(j), m) for j, m in enumerate(grown))
+    _renumber(stack)
+    config.num_hidden_layers = len(grown)
+    if isinstance(old_types, list) and len(old_types) == depth:
+        config.layer_types = types
+    log.info(
+        "expand_blocks: %s from %d to %d blocks (copies after %s)",
+        stack_name,
+        depth,
+        len(grown),
+        positions,
+    )
+
+    def undo() -> None:
+        stack._modules = old_modules
+        for sub, idx in old_idx.items():
+            sub.layer_idx = idx
+        config.num_hidden_layers = depth
+        if isinstance(old_types, list):
+            config.layer_types = old_types
+
+    if before is not None:
+        check_growth(before, model, inputs, atol=atol, what="expand_blocks", undo=undo)
+    return model
