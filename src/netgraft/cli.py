@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -43,14 +44,12 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     """``"3,224,224"`` -> ``(3, 224, 224)``; a clear error for anything else."""
     if text is None:
         return None
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        shape = ()
-    if not shape or any(d <= 0 for d in shape):
+    text = text.strip()
+    if not re.fullmatch(r"\d+([,x]\d+)*", text) or any(int(p) <= 0 for p in re.split("[,x]", text)):
         raise NetgraftError(
             f"--input-shape must be positive integers like 3,224,224; found {text!r}"
         )
+    shape = tuple(int(p) for p in re.split("[,x]", text))
     return shape
 
 
