@@ -1,0 +1,208 @@
+"""Split a model into a prefix and a suffix at one module: ``suffix(prefix(x)) == model(x)``.
+
+The prefix ends with the output of the module named by ``at``; the suffix takes exactly
+that one tensor. A frozen prefix is what :class:`netgraft.FeatureCache` computes once and
+stores, and :func:`netgraft.truncate` keeps only the prefix.
+
+- A plain ``nn.Sequential`` (also nested ones) is split by slicing, keeping child names.
+- Any other model is traced with ``torch.fx``; the cut module is kept as one call (a leaf),
+  and the graph is split after it. Where more than that one value would have to cross the
+  cut (a skip connection around it, a model input or an attention mask used later) or the
+  forward cannot be traced, :class:`SurgeryError` says so rather than cutting wrongly.
+
+Both halves hold the *original* parameter and buffer objects (never copies), under their
+original dotted names, so freezing or caching the prefix refers to the real weights.
+This module never changes the model it cuts.
+
+Example::
+
+    >>> import torch, torchvision, netgraft
+    >>> m = torchvision.models.resnet18().eval()
+    >>> prefix, suffix = netgraft.cut(m, at="layer3")
+    >>> x = torch.randn(2, 3, 64, 64)
+    >>> torch.equal(suffix(prefix(x)), m(x))
+    True
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import SurgeryError
+from .layers import display_name
+from .select import Selector, resolve_module
+
+__all__ = ["cut", "cut_point"]
+
+_CUT_ATTR = "_netgraft_cut_at"
+
+
+def cut_point(module: nn.Module) -> str | None:
+    """The dotted name of the module a prefix or suffix was cut at (``None`` if not a cut)."""
+    return module.__dict__.get(_CUT_ATTR)
+
+
+def cut(model: nn.Module, at: Selector) -> tuple[nn.Module, nn.Module]:
+    """Split ``model`` after the module ``at`` picks (exactly one): returns ``(prefix,
+    suffix)`` with ``suffix(prefix(x))`` equal to ``model(x)`` and ``prefix(x)`` the output of
+    that module. Both share the model's own parameters. Raises :class:`SurgeryError` where
+    more than one tensor would cross the cut or the model cannot be traced."""
+    name, _ = resolve_module(model, at, what="cut point")
+    if not name:
+        raise SurgeryError(
+            "cannot cut at the model itself: name a module inside it (e.g. a block; "
+            "`netgraft inspect SPEC --blocks` lists them)"
+        )
+    halves = _split_sequential(model, name.split("."))
+    if halves is None:
+        halves = _split_fx(model, name)
+    for half in halves:
+        object.__setattr__(half, _CUT_ATTR, name)
+    return halves
+
+
+def _split_sequential(model: nn.Module, path: list[str]) -> tuple[nn.Module, nn.Module] | None:
+    """Slice plain Sequentials along ``path``; ``None`` when some container on it is not one."""
+    if type(model) is not nn.Sequential:
+        return None
+    items = list(model._modules.items())
+    keys = [k for k, _ in items]
+    index = keys.index(path[0])
+    if len(path) == 1:
+        return nn.Sequential(OrderedDict(items[: index + 1])), nn.Sequential(
+            OrderedDict(items[index + 1 :])
+        )
+    inner = _split_sequential(items[index][1], path[1:])
+    if inner is None:
+        return None
+    head, tail = inner
+    prefix = nn.Sequential(OrderedDict([*items[:index], (path[0], head)]))
+    suffix = nn.Sequential(OrderedDict([(path[0], tail), *items[index + 1 :]]))
+    return prefix, suffix
+
+
+class _CutTracer(torch.fx.Tracer):
+    """Traces through every ancestor of the cut module and keeps the cut module as one call."""
+
+    def __init__(self, cut_name: str):
+        super().__init__()
+        self.cut_name = cut_name
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name == self.cut_name:
+            return True
+        if module_qualified_name == "" or self.cut_name.startswith(module_qualified_name + "."):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _concrete_args(model: nn.Module) -> dict[str, Any] | None:
+    """Hugging Face models take many optional arguments; only the main input stays symbolic
+    (a Proxy for ``inputs_embeds=None`` would take the wrong branch)."""
+    main = getattr(model, "main_input_name", None)
+    if main is None:
+        return None
+    concrete = {}
+    for pname, param in inspect.signature(model.forward).parameters.items():
+        if pname == main or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.default is not inspect.Parameter.empty:
+            concrete[pname] = param.default
+    return concrete
+
+
+def _trace(model: nn.Module, name: str) -> torch.fx.Graph:
+    tracer = _CutTracer(name)
+    try:
+        return tracer.trace(model, concrete_args=_concrete_args(model))
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        why = (
+            "Hugging Face models build their attention masks in Python and this transformers "
+            "has no fx tracer (transformers.utils.fx)"
+            if hasattr(model, "config") and hasattr(model, "main_input_name")
+            else "models with data-dependent control flow can only be cut inside nn.Sequential"
+        )
+        raise SurgeryError(
+            f"cannot cut {type(model).__name__} at {name!r}: its forward cannot be traced with "
+            f"torch.fx ({type(exc).__name__}: {first[:200]}); {why}"
+        ) from exc
+
+
+def _split_fx(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
+    graph = _trace(model, name)
+    nodes = list(graph.nodes)
+    calls = [n for n in nodes if n.op == "call_module" and n.target == name]
+    if not calls:
+        raise SurgeryError(
+            f"cannot cut {type(model).__name__} at {name!r}: the forward never calls that module "
+            f"(its weights may be used directly); cut at a module the forward calls"
+        )
+    if len(calls) > 1:
+        raise SurgeryError(
+            f"cannot cut {type(model).__name__} at {name!r}: the forward calls it "
+            f"{len(calls)} times, so there is no single cut point"
+        )
+    at = calls[0]
+    position = nodes.index(at)
+    # Everything computable from the inputs before the cut belongs to the prefix (also checks
+    # such as torch._assert); parameters are read where they are used, on either side.
+    available: set[torch.fx.Node] = set()
+    for node in nodes[: position + 1]:
+        if node.op == "get_attr" or all(i in available for i in node.all_input_nodes):
+            available.add(node)
+    core = {n for n in nodes[: position + 1] if n in available and n.op != "get_attr"}
+    attrs = {i for n in core for i in n.all_input_nodes if i.op == "get_attr"}
+    prefix_nodes = [n for n in nodes[: position + 1] if n in core or n in attrs]
+    prefix_ids = set(prefix_nodes)
+    suffix_nodes = [n for n in nodes if n not in core and n.op != "get_attr"]
+    crossing = []
+    for node in suffix_nodes:
+        for inp in node.all_input_nodes:
+            if inp in prefix_ids and inp is not at and inp.op != "get_attr" and inp not in crossing:
+                crossing.append(inp)
+    if crossing:
+        raise SurgeryError(
+            f"cannot cut {type(model).__name__} at {name!r}: only the output of {name!r} may "
+            f"cross the cut, but the rest of the model also uses "
+            f"{', '.join(_describe(n) for n in crossing[:4])}"
+            f"{' …' if len(crossing) > 4 else ''} (a skip connection or an input used "
+            f"after the cut); cut at a module outside that span (e.g. a whole block)"
+        )
+
+    prefix_graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in prefix_nodes:
+        env[node] = prefix_graph.node_copy(node, lambda n: env[n])
+    prefix_graph.output(env[at])
+
+    suffix_graph = torch.fx.Graph()
+    env = {at: suffix_graph.placeholder(_safe(name))}
+    for node in suffix_nodes:
+        for inp in node.all_input_nodes:  # parameters also read before the cut
+            if inp not in env and inp.op == "get_attr":
+                env[inp] = suffix_graph.node_copy(inp)
+        env[node] = suffix_graph.node_copy(node, lambda n: env[n])
+    prefix = torch.fx.GraphModule(model, prefix_graph, class_name="Prefix")
+    suffix = torch.fx.GraphModule(model, suffix_graph, class_name="Suffix")
+    for half in (prefix, suffix):  # only the root flag: submodules keep their own modes
+        half.training = model.training
+    return prefix, suffix
+
+
+def _describe(node: torch.fx.Node) -> str:
+    if node.op == "placeholder":
+        return f"the model input {node.target!r}"
+    if node.op == "call_module":
+        return f"the output of {display_name(str(node.target))!r}"
+    return f"the value {node.name!r}"
+
+
+def _safe(name: str) -> str:
+    return "cut_" + "".join(ch if ch.isalnum() else "_" for ch in name)
