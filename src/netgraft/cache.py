@@ -853,6 +853,7 @@ def plan(
         return refuse(
             f"the frozen prefix up to {name!r} holds only {frozen:,} of {total:,} parameters: "
             "too little to gain from caching (pass cache=True to cache anyway)"
+            + (f"; a later cut was not possible: {reasons[0]}" if reasons else "")
         )
     shape = shapes.get(name)
     if dir is None and shape is not None:
