@@ -4,6 +4,7 @@ The public API, re-exported from the modules that own each idea.
 """
 
 from .cache import FeatureCache
+from .cut import cut
 from .errors import (
     CacheError,
     DataError,
@@ -19,15 +20,34 @@ from .errors import (
 from .freeze import freeze, frozen_state, load_frozen_state, train_only, trainable_report, unfreeze
 from .grow import deepen, expand_blocks, grown_modules, verify_equivalence, widen
 from .layers import Block, Layer, LayerTable, blocks, layers, summary
+from .optim import param_groups
 from .recipe import get_recipe
 from .reinit import reinit
 from .select import select
+from .train import (
+    Checkpoint,
+    EarlyStopping,
+    History,
+    ReduceLROnPlateau,
+    evaluate,
+    fine_tune,
+    fit,
+)
+from .transfer import TransferReport, transfer
 from .zoo import load_model, load_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Block",
+    "Checkpoint",
+    "EarlyStopping",
+    "History",
+    "ReduceLROnPlateau",
+    "evaluate",
+    "fine_tune",
+    "fit",
+    "param_groups",
     "CacheError",
     "DataError",
     "EquivalenceError",
@@ -40,8 +60,10 @@ __all__ = [
     "ShapeMismatchError",
     "SpecError",
     "SurgeryError",
+    "TransferReport",
     "WeightsError",
     "blocks",
+    "cut",
     "deepen",
     "expand_blocks",
     "freeze",
@@ -56,6 +78,7 @@ __all__ = [
     "select",
     "summary",
     "train_only",
+    "transfer",
     "trainable_report",
     "unfreeze",
     "verify_equivalence",
