@@ -131,6 +131,11 @@ def _consumer_from_graph(model: nn.Module, name: str) -> tuple[str | None, str]:
                 f"addition; the consumer cannot be determined unambiguously"
             )
         user = users[0]
+        if user.op == "output":
+            raise SurgeryError(
+                f"cannot widen {name!r}: its units are the model's output, whose shape must "
+                f"not change (replace the head to change the number of outputs)"
+            )
         if user.op == "call_module":
             module = modules[user.target]
             if isinstance(module, (nn.Linear, nn.Conv2d)):
