@@ -1,0 +1,152 @@
+"""Read the weights of an ONNX graph (its initializers) into torch-layout layers.
+
+Graph nodes are walked in order, so layers come out in execution order: ``Conv`` /
+``ConvTranspose`` (weight, bias), ``Gemm`` (weight transposed to torch's ``(out, in)`` when
+``transB=0``, ``alpha``/``beta`` folded in), ``MatMul`` with a constant right operand
+(transposed; a following ``Add`` of a constant vector becomes its bias),
+``BatchNormalization`` (epsilon kept), ``LayerNormalization``, ``InstanceNormalization``
+and ``Gather`` from a constant table (an embedding). Layers are named after the
+initializers when those carry torch names (``fc.weight``), else after the node's scope
+(``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1``). Other floating-point initializers
+are kept under their own names so nothing is dropped silently. Never runs the graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...errors import WeightsError
+from ..match import Source, SourceLayer, group_layers
+
+__all__ = ["read_onnx"]
+
+_LOCALS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _scope_name(node: Any, index: int) -> str:
+    parts = [p for p in node.name.split("/") if p][:-1]
+    path = ""
+    for part in parts:  # torch scopes repeat the parent: /layer1/layer1.0/downsample/downsample.0
+        last = path.rpartition(".")[2]
+        if path and part.startswith(path + "."):
+            path = part
+        elif last and part.startswith(last + "."):
+            path = path + part[len(last) :]
+        else:
+            path = f"{path}.{part}" if path else part
+    return path or node.name or f"{node.op_type.lower()}_{index}"
+
+
+def _attrs(node: Any) -> dict[str, Any]:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _layer_name(node: Any, index: int, names: list[str]) -> str:
+    owners = {n.rpartition(".")[0] for n in names if n.rpartition(".")[2] in _LOCALS}
+    if len(owners) == 1 and "" not in owners:
+        return owners.pop()
+    return _scope_name(node, index)
+
+
+def read_onnx(path: str | Path) -> Source:
+    """Read an ``.onnx`` file's initializers into a :class:`Source` of torch-layout layers."""
+    path = Path(path)
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as exc:
+        raise WeightsError("reading ONNX files needs onnx (pip install 'netgraft[onnx]')") from exc
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:
+        raise WeightsError(f"ONNX file {str(path)!r} is not a readable ONNX model: {exc}") from exc
+    graph = model.graph
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consumed: set[str] = set()
+    source = Source(f"ONNX file {path.name}", {}, [])
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def add(node: Any, index: int, tensors: dict[str, tuple[str, np.ndarray]], eps=None) -> None:
+        lname = _layer_name(node, index, [n for n, _ in tensors.values()])
+        full: dict[str, str] = {}
+        for local, (orig, array) in tensors.items():
+            name = orig if orig.rpartition(".")[2] == local else f"{lname}.{local}"
+            full[local] = name
+            source.tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
+            consumed.add(orig)
+        source.layers.append(SourceLayer(lname, full, eps))
+
+    def const(name: str) -> np.ndarray | None:
+        return init.get(name) if name else None
+
+    for i, node in enumerate(graph.node):
+        ins = list(node.input) + [""] * 5
+        op = node.op_type
+        if op in ("Conv", "ConvTranspose") and const(ins[1]) is not None:
+            tensors = {"weight": (ins[1], init[ins[1]])}
+            if const(ins[2]) is not None:
+                tensors["bias"] = (ins[2], init[ins[2]])
+            add(node, i, tensors)
+        elif op == "Gemm" and const(ins[1]) is not None:
+            a = _attrs(node)
+            if a.get("transA", 0):
+                raise WeightsError(
+                    f"ONNX Gemm {node.name!r} transposes its input (transA=1), which no torch "
+                    f"Linear does; expected transA=0"
+                )
+            weight = init[ins[1]] if a.get("transB", 0) else init[ins[1]].T
+            weight = weight * a.get("alpha", 1.0) if a.get("alpha", 1.0) != 1.0 else weight
+            tensors = {"weight": (ins[1], weight)}
+            bias = const(ins[2])
+            if bias is not None:
+                bias = bias.reshape(-1) * a.get("beta", 1.0)
+                tensors["bias"] = (ins[2], bias)
+            if a.get("transB", 0) == 0:
+                source.notes.append(f"{node.name or ins[1]}: Gemm transB=0 weight transposed")
+            add(node, i, tensors)
+        elif op == "MatMul" and const(ins[1]) is not None and init[ins[1]].ndim == 2:
+            tensors = {"weight": (ins[1], init[ins[1]].T)}
+            after = consumers.get(node.output[0], [])
+            if len(after) == 1 and after[0].op_type == "Add":
+                other = [n for n in after[0].input if n != node.output[0]]
+                if other and const(other[0]) is not None and init[other[0]].ndim == 1:
+                    tensors["bias"] = (other[0], init[other[0]])
+            add(node, i, tensors)
+        elif op == "BatchNormalization" and const(ins[1]) is not None:
+            names = dict(
+                zip(("weight", "bias", "running_mean", "running_var"), ins[1:5], strict=True)
+            )
+            add(
+                node,
+                i,
+                {k: (v, init[v]) for k, v in names.items() if const(v) is not None},
+                float(_attrs(node).get("epsilon", 1e-5)),
+            )
+        elif op in ("LayerNormalization", "InstanceNormalization") and const(ins[1]) is not None:
+            tensors = {"weight": (ins[1], init[ins[1]])}
+            if const(ins[2]) is not None:
+                tensors["bias"] = (ins[2], init[ins[2]])
+            add(node, i, tensors, float(_attrs(node).get("epsilon", 1e-5)))
+        elif op == "Gather" and const(ins[0]) is not None and init[ins[0]].ndim == 2:
+            if ins[0] not in consumed:
+                add(node, i, {"weight": (ins[0], init[ins[0]])})
+    leftovers = [
+        n
+        for n, a in init.items()
+        if n not in consumed and a.ndim >= 1 and np.issubdtype(a.dtype, np.floating)
+    ]
+    for name in leftovers:
+        source.tensors[name] = torch.from_numpy(np.ascontiguousarray(init[name]))
+    source.layers += [SourceLayer(owner, tensors) for owner, tensors in group_layers(leftovers)]
+    if not source.layers:
+        raise WeightsError(f"ONNX file {str(path)!r} holds no weight initializers")
+    return source
