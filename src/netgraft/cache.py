@@ -61,6 +61,8 @@ _FORMAT = 1
 _MANIFEST = "manifest.json"
 _LABELS = "labels.npy"
 _SHARD_BYTES = 256 << 20
+# augmented copies are drawn from fixed seeds so every builder of one cache writes the same
+_AUGMENT_SEED = 20240607
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 # torchvision / timm / albumentations-style transforms whose output changes from call to
@@ -397,14 +399,13 @@ class FeatureCache(Dataset):
         self._num_workers = num_workers
         self._shard_bytes = shard_bytes
         self._progress = progress
-        self.key = cache_key(
-            prefix,
-            dataset,
-            cut_point=cut_point,
-            dtype=dtype,
-            augment_copies=augment_copies,
-            data_key=data_key,
-        )
+        self._key_args = {
+            "cut_point": cut_point,
+            "dtype": dtype,
+            "augment_copies": augment_copies,
+            "data_key": data_key,
+        }
+        self._key: str | None = None
         self.path: Path | None = None
         self._features: torch.Tensor | None = None
         self._labels: torch.Tensor | None = None
@@ -440,7 +441,7 @@ class FeatureCache(Dataset):
             prefix.eval()
             with torch.no_grad(), _rng_forked():
                 for copy in range(self.copies):
-                    _seed_all(int(self.key[:8], 16) + copy)
+                    _seed_all(_AUGMENT_SEED + copy)
                     loader = DataLoader(
                         self._dataset,
                         batch_size=self._batch_size,
@@ -616,6 +617,18 @@ class FeatureCache(Dataset):
         if self._shards is not None:
             self._shards = [np.load(p, mmap_mode="r") for p in self._shards]
 
+    @property
+    def key(self) -> str:
+        """The hex key of this cache (:func:`cache_key`); computed on first use, since an
+        in-memory cache never needs it."""
+        if self._key is None:
+            if self._prefix is None:
+                raise CacheError(
+                    "this copy of the cache no longer holds its prefix to compute a key"
+                )
+            self._key = cache_key(self._prefix, self._dataset, **self._key_args)
+        return self._key
+
     def __len__(self) -> int:
         return self.n
 
@@ -670,7 +683,7 @@ class FeatureCache(Dataset):
         return (
             f"{self.n} examples{copies}, features {shape}"
             f"{' (' + str(self.dtype).removeprefix('torch.') + ')' if self.dtype else ''}"
-            f" {where} [{self.status}, key {self.key[:12]}]"
+            f" {where} [{self.status}{'' if self.path is None else ', key ' + self.key[:12]}]"
         )
 
     def __repr__(self) -> str:
