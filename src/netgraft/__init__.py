@@ -19,9 +19,10 @@ from .errors import (
 )
 from .freeze import freeze, frozen_state, load_frozen_state, train_only, trainable_report, unfreeze
 from .grow import deepen, expand_blocks, grown_modules, verify_equivalence, widen
+from .heads import attach, find_head, replace_head, truncate
 from .layers import Block, Layer, LayerTable, blocks, layers, summary
 from .optim import param_groups
-from .recipe import get_recipe
+from .recipe import get_recipe, load, save
 from .reinit import reinit
 from .select import select
 from .train import (
@@ -44,9 +45,12 @@ __all__ = [
     "EarlyStopping",
     "History",
     "ReduceLROnPlateau",
+    "attach",
     "evaluate",
+    "find_head",
     "fine_tune",
     "fit",
+    "load",
     "param_groups",
     "CacheError",
     "DataError",
@@ -75,11 +79,14 @@ __all__ = [
     "load_model",
     "load_weights",
     "reinit",
+    "replace_head",
+    "save",
     "select",
     "summary",
     "train_only",
     "transfer",
     "trainable_report",
+    "truncate",
     "unfreeze",
     "verify_equivalence",
     "widen",
