@@ -23,7 +23,7 @@ from ..errors import NetgraftError, ShapeMismatchError, WeightsError
 from ..layers import layers
 from ..select import Selector, select
 from .adapt import adapt_tensor
-from .match import STEPS, DstLayer, Source, group_layers, plan_pairs
+from .match import STEPS, DstLayer, Source, group_layers, name_matches, plan_pairs
 from .report import Mismatch, TensorRecord, TransferReport
 
 __all__ = ["load_source", "transfer"]
@@ -232,19 +232,21 @@ def transfer(
                 report.records[full] = record
     _epsilon_notes(report, plan.layer_pairs, source, modules, adopt_epsilon)
     used = {p.src for p in plan.pairs.values()}
-    excluded_partners = {
-        plan.name_partner[x.name]
-        for x in dst_layers
-        if selected is not None and x.name not in selected and x.name in plan.name_partner
-    }
-    src_owner = {full: layer.name for layer in source.layers for full in layer.tensors.values()}
-    for name in source.tensors:
-        if name in used:
-            continue
-        if src_owner.get(name) in excluded_partners:
-            report.not_selected.append(name)
-        else:
-            report.unexpected.append(name)
+    leftover = [name for name in source.tensors if name not in used]
+    outside = [
+        full
+        for layer in dst_layers
+        if selected is not None and layer.name not in selected
+        for full in layer.tensors.values()
+    ]
+    partners: set[str] = set()
+    if outside and leftover:
+        try:
+            partners = {src for src, _ in name_matches(outside, leftover, STEPS).values()}
+        except NetgraftError:  # an ambiguous name outside the selection is not an error
+            partners = set()
+    for name in leftover:
+        (report.not_selected if name in partners else report.unexpected).append(name)
     log.info("%s", report.summary())
     return report
 

@@ -34,6 +34,7 @@ __all__ = [
     "Source",
     "SourceLayer",
     "group_layers",
+    "name_matches",
     "plan_pairs",
     "strip_wrappers",
 ]
@@ -156,7 +157,37 @@ def _suffix_index(names: list[str]) -> dict[str, list[str]]:
     return index
 
 
-def _name_matches(
+def _first(names) -> str | None:
+    heads = {n.split(".", 1)[0] for n in names}
+    if len(heads) != 1 or any("." not in n for n in names):
+        return None
+    return heads.pop()
+
+
+def _strip_common(
+    dst_norm: dict[str, str], by_norm: dict[str, str]
+) -> tuple[dict[str, str], dict[str, str], bool]:
+    """Strip a leading component every name of one side carries while that makes more names
+    equal (a dot-bounded suffix match decided once for the whole model, not per tensor)."""
+    stripped = False
+    for _ in range(3):
+        hits = len(set(dst_norm.values()) & set(by_norm))
+        head_d, head_s = _first(dst_norm.values()), _first(by_norm)
+        if head_d is not None:
+            trial = {k: v[len(head_d) + 1 :] for k, v in dst_norm.items()}
+            if len(set(trial.values()) & set(by_norm)) > hits:
+                dst_norm, stripped = trial, True
+                continue
+        if head_s is not None:
+            trial_s = {k[len(head_s) + 1 :]: v for k, v in by_norm.items()}
+            if len(set(dst_norm.values()) & set(trial_s)) > hits:
+                by_norm, stripped = trial_s, True
+                continue
+        break
+    return dst_norm, by_norm, stripped
+
+
+def name_matches(
     dst_names: list[str],
     src_names: list[str],
     steps: tuple[str, ...],
@@ -165,12 +196,15 @@ def _name_matches(
     dst_norm = strip_wrappers(dst_names)
     src_norm = strip_wrappers(src_names)
     by_norm = {v: k for k, v in src_norm.items()}
+    stripped = False
+    if "suffix" in steps:  # a container around one side (nn.Sequential(backbone)): "0." on all
+        dst_norm, by_norm, stripped = _strip_common(dst_norm, by_norm)
     longer = _suffix_index(list(by_norm)) if "suffix" in steps else {}
     out: dict[str, tuple[str, str]] = {}
     for full in dst_names:
         d = dst_norm[full]
-        if "exact" in steps and d in by_norm:
-            out[full] = (by_norm[d], "exact")
+        if ("exact" in steps or stripped) and d in by_norm:
+            out[full] = (by_norm[d], "suffix" if stripped else "exact")
             continue
         if "suffix" not in steps or d.count(".") < 1:
             continue
@@ -338,7 +372,7 @@ def plan_pairs(
     used_src = {p.src for p in plan.pairs.values()}
 
     dst_names = [full for layer in dst_layers for full in layer.tensors.values()]
-    named = _name_matches(dst_names, sorted(src_names), steps)
+    named = name_matches(dst_names, sorted(src_names), steps)
     # the name partner of a destination layer: the source layer most of its tensors name
     for layer in dst_layers:
         votes: dict[str, int] = {}
