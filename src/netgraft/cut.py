@@ -6,7 +6,8 @@ stores, and :func:`netgraft.truncate` keeps only the prefix.
 
 - A plain ``nn.Sequential`` (also nested ones) is split by slicing, keeping child names.
 - Any other model is traced with ``torch.fx``; the cut module is kept as one call (a leaf),
-  and the graph is split after it. Where more than that one value would have to cross the
+  and the graph is split after it. Optional forward arguments keep their defaults (the
+  halves take one input each). Where more than that one value would have to cross the
   cut (a skip connection around it, a model input or an attention mask used later) or the
   forward cannot be traced, :class:`SurgeryError` says so rather than cutting wrongly.
 
@@ -102,14 +103,13 @@ class _CutTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _concrete_args(model: nn.Module) -> dict[str, Any] | None:
-    """Hugging Face models take many optional arguments; only the main input stays symbolic
-    (a Proxy for ``inputs_embeds=None`` would take the wrong branch)."""
-    main = getattr(model, "main_input_name", None)
-    if main is None:
-        return None
+def _concrete_args(model: nn.Module) -> dict[str, Any]:
+    """Optional arguments are fixed to their defaults: a cut takes one input, and a Proxy for
+    ``attn_mask=None`` or ``inputs_embeds=None`` would take the wrong branch of the forward."""
+    params = list(inspect.signature(model.forward).parameters.items())
+    main = getattr(model, "main_input_name", None) or (params[0][0] if params else None)
     concrete = {}
-    for pname, param in inspect.signature(model.forward).parameters.items():
+    for pname, param in params:
         if pname == main or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         if param.default is not inspect.Parameter.empty:

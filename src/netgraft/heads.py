@@ -1,0 +1,262 @@
+"""Heads: find the classifier, replace it, cut the model down to features, add layers on top.
+
+The *head* is found by known attributes — timm's ``get_classifier()``, then ``fc``,
+``classifier``, ``score``, ``head``, ``heads`` (torchvision ViT), the ``pooler`` of a Hugging
+Face base model — and otherwise is the last Linear in execution order.
+:func:`replace_head` swaps only the head's final Linear, keeping what comes before it in the
+head (dropout, a ConvNeXt's LayerNorm); timm models go through ``reset_classifier`` and
+Hugging Face models keep ``config.num_labels`` consistent. :func:`truncate` and
+:func:`attach` return new modules that share the original weights.
+
+Every function here that changes the architecture is recorded in the model's recipe, so
+``netgraft.save`` / ``netgraft.load`` replay it. Nothing here touches weights outside the
+head it replaces, and nothing here trains.
+
+Example::
+
+    >>> import torch, netgraft
+    >>> model = netgraft.load_model("torchvision:resnet18")
+    >>> netgraft.find_head(model)[0]
+    'fc'
+    >>> netgraft.replace_head(model, num_classes=10, hidden=256, dropout=0.2)
+    >>> features = netgraft.truncate(model, at="layer4")   # output of layer4
+    >>> model = netgraft.attach(model, torch.nn.Softmax(dim=1))
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .cut import cut
+from .errors import RecipeError, SurgeryError
+from .layers import ordered_layer_modules
+from .recipe import build_module, module_spec, recorded
+from .select import Selector, resolve_module
+
+__all__ = ["Stacked", "Truncated", "attach", "find_head", "replace_head", "truncate"]
+
+log = logging.getLogger("netgraft.heads")
+
+HEAD_ATTRIBUTES = ("fc", "classifier", "score", "head", "heads")
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str | None:
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    return None
+
+
+def _is_hf_pooler(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "dense", None), nn.Linear) and hasattr(module, "activation")
+
+
+def find_head(model: nn.Module) -> tuple[str, nn.Module]:
+    """The model's head as ``(dotted name, module)``: timm's ``get_classifier()``, else the
+    first of the child attributes ``fc``, ``classifier``, ``score``, ``head``, ``heads``, else a
+    Hugging Face base model's ``pooler``, else the last Linear in execution order."""
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        try:
+            found = get_classifier()
+        except Exception:  # a model's own method may not apply to its current state
+            found = None
+        name = _name_of(model, found) if isinstance(found, nn.Module) else None
+        if name:
+            return name, found
+    for attr in HEAD_ATTRIBUTES:
+        child = model._modules.get(attr)
+        if isinstance(child, nn.Module):
+            return attr, child
+    pooler = model._modules.get("pooler")
+    if hasattr(model, "config") and pooler is not None and _is_hf_pooler(pooler):
+        return "pooler", pooler
+    linears = [(n, m) for n, m in ordered_layer_modules(model) if isinstance(m, nn.Linear)]
+    if not linears:
+        raise SurgeryError(
+            f"cannot find the head of {type(model).__name__}: no fc/classifier/score/head "
+            f"attribute and no Linear layer; add one with netgraft.attach(model, nn.Linear(...))"
+        )
+    return linears[-1]
+
+
+def _final_linear(name: str, head: nn.Module) -> tuple[str, nn.Linear]:
+    if isinstance(head, nn.Linear):
+        return name, head
+    inner = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
+    if not inner:
+        raise SurgeryError(
+            f"the head {name!r} ({type(head).__name__}) holds no Linear layer, so its input "
+            f"width is unknown; add a classifier with netgraft.attach(model, nn.Linear(F, N))"
+        )
+    sub, linear = inner[-1]
+    return f"{name}.{sub}", linear
+
+
+def _new_head(
+    in_features: int,
+    num_classes: int,
+    hidden: int | list[int] | None,
+    dropout: float,
+    like: nn.Linear | None,
+) -> nn.Module:
+    widths = [] if hidden is None else [hidden] if isinstance(hidden, int) else list(hidden)
+    parts: list[nn.Module] = []
+    width = in_features
+    for h in widths:
+        parts += [nn.Linear(width, int(h)), nn.ReLU()]
+        width = int(h)
+    if dropout:
+        parts.append(nn.Dropout(dropout))
+    parts.append(nn.Linear(width, num_classes))
+    head = parts[0] if len(parts) == 1 else nn.Sequential(*parts)
+    if like is not None:
+        head = head.to(device=like.weight.device, dtype=like.weight.dtype)
+    return head
+
+
+def _sync_num_classes(model: nn.Module, num_classes: int) -> None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_labels"):
+        config.num_labels = num_classes  # HF also resets id2label / label2id
+    if isinstance(getattr(model, "num_labels", None), int):
+        model.num_labels = num_classes
+    if isinstance(getattr(model, "num_classes", None), int):
+        model.num_classes = num_classes
+
+
+@recorded("replace_head")
+def replace_head(
+    model: nn.Module,
+    num_classes: int,
+    *,
+    hidden: int | list[int] | None = None,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """Replace the final Linear of the head (see :func:`find_head`) with a fresh classifier
+    for ``num_classes``: ``[Linear, ReLU] * hidden, Dropout(dropout), Linear``. The rest of the
+    model is untouched; for a Hugging Face base model the pooler then outputs the logits (its
+    tanh is dropped). Returns ``model``, changed in place."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise SurgeryError(f"num_classes must be a positive integer; found {num_classes!r}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise SurgeryError(f"dropout must be in [0, 1); found {dropout!r}")
+    reset = getattr(model, "reset_classifier", None)
+    if callable(reset) and callable(getattr(model, "get_classifier", None)):
+        reset(num_classes)  # timm keeps its own bookkeeping (num_classes, pooling) in step
+        if hidden is None and not dropout:
+            log.info("reset the timm classifier to %d classes", num_classes)
+            return model
+    name, head = find_head(model)
+    target, old = _final_linear(name, head)
+    new = _new_head(old.in_features, num_classes, hidden, float(dropout), old)
+    model.set_submodule(target, new)
+    if name == "pooler" and _is_hf_pooler(head) and isinstance(head.activation, nn.Tanh):
+        head.activation = nn.Identity()
+    _sync_num_classes(model, num_classes)
+    log.info(
+        "replaced %s (%d -> %d) with %s",
+        target,
+        old.in_features,
+        old.out_features,
+        type(new).__name__,
+    )
+    return model
+
+
+class Truncated(nn.Module):
+    """The output of one module of ``model``: runs the model and stops there. Used by
+    :func:`truncate` where the graph cannot be traced; holds the whole model."""
+
+    def __init__(self, model: nn.Module, at: str):
+        super().__init__()
+        self.model = model
+        self.at = at
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        captured: dict[str, Any] = {}
+
+        class _Stop(Exception):
+            pass
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            captured["output"] = output
+            raise _Stop
+
+        handle = self.model.get_submodule(self.at).register_forward_hook(hook)
+        try:
+            self.model(*args, **kwargs)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if "output" not in captured:
+            raise SurgeryError(f"the forward pass never called {self.at!r}")
+        out = captured["output"]
+        if isinstance(out, tuple) and len(out) == 1:
+            return out[0]
+        return out
+
+
+@recorded("truncate")
+def truncate(model: nn.Module, at: Selector) -> nn.Module:
+    """A feature extractor whose output is the output of the module ``at`` picks: the prefix
+    of :func:`netgraft.cut` (sharing the model's weights), or, where the graph cannot be cut
+    (untraceable Hugging Face models, a skip connection around ``at``), the model run up to
+    that module and stopped there."""
+    name, _ = resolve_module(model, at, what="truncate point")
+    try:
+        prefix, _ = cut(model, at=name)
+    except SurgeryError as exc:
+        log.info("truncating by stopping the forward at %s (%s)", name, exc)
+        prefix = Truncated(model, name)
+    return prefix
+
+
+class Stacked(nn.Module):
+    """``top(base(x))``: layers attached on top of a model. When the base returns a tuple or
+    a Hugging Face output, its first element (``last_hidden_state``, ``logits``) goes on."""
+
+    def __init__(self, base: nn.Module, top: nn.Sequential):
+        super().__init__()
+        self.base = base
+        self.top = top
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.base(*args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            if hasattr(out, "to_tuple"):
+                out = out.to_tuple()
+            if isinstance(out, dict):
+                out = list(out.values())
+            out = out[0]
+        return self.top(out)
+
+
+def _serialize_attach(args: dict[str, Any]) -> dict[str, Any]:
+    return {"modules": [module_spec(m) if isinstance(m, nn.Module) else m for m in args["modules"]]}
+
+
+@recorded("attach", serialize=_serialize_attach)
+def attach(model: nn.Module, *modules: nn.Module | dict[str, Any]) -> nn.Module:
+    """Add layers on top of the model's output: returns a :class:`Stacked` (``model`` itself,
+    extended, when it already is one). Modules may be ``torch.nn`` layers or their recipe
+    specs (``{"type": "Linear", "args": {...}}``); other modules work but make the recipe
+    unsaveable."""
+    if not modules:
+        raise SurgeryError("attach needs at least one module to add")
+    built = []
+    for m in modules:
+        try:
+            built.append(build_module(m))
+        except RecipeError as exc:
+            raise SurgeryError(f"cannot attach {m!r}: {exc}") from exc
+    if isinstance(model, Stacked):
+        for m in built:
+            model.top.append(m)
+        return model
+    return Stacked(model, nn.Sequential(*built))

@@ -1,0 +1,170 @@
+"""find_head / replace_head / truncate / attach on every architecture the heads issue lists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import netgraft
+from netgraft import SurgeryError
+from netgraft.heads import Stacked
+from netgraft.zoo import input_for, load_model
+
+
+def _image(size: int = 64) -> torch.Tensor:
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _run(model: nn.Module, x) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**x) if isinstance(x, dict) else model(x)
+    return out
+
+
+# spec, builder kwargs, expected head name, truncate point, expected feature shape
+ARCHITECTURES = [
+    ("torchvision:resnet18", {}, "fc", "layer4", (2, 512, 2, 2)),
+    ("torchvision:mobilenet_v2", {}, "classifier", "features", (2, 1280, 2, 2)),
+    ("torchvision:mobilenet_v3_small", {}, "classifier", "features", (2, 576, 2, 2)),
+    ("torchvision:efficientnet_b0", {}, "classifier", "features", (2, 1280, 2, 2)),
+    ("torchvision:vgg11", {}, "classifier", "features", (2, 512, 2, 2)),
+    ("torchvision:convnext_tiny", {}, "classifier", "features", (2, 768, 2, 2)),
+    ("torchvision:vit_b_16", {"image_size": 64}, "heads", "encoder", (2, 17, 768)),
+    ("timm:resnet18", {}, "fc", "layer4", (2, 512, 2, 2)),
+    ("timm:efficientnet_b0", {}, "classifier", "bn2", (2, 1280, 2, 2)),
+    ("timm:vit_tiny_patch16_224", {"img_size": 64}, "head", "blocks.11", (2, 17, 192)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "spec,kwargs,head,at,features", ARCHITECTURES, ids=[a[0] for a in ARCHITECTURES]
+)
+def test_replace_truncate_attach_give_expected_shapes(spec, kwargs, head, at, features):
+    torch.manual_seed(0)
+    model = load_model(spec, **kwargs).eval()
+    x = _image()
+    assert netgraft.find_head(model)[0] == head
+    netgraft.replace_head(model, num_classes=7)
+    assert _run(model, x).shape == (2, 7)
+    extractor = netgraft.truncate(model, at=at)
+    assert tuple(_run(extractor, x).shape) == features
+    stacked = netgraft.attach(model, nn.ReLU(), nn.Linear(7, 4))
+    assert _run(stacked, x).shape == (2, 4)
+    assert [op["op"] for op in netgraft.get_recipe(stacked).operations] == [
+        "replace_head",
+        "attach",
+    ]
+
+
+def test_replace_head_keeps_the_backbone_and_builds_hidden_layers():
+    torch.manual_seed(0)
+    model = load_model("torchvision:resnet18").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    netgraft.replace_head(model, num_classes=10, hidden=32, dropout=0.25)
+    assert [type(m) for m in model.fc] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert model.fc[0].in_features == 512 and model.fc[-1].out_features == 10
+    assert model.fc[2].p == 0.25
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    assert _run(model, _image()).shape == (2, 10)
+
+
+def test_replace_head_keeps_the_layers_inside_a_sequential_head():
+    torch.manual_seed(0)
+    model = load_model("torchvision:mobilenet_v2").eval()
+    dropout = model.classifier[0]
+    netgraft.replace_head(model, num_classes=5)
+    assert model.classifier[0] is dropout and model.classifier[1].out_features == 5
+
+
+def test_timm_head_goes_through_reset_classifier():
+    model = load_model("timm:resnet18")
+    netgraft.replace_head(model, num_classes=3, hidden=16)
+    assert model.num_classes == 3
+    assert model.get_classifier()[-1].out_features == 3
+
+
+@pytest.mark.slow
+def test_bert_model_pooler_becomes_the_classifier(minilm_dir):
+    model = load_model(f"hf:{minilm_dir}").eval()
+    x = input_for(model, (8,), batch=2)
+    assert netgraft.find_head(model)[0] == "pooler"
+    netgraft.replace_head(model, num_classes=3)
+    out = _run(model, x)
+    assert out.pooler_output.shape == (2, 3)
+    assert isinstance(model.pooler.activation, nn.Identity)  # logits, not tanh(logits)
+    features = netgraft.truncate(model, at="encoder.layer.2")
+    assert _run(features, x).shape == (2, 8, 384)
+    stacked = netgraft.attach(model, nn.Linear(384, 4))
+    assert _run(stacked, x).shape == (2, 8, 4)  # on last_hidden_state
+
+
+@pytest.mark.slow
+def test_sequence_classifier_keeps_config_num_labels_consistent(minilm_dir):
+    model = load_model(f"hf:{minilm_dir}", task="sequence-classification").eval()
+    x = input_for(model, (8,), batch=2)
+    assert netgraft.find_head(model)[0] == "classifier"
+    netgraft.replace_head(model, num_classes=3)
+    assert model.config.num_labels == 3 and model.num_labels == 3
+    assert len(model.config.id2label) == 3
+    assert _run(model, x).logits.shape == (2, 3)
+    features = netgraft.truncate(model, at="bert.encoder.layer.2")
+    assert _run(features, x).shape == (2, 8, 384)
+    stacked = netgraft.attach(model, nn.Softmax(dim=-1))
+    probs = _run(stacked, x)
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(-1), torch.ones(2))
+
+
+def test_sequential_head_is_its_last_linear_and_truncate_slices():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 2))
+    assert netgraft.find_head(model)[0] == "4"
+    netgraft.replace_head(model, num_classes=3)
+    x = torch.randn(4, 6)
+    assert model(x).shape == (4, 3)
+    features = netgraft.truncate(model, at="2")
+    assert type(features) is nn.Sequential and features(x).shape == (4, 5)
+    assert features[0] is model[0]  # shares the real layers
+    assert netgraft.attach(model, nn.Linear(3, 1))(x).shape == (4, 1)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out = nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.out(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
+def test_subclassed_module_head_is_the_last_linear_in_execution_order():
+    torch.manual_seed(0)
+    model = _Net()
+    assert netgraft.find_head(model)[0] == "out"
+    netgraft.replace_head(model, num_classes=2)
+    x = torch.randn(2, 3, 8, 8)
+    assert model(x).shape == (2, 2)
+    assert netgraft.truncate(model, at="pool")(x).shape == (2, 4, 1, 1)
+    assert netgraft.attach(model, nn.Tanh())(x).shape == (2, 2)
+
+
+def test_attach_twice_extends_the_same_stack():
+    model = nn.Sequential(nn.Linear(3, 3))
+    stacked = netgraft.attach(model, nn.ReLU())
+    again = netgraft.attach(stacked, nn.Linear(3, 2))
+    assert again is stacked and isinstance(again, Stacked) and len(again.top) == 2
+    assert again(torch.randn(1, 3)).shape == (1, 2)
+
+
+def test_bad_head_requests_are_clear_errors():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1))
+    with pytest.raises(SurgeryError, match="no Linear"):
+        netgraft.replace_head(model, num_classes=2)
+    with pytest.raises(SurgeryError, match="positive integer"):
+        netgraft.replace_head(nn.Linear(2, 2), num_classes=0)
+    with pytest.raises(SurgeryError, match="at least one module"):
+        netgraft.attach(model)
