@@ -115,6 +115,71 @@ def inspect(
     console.print(table.rich_table(title=spec))
 
 
+@app.command()
+def grow(
+    spec: str = typer.Argument(
+        ..., help="torchvision:NAME, timm:NAME, hf:PATH, file.py:fn or a saved folder"
+    ),
+    out: Path = typer.Option(..., "-o", "--out", help="folder to save the grown model to"),
+    deepen: str | None = typer.Option(
+        None, "--deepen", help="insert a function-preserving layer after this module (selector)"
+    ),
+    widen: str | None = typer.Option(
+        None, "--widen", help="widen a Linear/Conv2d: LAYER:WIDTH, e.g. features.0.0:48"
+    ),
+    expand_every: int | None = typer.Option(
+        None, "--expand-every", help="copy every K-th transformer block (zeroed or gated)"
+    ),
+    mode: str = typer.Option("auto", "--mode", help="deepen mode: auto, identity or residual"),
+    activation: str | None = typer.Option(
+        None, "--activation", help="deepen: activation after the new layer (relu, gelu, ...)"
+    ),
+    input_shape: str | None = typer.Option(
+        None, "--input-shape", help="per-example input shape to trace and verify with, e.g. 3,64,64"
+    ),
+    weights: Path | None = typer.Option(
+        None, "--weights", help=".safetensors or .pt/.pth weights file"
+    ),
+    task: str | None = typer.Option(None, "--task", help="Hugging Face task model, e.g. causal-lm"),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="allow weights files that need full unpickling"
+    ),
+) -> None:
+    """Grow a model without changing what it computes (verified), then save it to OUT."""
+    from .grow import deepen as deepen_op
+    from .grow import expand_blocks
+    from .grow import widen as widen_op
+    from .recipe import get_recipe, save
+    from .zoo import input_for
+
+    chosen = [
+        flag
+        for flag, v in (("--deepen", deepen), ("--widen", widen), ("--expand-every", expand_every))
+        if v is not None
+    ]
+    if len(chosen) != 1:
+        raise NetgraftError(
+            f"grow needs exactly one of --deepen, --widen, --expand-every; found "
+            f"{', '.join(chosen) or 'none'}"
+        )
+    model = _load(spec, weights, trust_pickle, task)
+    shape = parse_shape(input_shape)
+    example = input_for(model, shape, batch=2) if shape is not None else None
+    if deepen is not None:
+        deepen_op(model, deepen, mode=mode, activation=activation, example_input=example)
+    elif widen is not None:
+        layer, _, width = widen.rpartition(":")
+        if not layer or not width.strip().isdigit():
+            raise NetgraftError(f"--widen takes LAYER:WIDTH, e.g. fc1:64; found {widen!r}")
+        widen_op(model, layer, int(width), example_input=example)
+    else:
+        expand_blocks(model, every=expand_every, example_input=example)
+    op = get_recipe(model).operations[-1]
+    folder = save(model, out)
+    args = ", ".join(f"{k}={v!r}" for k, v in op["args"].items() if k != "output_shapes")
+    _console().print(f"{op['op']}({args}) verified; saved to {folder}", markup=False)
+
+
 def main() -> None:
     """Console entry point: run the app, turning user errors into one line and exit code 1."""
     debug = bool(os.environ.get("NETGRAFT_DEBUG"))
