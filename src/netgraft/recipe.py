@@ -286,7 +286,7 @@ def build_module(spec: dict[str, Any] | nn.Module) -> nn.Module:
 def _versions() -> dict[str, str]:
     from . import __version__
 
-    return {"netgraft": __version__, "torch": torch.__version__}
+    return {"netgraft": str(__version__), "torch": str(torch.__version__)}
 
 
 def _is_netgraft_folder(folder: Path) -> bool:

@@ -249,8 +249,9 @@ def load_model(
     base: dict[str, Any] = dict(kwargs)
     if task is not None:
         base["task"] = task
-    if kind == "file":
-        base_spec = spec
+    if kind == "file":  # absolute, so a saved folder reloads from any working directory
+        path_part, _, fn_name = rest.rpartition(":")
+        base_spec = f"{Path(path_part).resolve()}:{fn_name}"
     elif kind == "hf":
         base_spec = f"hf:{Path(rest).resolve()}"
     else:
