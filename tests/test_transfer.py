@@ -300,3 +300,44 @@ def test_bad_source_and_policy_are_clear_errors(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(WeightsError, match="not a Keras 3 archive"):
         netgraft.transfer(bad, dst)
+
+
+@pytest.mark.slow
+def test_cli_transfer_saves_a_reloadable_folder_and_a_json_report(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    netgraft_bin = str(Path(sys.executable).with_name("netgraft"))
+    src = _resnet18(num_classes=10)
+    path = tmp_path / "dp.pt"
+    torch.save(nn.DataParallel(src).state_dict(), path)
+    out, report_path = tmp_path / "out", tmp_path / "report.json"
+    args = [netgraft_bin, "transfer", str(path), "torchvision:resnet18", "-o", str(out)]
+    result = subprocess.run(
+        [
+            *args,
+            "--on-mismatch",
+            "skip",
+            "--map",
+            "layer1.0.conv1=layer1.0.conv2",
+            "--report",
+            str(report_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "reinitialised" in result.stdout and "saved to" in result.stdout
+    data = json.loads(report_path.read_text())
+    assert data["counts"] == {"copied": 120, "adapted": 0, "kept": 0, "reinitialised": 2}
+    assert "module.layer1.0.conv1.weight" in data["unexpected"]
+    loaded = netgraft.load(out)
+    assert torch.equal(loaded.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
+    assert torch.equal(loaded.layer1[0].conv1.weight, src.layer1[0].conv2.weight)
+
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "fc.weight (1000, 512) <-" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -180,6 +180,83 @@ def grow(
     _console().print(f"{op['op']}({args}) verified; saved to {folder}", markup=False)
 
 
+@app.command("transfer")
+def transfer_cmd(
+    src: str = typer.Argument(
+        ..., help="weights file (.safetensors/.pt/.pth/.bin/.h5/.keras/.onnx) or a model spec"
+    ),
+    dst_spec: str = typer.Argument(..., help="destination model spec, e.g. torchvision:resnet18"),
+    out: Path = typer.Option(..., "-o", "--out", help="folder to save the destination model to"),
+    include: list[str] | None = typer.Option(
+        None, "--include", help="destination selector to load (repeatable)"
+    ),
+    exclude: list[str] | None = typer.Option(
+        None, "--exclude", help="destination selector to leave as initialised (repeatable)"
+    ),
+    maps: list[str] | None = typer.Option(
+        None, "--map", help="explicit pairing DST=SRC (regexes, \\1 groups; repeatable)"
+    ),
+    on_mismatch: str = typer.Option("error", "--on-mismatch", help="error, skip or adapt"),
+    classes: str | None = typer.Option(
+        None, "--classes", help="adapt: source classifier rows to keep, e.g. 3,7,9"
+    ),
+    report_path: Path | None = typer.Option(
+        None, "--report", help="also write the transfer report as JSON"
+    ),
+    input_shape: str | None = typer.Option(
+        None, "--input-shape", help="trace the destination's execution order, e.g. 3,224,224"
+    ),
+    adopt_epsilon: bool = typer.Option(
+        False, "--adopt-epsilon", help="set normalisation epsilons to the source's"
+    ),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="allow weights files that need full unpickling"
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the summary line"),
+) -> None:
+    """Copy every weight that fits from SRC into DST_SPEC, print the report, save to OUT."""
+    from .recipe import save
+    from .transfer import transfer
+    from .zoo import input_for
+
+    mapping: dict[str, str] = {}
+    for item in maps or []:
+        dst_pat, sep, src_pat = item.partition("=")
+        if not sep or not dst_pat:
+            raise NetgraftError(f"--map takes DST=SRC, e.g. fc=head; found {item!r}")
+        mapping[dst_pat] = src_pat
+    picked = None
+    if classes is not None:
+        try:
+            picked = [int(c) for c in classes.split(",") if c.strip()]
+        except ValueError:
+            raise NetgraftError(f"--classes takes integers like 3,7,9; found {classes!r}") from None
+    source = src if Path(src).is_file() else _load(src, None, trust_pickle)
+    model = _load(dst_spec, None, trust_pickle)
+    shape = parse_shape(input_shape)
+    report = transfer(
+        source,
+        model,
+        include=include or None,
+        exclude=exclude or None,
+        mapping=mapping or None,
+        on_mismatch=on_mismatch,
+        example_input=input_for(model, shape) if shape is not None else None,
+        classes=picked,
+        adopt_epsilon=adopt_epsilon,
+        trust_pickle=trust_pickle,
+    )
+    console = _console()
+    if quiet:
+        console.print(report.summary(), markup=False)
+    else:
+        console.print(report.table())
+    if report_path is not None:
+        report.to_json(report_path)
+    folder = save(model, out)
+    console.print(f"saved to {folder}", markup=False)
+
+
 def main() -> None:
     """Console entry point: run the app, turning user errors into one line and exit code 1."""
     debug = bool(os.environ.get("NETGRAFT_DEBUG"))

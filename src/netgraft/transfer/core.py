@@ -176,7 +176,9 @@ def transfer(
                 values[name] = found
     if mismatched and on_mismatch == "error":
         raise ShapeMismatchError(
-            _mismatch_message(mismatched, source.description, "on_mismatch='skip' or 'adapt'")
+            _mismatch_message(
+                mismatched, source.description, "on_mismatch='skip' or 'adapt' (CLI --on-mismatch)"
+            )
         )
     if unfit:
         raise ShapeMismatchError(

@@ -369,7 +369,6 @@ def plan_pairs(
     src_owner = {full: layer.name for layer in src_layers for full in layer.tensors.values()}
     if mapping:
         plan.pairs.update(_mapping_pairs(mapping, dst_layers, src_names))
-    used_src = {p.src for p in plan.pairs.values()}
 
     dst_names = [full for layer in dst_layers for full in layer.tensors.values()]
     named = name_matches(dst_names, sorted(src_names), steps)
@@ -386,9 +385,9 @@ def plan_pairs(
     mapped_dst = {
         layer.name for layer in dst_layers if any(f in plan.pairs for f in layer.tensors.values())
     }
-    mapped_src = {src_owner[s] for s in used_src}
     free_dst = [x for x in dst_layers if x.name not in mapped_dst]
-    free_src = [x for x in src_layers if x.name not in mapped_src]
+    # a source layer a mapping used stays available: one source may feed several layers
+    free_src = list(src_layers)
     src_by_name = {x.name: x for x in src_layers}
 
     layer_pairs: dict[str, tuple[str, str]] = {}  # dst layer -> (src layer, how)
@@ -400,7 +399,7 @@ def plan_pairs(
     ) and len({plan.name_partner.get(x.name) for x in free_dst}) == len(free_dst)
     if fast or "structure" not in steps:
         for x in free_dst:
-            if x.name in plan.name_partner and plan.name_partner[x.name] not in mapped_src:
+            if x.name in plan.name_partner:
                 layer_pairs[x.name] = (plan.name_partner[x.name], "name")
     else:
         partner = {k: v for k, v in plan.name_partner.items()}
@@ -408,7 +407,7 @@ def plan_pairs(
             d, s = free_dst[i], free_src[j]
             layer_pairs[d.name] = (s.name, "name" if partner.get(d.name) == s.name else "structure")
         # layers the alignment could not place (out of order) still pair by name
-        taken = {s for s, _ in layer_pairs.values()} | mapped_src
+        taken = {s for s, _ in layer_pairs.values()}
         for x in free_dst:
             want = plan.name_partner.get(x.name)
             if x.name not in layer_pairs and want is not None and want not in taken:
