@@ -350,7 +350,8 @@ def _deepen(
     like = next(iter(model.parameters()), torch.empty(0))
     plan: list[tuple[str, str, tuple[int, ...]]] = []
     for t in targets:
-        shape, non_negative = traced.get(t, (known.get(t), False))
+        # a replayed identity was proven exact when it was recorded; no input to re-prove it
+        shape, non_negative = traced.get(t, (known.get(t), replaying))
         if shape is None:
             raise SurgeryError(f"no output shape for {t!r}; pass example_input=")
         wanted = mode if isinstance(mode, str) else mode.get(t, "auto")

@@ -148,7 +148,11 @@ def _renumber(stack: nn.ModuleList) -> None:
                 sub.layer_idx = j
 
 
-@recorded("expand_blocks")
+def _serialize(passed: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in passed.items() if k not in ("example_input", "verify", "atol")}
+
+
+@recorded("expand_blocks", serialize=_serialize)
 def expand_blocks(
     model: nn.Module,
     *,
