@@ -61,16 +61,18 @@ def _fit(model: nn.Module, data: Dataset, cache, **kw):
     return fit(model, data, epochs=2, lr=1e-2, seed=7, batch_size=64, cache=cache, quiet=True, **kw)
 
 
-def test_cached_and_uncached_training_give_the_same_losses(digits_set, caplog):
+def test_cached_and_uncached_training_give_the_same_losses(digits, digits_set, caplog):
+    val = TensorDataset(digits[0][600:800], digits[1][600:800])
     uncached_model = _pretrained_frozen_cnn()
     cached_model = _pretrained_frozen_cnn()
-    uncached = _fit(uncached_model, digits_set, cache=False)
+    uncached = _fit(uncached_model, digits_set, cache=False, val=val)
     with caplog.at_level(logging.INFO):
-        cached = _fit(cached_model, digits_set, cache=True)
-    assert any("feature cache" in r.getMessage() for r in caplog.records)
-    assert [row["loss"] for row in cached] == pytest.approx(
-        [row["loss"] for row in uncached], rel=1e-5
-    )
+        cached = _fit(cached_model, digits_set, cache=True, val=val)
+    assert "validation: 200 examples cached" in caplog.text
+    for key in ("loss", "acc", "val_loss", "val_acc"):
+        assert [row[key] for row in cached] == pytest.approx(
+            [row[key] for row in uncached], rel=1e-5
+        ), key
     assert torch.allclose(cached_model[9].weight, uncached_model[9].weight, atol=1e-5)
     # the frozen part was never touched by either run
     assert torch.equal(cached_model[0].weight, _pretrained_frozen_cnn()[0].weight)

@@ -731,8 +731,9 @@ def _stochastic_parts(prefix: nn.Module) -> list[str]:
 
 class CachePlan:
     """Training from cached features: ``model`` is the trainable suffix (sharing parameters
-    with the whole model), ``train`` the cached dataset (same labels and order), ``prefix``
-    the frozen part that was run once, ``cut_point`` where the model was split."""
+    with the whole model), ``train`` the cached dataset (same labels and order), ``val`` the
+    cached validation data (or None), ``prefix`` the frozen part that was run once and
+    ``cut_point`` where the model was split."""
 
     def __init__(
         self,
@@ -742,9 +743,11 @@ class CachePlan:
         cut_point: str,
         full_model: nn.Module,
         options: dict[str, Any],
+        val: FeatureCache | None = None,
     ):
         self.model = model
         self.train = train
+        self.val = val
         self.prefix = prefix
         self.cut_point = cut_point
         self.full_model = full_model
@@ -763,9 +766,10 @@ class CachePlan:
         frozen = sum(p.numel() for p in self.prefix.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         took = f" in {self.train.build_seconds:.1f}s" if self.train.status != "reused" else ""
+        val = f"; validation: {self.val.n} examples cached" if self.val is not None else ""
         return (
             f"feature cache: frozen prefix up to {self.cut_point!r} ({frozen:,} parameters) runs "
-            f"once{took}; training {trainable:,} parameters on {self.train.describe()}"
+            f"once{took}; training {trainable:,} parameters on {self.train.describe()}{val}"
         )
 
     def __repr__(self) -> str:
@@ -783,6 +787,7 @@ def plan(
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = False,
+    val: Dataset | None = None,
 ) -> CachePlan | None:
     """Decide whether training ``model`` on ``train_data`` can run from cached features and
     build the cache: a :class:`CachePlan`, or ``None`` when caching does not apply.
@@ -792,7 +797,8 @@ def plan(
     and nothing random or batch-dependent there (dropout, batch norm not frozen with
     ``bn="eval"``). ``cache=False`` returns None; ``"auto"`` returns None (logging why) when
     it does not apply (also when the prefix holds under 10% of the parameters, too little to
-    gain); ``True`` raises :class:`CacheError` saying why.
+    gain); ``True`` raises :class:`CacheError` saying why. ``val`` (a dataset) is cached
+    too when its pipeline is deterministic, else left for the full model.
     """
     if cache is False or cache is None:
         return None
@@ -890,7 +896,13 @@ def plan(
         )
     except CacheError as exc:
         return refuse(str(exc))
-    result = CachePlan(suffix, features, prefix, name, model, options)
+    val_features = None
+    if isinstance(val, Dataset) and not isinstance(val, DataLoader) and len(val):  # type: ignore[arg-type]
+        try:
+            val_features = FeatureCache(prefix, val, cut_point=name, **options)
+        except CacheError as exc:
+            log.info("validation data not cached (the full model evaluates it): %s", exc)
+    result = CachePlan(suffix, features, prefix, name, model, options, val_features)
     # the plan rides on the record so a caller's handler (bench/cache.py) can read its timings
     log.info("%s", result.describe(), extra={"cache_plan": result})
     return result

@@ -407,14 +407,14 @@ def _make_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, total_step
     )
 
 
-def _cache_plan(model: nn.Module, train: Any, cache: Any) -> Any:
+def _cache_plan(model: nn.Module, train: Any, cache: Any, val: Any = None) -> Any:
     if cache is False or isinstance(train, DataLoader):
         return None
     try:
         from ..cache import plan
     except ImportError:  # the feature cache is optional
         return None
-    return plan(model, train, cache=cache)
+    return plan(model, train, cache=cache, val=val)
 
 
 def _restore_callbacks(callbacks: list[Any], saved: list[dict[str, Any]]) -> None:
@@ -492,7 +492,7 @@ def fit(
 
     train_data = _as_dataset(train)
     val_data = _as_dataset(val) if val is not None else None
-    plan = _cache_plan(model, train_data, cache)
+    plan = _cache_plan(model, train_data, cache, val_data)
     report = _Reporter(quiet)
     if plan is not None:
         report(plan.describe())
