@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from safetensors.torch import save_file
 from torch import nn
 
 import netgraft
@@ -200,3 +204,71 @@ def test_residual_after_every_inverted_residual_of_pretrained_mobilenet_keeps_im
         logits = model(x)
     assert (logits - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
     assert torch.equal(logits.argmax(1), expected.argmax(1))
+
+
+NETGRAFT = str(Path(sys.executable).with_name("netgraft"))
+TUTORIAL_FILE = """
+from collections import OrderedDict
+from torch import nn
+
+def build():
+    return nn.Sequential(OrderedDict(
+        conv=nn.Conv2d(1, 8, 3), conv_act=nn.ReLU(), flatten=nn.Flatten(),
+        hidden=nn.Linear(8 * 6 * 6, 20), hidden_act=nn.ReLU(), out=nn.Linear(20, 10)))
+"""
+
+
+def _netgraft(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([NETGRAFT, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_grow_cli_saves_a_folder_that_reloads_to_the_same_function(tmp_path, trained_digits):
+    base, _, (x_test, _) = trained_digits
+    (tmp_path / "net.py").write_text(TUTORIAL_FILE)
+    weights = tmp_path / "trained.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(weights))
+    spec = f"{tmp_path / 'net.py'}:build"
+    out = tmp_path / "grown"
+    result = _netgraft(
+        "grow",
+        spec,
+        "--weights",
+        str(weights),
+        "--deepen",
+        "hidden",
+        "--activation",
+        "relu",
+        "--input-shape",
+        "1,8,8",
+        "-o",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "mode='residual'" in result.stdout and "verified" in result.stdout
+    grown = netgraft.load_model(str(out)).eval()
+    assert netgraft.grown_modules(grown) == ["hidden.1"]
+    with torch.no_grad():
+        assert (grown(x_test) - base(x_test)).abs().max().item() <= 1e-5
+    wide = tmp_path / "wide"
+    result = _netgraft(
+        "grow", str(out), "--widen", "conv:12", "--input-shape", "1,8,8", "-o", str(wide)
+    )
+    assert result.returncode == 0, result.stderr
+    assert netgraft.load_model(str(wide)).conv.out_channels == 12
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--deepen", "hidden", "--widen", "conv:12"], "exactly one of"),
+        (["--deepen", "hidden", "--mode", "identity", "--activation", "relu"], "non-negative"),
+    ],
+)
+def test_grow_cli_refuses_in_one_line(tmp_path, args, expected):
+    (tmp_path / "net.py").write_text(TUTORIAL_FILE)
+    spec = f"{tmp_path / 'net.py'}:build"
+    result = _netgraft("grow", spec, *args, "--input-shape", "1,8,8", "-o", str(tmp_path / "o"))
+    assert result.returncode == 1
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
