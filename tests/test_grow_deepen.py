@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import netgraft
-from netgraft.errors import NetgraftError, SelectionError, SurgeryError
+from netgraft.errors import EquivalenceError, NetgraftError, SelectionError, SurgeryError
 from netgraft.recipe import replay
 
 
@@ -60,6 +60,7 @@ def trained_digits(digits):
     return model, (x[:1400], y[:1400]), (x[1400:], y[1400:])
 
 
+@pytest.mark.slow
 def test_deepen_after_hidden_dense_keeps_digits_accuracy_and_training_new_layer_keeps_or_improves(
     trained_digits,
 ):
@@ -171,6 +172,34 @@ def test_refuses_bad_arguments_with_clear_errors(trained_digits):
         netgraft.deepen(model, "hiden", example_input=x_train[:4])
 
 
+class _ShiftedAfterRelu(nn.Module):
+    """Returns its ReLU's output tensor after shifting it in place: it looks non-negative to
+    a structural proof but is not, which only verification can catch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        out = self.act(self.lin(x))
+        out -= 0.5
+        return out
+
+
+def test_verification_catches_a_non_exact_insertion_and_puts_the_model_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(_ShiftedAfterRelu(), nn.Linear(4, 2)).double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    expected = model(x).detach()
+    with pytest.raises(EquivalenceError, match=r"max \|Δ\| = \d"):
+        netgraft.deepen(model, "0", mode="identity", activation="relu", example_input=x)
+    assert isinstance(model[0], _ShiftedAfterRelu)
+    assert torch.equal(model(x), expected)
+    assert netgraft.get_recipe(model).operations == []
+
+
+@pytest.mark.slow
 def test_dirac_insertion_in_resnet18_keeps_logits_and_predictions():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).double().eval()

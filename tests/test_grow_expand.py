@@ -62,6 +62,7 @@ def test_expanding_real_minilm_from_6_to_8_layers_keeps_sentence_embeddings(mini
     assert sim[0, 2] > sim[0, 1]
 
 
+@pytest.mark.slow
 def test_expanding_gpt2_keeps_logits_and_cached_generation():
     model = _gpt2()
     ids = torch.randint(1, 128, (2, 7), generator=torch.Generator().manual_seed(0))

@@ -395,7 +395,8 @@ def _deepen(
             parent._modules[key] = original
 
     if before is not None:
-        check_growth(before, model, inputs, atol=atol, what="deepen", undo=undo)
+        delta = check_growth(before, model, inputs, atol=atol, what="deepen", undo=undo)
+        log.info("deepen: verified on the probe batch, max |Δ| = %.3g", delta)
     modes = {t: wanted for t, wanted, _ in plan}
     _resolved.set(
         {

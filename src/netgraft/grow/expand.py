@@ -221,5 +221,6 @@ def expand_blocks(
             config.layer_types = old_types
 
     if before is not None:
-        check_growth(before, model, inputs, atol=atol, what="expand_blocks", undo=undo)
+        delta = check_growth(before, model, inputs, atol=atol, what="expand_blocks", undo=undo)
+        log.info("expand_blocks: verified on the probe batch, max |Δ| = %.3g", delta)
     return model

@@ -349,6 +349,7 @@ def widen(
             _restore(module, state)
 
     if before is not None:
-        check_growth(before, model, inputs, atol=atol, what="widen", undo=undo)
+        delta = check_growth(before, model, inputs, atol=atol, what="widen", undo=undo)
+        log.info("widen: verified on the probe batch, max |Δ| = %.3g", delta)
     _resolved.set({"layer": name, "next_layer": next_layer, "norm": norm})
     return model
