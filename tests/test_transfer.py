@@ -302,34 +302,36 @@ def test_bad_source_and_policy_are_clear_errors(tmp_path):
         netgraft.transfer(bad, dst)
 
 
-@pytest.mark.slow
-def test_cli_transfer_saves_a_reloadable_folder_and_a_json_report(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
+def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the ``netgraft`` entry point in this process (a subprocess would import torch again)."""
+    from netgraft.cli import main
 
-    netgraft_bin = str(Path(sys.executable).with_name("netgraft"))
+    monkeypatch.setattr("sys.argv", ["netgraft", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def test_cli_transfer_saves_a_reloadable_folder_and_a_json_report(tmp_path, monkeypatch, capsys):
     src = _resnet18(num_classes=10)
     path = tmp_path / "dp.pt"
     torch.save(nn.DataParallel(src).state_dict(), path)
     out, report_path = tmp_path / "out", tmp_path / "report.json"
-    args = [netgraft_bin, "transfer", str(path), "torchvision:resnet18", "-o", str(out)]
-    result = subprocess.run(
-        [
-            *args,
-            "--on-mismatch",
-            "skip",
-            "--map",
-            "layer1.0.conv1=layer1.0.conv2",
-            "--report",
-            str(report_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    args = ["transfer", str(path), "torchvision:resnet18", "-o", str(out)]
+    code, stdout, stderr = _cli(
+        monkeypatch,
+        capsys,
+        *args,
+        "--on-mismatch",
+        "skip",
+        "--map",
+        "layer1.0.conv1=layer1.0.conv2",
+        "--report",
+        str(report_path),
     )
-    assert result.returncode == 0, result.stderr
-    assert "reinitialised" in result.stdout and "saved to" in result.stdout
+    assert code == 0, stderr
+    assert "reinitialised" in stdout and "saved to" in stdout
     data = json.loads(report_path.read_text())
     assert data["counts"] == {"copied": 120, "adapted": 0, "kept": 0, "reinitialised": 2}
     assert "module.layer1.0.conv1.weight" in data["unexpected"]
@@ -337,7 +339,7 @@ def test_cli_transfer_saves_a_reloadable_folder_and_a_json_report(tmp_path):
     assert torch.equal(loaded.layer4[1].conv2.weight, src.layer4[1].conv2.weight)
     assert torch.equal(loaded.layer1[0].conv1.weight, src.layer1[0].conv2.weight)
 
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and "fc.weight (1000, 512) <-" in result.stderr
-    assert "Traceback" not in result.stderr
+    code, stdout, stderr = _cli(monkeypatch, capsys, *args, "-o", str(tmp_path / "other"))
+    assert code == 1
+    assert stderr.startswith("netgraft: error:") and "fc.weight (1000, 512) <-" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "other").exists()
