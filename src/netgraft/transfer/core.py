@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import NetgraftError, ShapeMismatchError, WeightsError
 from ..layers import layers
+from ..reinit import reinit_module
 from ..select import Selector, select
 from .adapt import adapt_tensor
 from .match import STEPS, DstLayer, Source, group_layers, name_matches, plan_pairs
@@ -195,12 +196,10 @@ def transfer(
     with torch.no_grad():
         for layer_name in skipped_layers:
             try:
-                from ..reinit import reinit_module
-
                 reinit_module(modules[layer_name])
                 reinitialised.add(layer_name)
             except NetgraftError as exc:
-                log.warning("could not re-initialise %s: %s", layer_name, exc)
+                report.notes.append(f"{layer_name}: kept as it was, not re-initialised: {exc}")
         for layer in dst_layers:
             for full in layer.tensors.values():
                 tensor = dst_state[full]
