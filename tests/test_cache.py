@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import transforms as T
 
 import netgraft
-from netgraft.cache import FeatureCache, plan, random_transforms
+from netgraft.cache import FeatureCache, cache_key, plan, random_transforms
 from netgraft.cut import cut
 
 
@@ -174,14 +174,16 @@ def test_cache_built_for_other_weights_is_not_reused(digits_set, tmp_path):
 
 def test_key_changes_with_data_cut_point_and_transforms(digits_set):
     prefix, _ = cut(_pretrained_frozen_cnn(), at="7")
-    base = FeatureCache(prefix, digits_set).key
-    assert FeatureCache(prefix, Subset(digits_set, range(300))).key != base
-    assert FeatureCache(prefix, digits_set, cut_point="7").key != base
+    base = cache_key(prefix, digits_set)
+    assert cache_key(prefix, digits_set) == base
+    assert cache_key(prefix, Subset(digits_set, range(300))) != base
+    assert cache_key(prefix, digits_set, cut_point="7") != base
+    assert cache_key(prefix, digits_set, dtype=torch.float16) != base
     x, y = digits_set.tensors
-    assert FeatureCache(prefix, TensorDataset(x.flip(-1), y)).key != base
+    assert cache_key(prefix, TensorDataset(x.flip(-1), y)) != base
     a = _ImageList(x[:20], y[:20], T.Normalize([0.5], [0.5]))
     b = _ImageList(x[:20], y[:20], T.Normalize([0.5], [0.25]))
-    assert FeatureCache(prefix, a).key != FeatureCache(prefix, b).key
+    assert cache_key(prefix, a) != cache_key(prefix, b)
 
 
 class _ImageList(Dataset):
