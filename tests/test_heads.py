@@ -168,3 +168,14 @@ def test_bad_head_requests_are_clear_errors():
         netgraft.replace_head(nn.Linear(2, 2), num_classes=0)
     with pytest.raises(SurgeryError, match="at least one module"):
         netgraft.attach(model)
+
+
+def test_new_layers_follow_the_model_mode_and_a_stack_can_still_be_cut():
+    torch.manual_seed(0)
+    model = load_model("torchvision:resnet18").eval()
+    netgraft.replace_head(model, num_classes=10, hidden=16, dropout=0.5)
+    model = netgraft.attach(model, nn.Dropout(0.5), nn.Softmax(dim=1))
+    x = _image()
+    assert torch.equal(_run(model, x), _run(model, x))  # eval: no dropout noise
+    prefix, suffix = netgraft.cut(model, at="base.layer3")
+    assert torch.equal(_run(suffix, _run(prefix, x)), _run(model, x))

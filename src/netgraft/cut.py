@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .errors import SurgeryError
@@ -110,6 +111,8 @@ def _concrete_args(model: nn.Module) -> dict[str, Any]:
     main = getattr(model, "main_input_name", None) or (params[0][0] if params else None)
     concrete = {}
     for pname, param in params:
+        if param.kind is param.VAR_KEYWORD:  # fx's own name for the **kwargs placeholder
+            concrete["**" + pname] = {}
         if pname == main or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         if param.default is not inspect.Parameter.empty:
@@ -182,12 +185,19 @@ def _split_fx(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
         env[node] = prefix_graph.node_copy(node, lambda n: env[n])
     prefix_graph.output(env[at])
 
+    # concrete **kwargs make fx flatten the output; the suffix returns it in its real shape
+    codegen = graph._codegen
+    out_spec = codegen.pytree_info.out_spec if hasattr(codegen, "pytree_info") else None
     suffix_graph = torch.fx.Graph()
     env = {at: suffix_graph.placeholder(_safe(name))}
     for node in suffix_nodes:
         for inp in node.all_input_nodes:  # parameters also read before the cut
             if inp not in env and inp.op == "get_attr":
                 env[inp] = suffix_graph.node_copy(inp)
+        if node.op == "output" and out_spec is not None:
+            flat = torch.fx.node.map_arg(node.args[0], lambda n: env[n])
+            suffix_graph.output(pytree.tree_unflatten(list(flat), out_spec))
+            continue
         env[node] = suffix_graph.node_copy(node, lambda n: env[n])
     prefix = torch.fx.GraphModule(model, prefix_graph, class_name="Prefix")
     suffix = torch.fx.GraphModule(model, suffix_graph, class_name="Suffix")

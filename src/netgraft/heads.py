@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from torch import nn
 
 from .cut import cut
@@ -154,6 +153,7 @@ def replace_head(
     name, head = find_head(model)
     target, old = _final_linear(name, head)
     new = _new_head(old.in_features, num_classes, hidden, float(dropout), old)
+    new.train(old.training)  # a model in eval mode stays deterministic
     model.set_submodule(target, new)
     if name == "pooler" and _is_hf_pooler(head) and isinstance(head.activation, nn.Tanh):
         head.activation = nn.Identity()
@@ -226,13 +226,11 @@ class Stacked(nn.Module):
         self.base = base
         self.top = top
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        out = self.base(*args, **kwargs)
-        if not isinstance(out, torch.Tensor):
-            if hasattr(out, "to_tuple"):
-                out = out.to_tuple()
-            if isinstance(out, dict):
-                out = list(out.values())
+    def forward(self, x: Any = None, **kwargs: Any) -> Any:
+        out = self.base(**kwargs) if x is None else self.base(x, **kwargs)
+        if isinstance(out, dict):  # also a Hugging Face ModelOutput, which holds no Nones
+            out = next(iter(out.values()))
+        elif isinstance(out, (tuple, list)):
             out = out[0]
         return self.top(out)
 
@@ -255,6 +253,8 @@ def attach(model: nn.Module, *modules: nn.Module | dict[str, Any]) -> nn.Module:
             built.append(build_module(m))
         except RecipeError as exc:
             raise SurgeryError(f"cannot attach {m!r}: {exc}") from exc
+    for m in built:
+        m.train(model.training)
     if isinstance(model, Stacked):
         for m in built:
             model.top.append(m)
