@@ -62,3 +62,22 @@ def mnist5k():
     from netgraft.data import load_mnist5k
 
     return load_mnist5k()
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run the ``netgraft`` entry point in this process: ``cli(*args) -> (code, out, err)``.
+
+    Cheaper than a subprocess (no second torch import); the entry point's own error handling
+    (one line, exit code) is what runs.
+    """
+    from netgraft.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr("sys.argv", ["netgraft", *args])
+        with pytest.raises(SystemExit) as info:
+            main()
+        captured = capsys.readouterr()
+        return info.value.code, captured.out, captured.err
+
+    return run

@@ -25,10 +25,10 @@ def test_inspect_resnet18_prints_table_with_output_shapes():
     assert "11,689,512 parameters" in result.stdout
 
 
-def test_inspect_json_and_blocks():
-    result = run("inspect", "torchvision:mobilenet_v2", "--blocks", "--json")
-    assert result.returncode == 0, result.stderr
-    data = json.loads(result.stdout)
+def test_inspect_json_and_blocks(cli):
+    code, out, err = cli("inspect", "torchvision:mobilenet_v2", "--blocks", "--json")
+    assert code == 0, err
+    data = json.loads(out)
     assert [b["name"] for b in data["blocks"]][-2:] == ["features.18", "classifier"]
 
 
@@ -41,9 +41,19 @@ def test_inspect_json_and_blocks():
         (["torchvision:resnet18", "--input-shape", "3,x,224"], "--input-shape"),
     ],
 )
-def test_bad_input_gives_one_clear_line_and_nonzero_exit(args, expected):
-    result = run("inspect", *args)
-    assert result.returncode != 0
+def test_bad_input_gives_one_clear_line_and_nonzero_exit(args, expected, cli):
+    code, out, err = cli("inspect", *args)
+    assert code != 0
+    assert "Traceback" not in err + out
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], err
+
+
+def test_entry_point_process_reports_a_bad_spec_without_traceback():
+    result = run("inspect", "torchvision:resnet81")
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr + result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert result.stderr.strip() == (
+        "netgraft: error: torchvision has no model 'resnet81'; did you mean resnet18, "
+        "resnet152, resnet101?"
+    )
