@@ -1,0 +1,458 @@
+"""How many layers to reuse: run the transfer experiment for the user and show the answer.
+
+:func:`study` copies the first ``k`` units (blocks by default, or layers) of a trained source
+model, re-initialises the rest, trains on the target data with the copied units frozen
+(``"frozen"``) or trainable (``"fine-tuned"``), and records validation accuracy (mean and std
+over seeds), the number of trained parameters and the time, for every ``k`` asked for. A
+from-scratch baseline (``k = 0``) and a *selffer* control (a model trained on the target task
+itself, reused the same way; Yosinski et al. 2014, "How transferable are features in deep
+neural networks?") put the numbers in context. Frozen prefixes are trained from cached
+features (:func:`netgraft.fit` with ``cache="auto"``). Results: a rich table, JSON, CSV, a PNG
+of accuracy against ``k`` per mode, and a recommended ``k``.
+
+Example::
+
+    >>> result = netgraft.study(source, (x_train, y_train), (x_val, y_val), seeds=3, budget=5)
+    >>> result.recommended
+    {'model': 'source', 'mode': 'frozen', 'k': 2, ...}
+    >>> result.save("study-out")  # study.json, study.csv, study.png
+
+This module never changes the source or control model (every run trains a copy) and writes
+only into the output folder it is given.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import NetgraftError
+
+__all__ = ["MODES", "StudyResult", "study"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("frozen", "fine-tuned")
+UNITS = ("block", "layer")
+_BUDGET_DEFAULTS: dict[str, Any] = {"epochs": 5, "lr": 1e-3, "batch_size": 32}
+_CSV_COLUMNS = (
+    "model",
+    "mode",
+    "k",
+    "reused_up_to",
+    "acc_mean",
+    "acc_std",
+    "trained_params",
+    "seconds",
+    "accs",
+)
+
+
+@dataclass
+class StudyResult:
+    """The rows of a study (one per model, mode and ``k``), the units counted, the
+    recommended row and the settings used."""
+
+    rows: list[dict[str, Any]]
+    unit: str
+    units: list[str]
+    recommended: dict[str, Any] | None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as plain data (what ``study.json`` holds)."""
+        return {
+            "unit": self.unit,
+            "units": self.units,
+            "rows": self.rows,
+            "recommended": self.recommended,
+            "settings": self.settings,
+        }
+
+    def to_csv(self) -> str:
+        """The rows as CSV text, per-seed accuracies joined by ``;``."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=_CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            out = {c: row.get(c) for c in _CSV_COLUMNS}
+            out["accs"] = ";".join(f"{a:.4f}" for a in row["accs"])
+            out["reused_up_to"] = row["reused_up_to"] or ""
+            writer.writerow(out)
+        return buf.getvalue()
+
+    def rich_table(self, title: str | None = None):
+        """The rows as a rich table, the recommended row marked with ★."""
+        from rich.table import Table
+
+        table = Table(title=title or f"how many {self.unit}s to reuse")
+        for col, justify in [
+            ("model", "left"),
+            ("mode", "left"),
+            ("k", "right"),
+            (f"reused {self.unit}s", "left"),
+            ("val acc", "right"),
+            ("trained params", "right"),
+            ("s/run", "right"),
+            ("", "left"),
+        ]:
+            table.add_column(col, justify=justify)
+        for row in self.rows:
+            star = "★" if self.recommended and _same_run(row, self.recommended) else ""
+            table.add_row(
+                row["model"],
+                row["mode"],
+                str(row["k"]),
+                row["reused_up_to"] and f"… {row['reused_up_to']}" or "none",
+                f"{row['acc_mean']:.4f} ± {row['acc_std']:.4f}",
+                f"{row['trained_params']:,}",
+                f"{row['seconds']:.2f}",
+                star,
+            )
+        if self.recommended:
+            table.caption = f"★ recommended: {self.recommended['reason']}"
+        return table
+
+    def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
+        """Write ``study.json``, ``study.csv`` and ``study.png`` into ``out_dir`` (atomically);
+        return their paths."""
+        from .train.io import atomic_write
+
+        out = Path(out_dir)
+        paths = {
+            "json": out / "study.json",
+            "csv": out / "study.csv",
+            "png": out / "study.png",
+        }
+        text = json.dumps(self.to_dict(), indent=2)
+        atomic_write(paths["json"], lambda p: p.write_text(text))
+        atomic_write(paths["csv"], lambda p: p.write_text(self.to_csv()))
+        atomic_write(paths["png"], self._plot)
+        return paths
+
+    def _plot(self, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.8, 4.4))
+        ks = sorted({r["k"] for r in self.rows})
+        for row in self.rows:
+            if row["mode"] == "scratch":
+                lo, hi = row["acc_mean"] - row["acc_std"], row["acc_mean"] + row["acc_std"]
+                ax.axhspan(lo, hi, color="grey", alpha=0.15)
+                ax.axhline(row["acc_mean"], color="grey", linestyle=":", label="from scratch")
+        for model in ("source", "control"):
+            for mode in MODES:
+                rows = sorted(
+                    (r for r in self.rows if r["model"] == model and r["mode"] == mode),
+                    key=lambda r: r["k"],
+                )
+                if not rows:
+                    continue
+                ax.errorbar(
+                    [r["k"] for r in rows],
+                    [r["acc_mean"] for r in rows],
+                    yerr=[r["acc_std"] for r in rows],
+                    marker="o",
+                    capsize=3,
+                    linestyle="-" if model == "source" else "--",
+                    label=f"{model} · {mode}",
+                )
+        if self.recommended:
+            ax.plot(
+                [self.recommended["k"]],
+                [self.recommended["acc_mean"]],
+                marker="*",
+                markersize=16,
+                color="gold",
+                markeredgecolor="black",
+                linestyle="none",
+                label="recommended",
+            )
+        ax.set_xticks(ks)
+        ax.set_xlabel(f"{self.unit}s reused (k)")
+        ax.set_ylabel("validation accuracy (mean ± std over seeds)")
+        ax.set_title(f"How many {self.unit}s to reuse")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=110)
+        plt.close(fig)
+
+
+def _same_run(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a["model"] == b["model"] and a["mode"] == b["mode"] and a["k"] == b["k"]
+
+
+def _units(model: nn.Module, unit: str, example: Any) -> list[list[str]]:
+    """The module names each unit holds, in order (blocks, or single layers)."""
+    from .layers import blocks, layers
+
+    if unit == "block":
+        return [[n for n in b.layer_names if n] for b in blocks(model)]
+    return [[row.name] for row in layers(model, example)]
+
+
+def _unit_names(model: nn.Module, unit: str, units: list[list[str]]) -> list[str]:
+    from .layers import blocks
+
+    return [b.name for b in blocks(model)] if unit == "block" else [n[0] for n in units]
+
+
+def _head_index(units: list[list[str]], head: str) -> int:
+    """Index of the first unit holding (part of) the head: units from there on are never
+    reused, since the target task needs its own head."""
+    for i, names in enumerate(units):
+        for n in names:
+            if n == head or n.startswith(head + ".") or head.startswith(n + "."):
+                return i
+    return len(units) - 1
+
+
+def _labels(data: Any) -> torch.Tensor | None:
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return torch.as_tensor(data[1])
+    targets = getattr(data, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets)
+    samples = getattr(data, "samples", None)
+    if samples is not None:
+        return torch.as_tensor([label for _, label in samples])
+    return None
+
+
+def _num_classes(data: Any) -> int:
+    classes = getattr(data, "classes", None)
+    if classes is not None:
+        return len(classes)
+    labels = _labels(data)
+    if labels is None:
+        labels = torch.as_tensor([int(item[1]) for item in data])
+    if labels.numel() == 0:
+        raise NetgraftError("the target training data is empty; the study needs examples")
+    return int(labels.max()) + 1
+
+
+def _head_outputs(model: nn.Module) -> int | None:
+    from .heads import find_head
+
+    _, head = find_head(model)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def _budget(budget: int | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(budget, bool) or not isinstance(budget, (int, Mapping)):
+        raise NetgraftError(
+            f"budget must be a number of epochs or a dict of fit arguments; found {budget!r}"
+        )
+    out = dict(_BUDGET_DEFAULTS)
+    out.update({"epochs": budget} if isinstance(budget, int) else dict(budget))
+    reserved = {"seed", "cache", "quiet", "resume"} & set(out)
+    if reserved:
+        raise NetgraftError(f"budget cannot set {sorted(reserved)}: the study sets them per run")
+    if not isinstance(out["epochs"], int) or out["epochs"] < 1:
+        raise NetgraftError(f"the budget needs at least one epoch; found {out['epochs']!r}")
+    return out
+
+
+def _check_reuse(reuse: Iterable[int], limit: int, unit: str, names: list[str]) -> list[int]:
+    ks = sorted({int(k) for k in reuse})
+    bad = [k for k in ks if k < 0 or k > limit]
+    if bad:
+        raise NetgraftError(
+            f"reuse counts must be between 0 and {limit} (the {unit}s before the head: "
+            f"{', '.join(names[:limit]) or 'none'}); found {bad}"
+        )
+    return ks
+
+
+def _example(data: Any) -> Any:
+    from torch.utils.data import default_collate
+
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return torch.as_tensor(data[0][:1])
+    return default_collate([data[0][0]])
+
+
+def _run(
+    base: nn.Module,
+    units: list[list[str]],
+    k: int,
+    mode: str,
+    seed: int,
+    num_classes: int,
+    train: Any,
+    val: Any,
+    budget: dict[str, Any],
+    quiet: bool,
+) -> tuple[float, int]:
+    """Train one copy of ``base`` reusing its first ``k`` units; return (val acc, trained
+    parameters)."""
+    from .freeze import freeze, unfreeze
+    from .heads import replace_head
+    from .reinit import reinit
+    from .train import evaluate, fit
+
+    model = copy.deepcopy(base)
+    unfreeze(model)
+    if _head_outputs(model) not in (None, num_classes):
+        replace_head(model, num_classes)
+    later = [n for names in units[k:] for n in names]
+    if later:
+        reinit(model, later, seed=seed)
+    if mode == "frozen" and k > 0:
+        freeze(model, [n for names in units[:k] for n in names])
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fit(model, train, seed=seed, cache="auto", quiet=quiet, **budget)
+    acc = float(evaluate(model, val, batch_size=max(64, 2 * budget["batch_size"]))["acc"])
+    return acc, trained
+
+
+def _recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best row by mean accuracy, or — among rows within one std of it — the one training
+    the fewest parameters (equally good and cheaper)."""
+    candidates = [r for r in rows if r["model"] != "control"]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda r: r["acc_mean"])
+    close = [r for r in candidates if r["acc_mean"] >= best["acc_mean"] - best["acc_std"]]
+    pick = min(close, key=lambda r: (r["trained_params"], -r["acc_mean"]))
+    if pick["mode"] == "scratch":
+        reason = (
+            f"train from scratch: no reuse beats it by more than its spread "
+            f"(acc {pick['acc_mean']:.4f} ± {pick['acc_std']:.4f})"
+        )
+    else:
+        what = f"reuse {pick['k']} unit(s) up to {pick['reused_up_to']} {pick['mode']}"
+        reason = f"{what} (acc {pick['acc_mean']:.4f} ± {pick['acc_std']:.4f}"
+        reason += (
+            f", {pick['trained_params']:,} trained parameters; best {best['mode']} k={best['k']} "
+            f"acc {best['acc_mean']:.4f})"
+            if pick is not best
+            else ", the best)"
+        )
+    return {
+        **{k: pick[k] for k in ("model", "mode", "k", "reused_up_to", "acc_mean")},
+        "reason": reason,
+    }
+
+
+def study(
+    source_model: nn.Module,
+    target_train: Any,
+    target_val: Any,
+    *,
+    reuse: Iterable[int] | None = None,
+    modes: Sequence[str] = MODES,
+    baseline: bool = True,
+    control: nn.Module | None = None,
+    seeds: int = 3,
+    budget: int | Mapping[str, Any] = 5,
+    unit: str = "block",
+    num_classes: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+    quiet: bool = True,
+) -> StudyResult:
+    """For each ``k`` in ``reuse`` and each mode, train ``seeds`` copies of ``source_model``
+    whose first ``k`` units (``unit="block"``: :func:`netgraft.blocks`; ``"layer"``: the layer
+    table) keep their weights and the rest is re-initialised, frozen (``"frozen"``) or not
+    (``"fine-tuned"``), and measure accuracy on ``target_val``; return a :class:`StudyResult`.
+
+    ``reuse`` defaults to every count from 1 to the unit before the head (the head is always
+    new; it is replaced when the target has another number of classes). ``baseline`` adds
+    ``k = 0`` (from scratch); ``control`` (a model trained on the target task itself) is
+    reused the same way. ``budget`` is the epochs of every run, or a dict of
+    :func:`netgraft.fit` arguments (``epochs``, ``lr``, ``batch_size``, ``optimizer``, ...).
+    Data are ``(x, y)`` tensors or datasets. With ``out_dir`` the JSON, CSV and PNG are
+    written there.
+    """
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise NetgraftError(f"modes must be some of {', '.join(MODES)}; found {list(modes)}")
+    if unit not in UNITS:
+        raise NetgraftError(f"unit must be one of {', '.join(UNITS)}; found {unit!r}")
+    if not isinstance(seeds, int) or seeds < 1:
+        raise NetgraftError(f"seeds must be a positive integer; found {seeds!r}")
+    from .heads import find_head
+
+    settings = _budget(budget)
+    say = progress or (lambda line: log.info(line))
+    num_classes = num_classes or _num_classes(target_train)
+    units = _units(source_model, unit, _example(target_train))
+    unit_names = _unit_names(source_model, unit, units)
+    limit = _head_index(units, find_head(source_model)[0])
+    ks = _check_reuse(range(1, limit + 1) if reuse is None else reuse, limit, unit, unit_names)
+    if control is not None and len(_units(control, unit, None)) != len(units):
+        raise NetgraftError(
+            f"the control model must have the source's architecture: {len(units)} {unit}s "
+            f"expected, found {len(_units(control, unit, None))}"
+        )
+    plan: list[tuple[str, nn.Module, str, int]] = []
+    if baseline or 0 in ks:
+        plan.append(("scratch", source_model, "scratch", 0))
+    for name, model in (("source", source_model), ("control", control)):
+        if model is None:
+            continue
+        plan += [(name, model, mode, k) for mode in modes for k in ks if k > 0]
+    rows = []
+    for name, model, mode, k in plan:
+        accs, trained, seconds = [], 0, []
+        for seed in range(seeds):
+            started = time.perf_counter()
+            acc, trained = _run(
+                model,
+                units,
+                k,
+                "fine-tuned" if mode == "scratch" else mode,
+                seed,
+                num_classes,
+                target_train,
+                target_val,
+                settings,
+                quiet,
+            )
+            accs.append(acc)
+            seconds.append(time.perf_counter() - started)
+        values = torch.tensor(accs, dtype=torch.float64)
+        row = {
+            "model": name,
+            "mode": mode,
+            "k": k,
+            "reused_up_to": unit_names[k - 1] if k > 0 else None,
+            "acc_mean": round(float(values.mean()), 4),
+            "acc_std": round(float(values.std(unbiased=False)), 4),
+            "accs": [round(a, 4) for a in accs],
+            "trained_params": trained,
+            "seconds": round(sum(seconds) / len(seconds), 3),
+        }
+        rows.append(row)
+        say(
+            f"{name:<7} {mode:<10} k={k:<2} acc {row['acc_mean']:.4f} ± {row['acc_std']:.4f} "
+            f"· {trained:,} trained · {row['seconds']:.2f}s/run"
+        )
+    result = StudyResult(
+        rows=rows,
+        unit=unit,
+        units=unit_names,
+        recommended=_recommend(rows),
+        settings={**settings, "seeds": seeds, "modes": list(modes), "num_classes": num_classes},
+    )
+    if out_dir is not None:
+        result.save(out_dir)
+    return result
