@@ -190,6 +190,8 @@ def main() -> None:
     parser.add_argument("--models", default="resnet18,mobilenet_v2")
     parser.add_argument("--sizes", default="64,224")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--trainable", default="head,last_block", help="head and/or last_block")
+    parser.add_argument("--no-steps", action="store_true", help="skip the step-time comparison")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n_at = {64: 128, 224: 32} if args.quick else {64: 512, 224: 128}
@@ -200,9 +202,10 @@ def main() -> None:
     for arch in args.models.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
             data = images(n_at.get(size, 256), size)
-            for trainable in ("head", "last_block"):
+            for trainable in args.trainable.split(","):
                 results.append(epochs_table(arch, trainable, data, epochs_list, args.batch))
-            steps.append(step_times(arch, size, 16, 3))
+            if not args.no_steps:
+                steps.append(step_times(arch, size, 16, 3))
     head10 = [r["epochs"]["10"]["measured_over_ideal"] for r in results if r["trainable"] == "head"]
     report = {
         "bench": "cache",
@@ -214,7 +217,12 @@ def main() -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
         },
-        "settings": {"quick": args.quick, "examples": n_at, "batch": args.batch},
+        "settings": {
+            "quick": args.quick,
+            "examples": n_at,
+            "batch": args.batch,
+            "trainable": args.trainable,
+        },
         "results": results,
         "step_time": steps,
         "floor": {
