@@ -51,7 +51,7 @@ class _PlanCatcher(logging.Handler):
     """Keeps the CachePlan that netgraft.cache logs, for its build time and cut point."""
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.DEBUG)
         self.plan = None
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -79,7 +79,7 @@ def run_fit(arch: str, trainable: str, data: TensorDataset, epochs: int, cache: 
     clock, catcher = _Clock(), _PlanCatcher()
     logger = logging.getLogger("netgraft.cache")
     logger.addHandler(catcher)
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.DEBUG)
     try:
         start = time.perf_counter()
         history = netgraft.fit(

@@ -94,7 +94,7 @@ def test_resnet18_cached_last_block_training_matches_uncached(digits, caplog):
 
     kw = dict(epochs=2, lr=1e-3, seed=3, batch_size=16, quiet=True)
     uncached = fit(model(), data, cache=False, **kw)
-    with caplog.at_level(logging.INFO, logger="netgraft.cache"):
+    with caplog.at_level(logging.INFO):
         cached = fit(model(), data, cache=True, **kw)
     assert "frozen prefix up to 'layer3'" in caplog.text
     assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in uncached], rel=1e-4)

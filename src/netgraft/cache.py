@@ -427,7 +427,14 @@ class FeatureCache(Dataset):
             root.mkdir(parents=True, exist_ok=True)
             self.path = root / self.key[:32]
             self.status = self._open_or_build(root)
-        log.info("feature cache %s: %s", self.status, self.describe())
+        # on-disk outcomes (built, reused, rebuilt) are worth a line; an in-memory build is
+        # reported by whoever uses it (fit's plan line)
+        log.log(
+            logging.DEBUG if self.status == "memory" else logging.INFO,
+            "feature cache %s: %s",
+            self.status,
+            self.describe(),
+        )
 
     # ------------------------------------------------------------------ building
 
@@ -904,5 +911,5 @@ def plan(
             log.info("validation data not cached (the full model evaluates it): %s", exc)
     result = CachePlan(suffix, features, prefix, name, model, options, val_features)
     # the plan rides on the record so a caller's handler (bench/cache.py) can read its timings
-    log.info("%s", result.describe(), extra={"cache_plan": result})
+    log.debug("%s", result.describe(), extra={"cache_plan": result})
     return result
