@@ -78,6 +78,7 @@ def fine_tune(
     epochs: int,
     head_epochs: int = 1,
     base_lr: float = 1e-3,
+    head_lr: float | None = None,
     lr_mult: float = 100,
     unfreeze: str = "all",
     bn: str = "eval",
@@ -88,9 +89,9 @@ def fine_tune(
     seed: int | None = None,
     **fit_kwargs: Any,
 ) -> History:
-    """Fine-tune ``model`` in place: train only its head for ``head_epochs`` at ``base_lr``,
-    then ``epochs`` more with lower rates spread over blocks from ``base_lr / 2 / lr_mult``
-    (first block) to ``base_lr / 2`` (top).
+    """Fine-tune ``model`` in place: train only its head for ``head_epochs`` at ``head_lr``
+    (default ``base_lr``), then ``epochs`` more with lower rates spread over blocks from
+    ``base_lr / 2 / lr_mult`` (first block) to ``base_lr / 2`` (top).
 
     ``unfreeze="all"`` unfreezes everything at once; ``"gradual"`` adds one block per
     epoch from the top (ULMFiT), then trains all of it for the epochs left. ``keep_frozen``
@@ -136,7 +137,7 @@ def fine_tune(
             freeze(model, keep_frozen, bn=bn)
 
     hold(head)
-    stage("head", head_epochs, lr=base_lr)
+    stage("head", head_epochs, lr=head_lr or base_lr)
     lr = base_lr / 2
     if unfreeze == "all":
         hold(None)

@@ -1,0 +1,173 @@
+"""fine_tune: head first, then all-at-once or gradual unfreezing with discriminative rates,
+on real MobileNetV2 (ImageNet weights) and the real scikit-learn digits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch import nn
+
+import netgraft
+from netgraft.errors import NetgraftError
+from netgraft.train import Callback, fine_tune
+
+
+class Spy(Callback):
+    """Reads the optimizer's rates right before each step, and the norm layers' modes."""
+
+    def __init__(self):
+        self.lrs: list[tuple[str, dict[str, float]]] = []
+        self.bn_training: list[tuple[str, bool]] = []
+
+    def on_batch_begin(self, state):
+        self.lrs.append((state.stage, {g["name"]: g["lr"] for g in state.optimizer.param_groups}))
+        bn = state.model.features[1].conv[2]
+        self.bn_training.append((state.stage, bn.training))
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits):
+    """48 real digits as 3×32×32 images (upscaled, grey repeated over channels)."""
+    x, y = digits
+    x = F.interpolate(x[:48], size=32, mode="bilinear").repeat(1, 3, 1, 1)
+    return (x[:32], y[:32]), (x[32:48], y[32:48])
+
+
+def mobilenet(num_classes=10):
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v2(num_classes=num_classes)
+
+
+@pytest.mark.slow
+def test_gradual_unfreezing_shows_optimizer_lr_and_leaves_frozen_blocks_untouched(small_digits):
+    train, val = small_digits
+    model = mobilenet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spy = Spy()
+    history = fine_tune(
+        model,
+        train,
+        val,
+        head_epochs=1,
+        epochs=2,
+        base_lr=1e-2,
+        unfreeze="gradual",
+        optimizer="sgd",
+        weight_decay=0.1,
+        batch_size=16,
+        seed=0,
+        quiet=True,
+        cache=False,
+        callbacks=[spy],
+    )
+    assert history["stage"] == ["head", "unfreeze features.18", "unfreeze features.17"]
+    assert history["epoch"] == [1, 2, 3]
+    # the rate shown for each epoch is the optimizer's at the epoch's last step
+    last_per_stage = {stage: lrs for stage, lrs in spy.lrs}
+    for row in history:
+        assert row["lr"] == last_per_stage[row["stage"]]
+    assert list(history.rows[2]["lr"]) == [
+        "features.17",
+        "features.17 (no decay)",
+        "features.18",
+        "features.18 (no decay)",
+        "classifier",
+        "classifier (no decay)",
+    ]
+    top = history.rows[2]["lr"]
+    assert top["classifier"] / top["features.17"] == pytest.approx(100 ** (2 / 19))
+    after = model.state_dict()
+    moved = {
+        k.split(".")[0] + "." + k.split(".")[1]
+        for k in after
+        if not torch.equal(after[k], before[k])
+    }
+    # SGD with momentum and weight decay moved nothing that was frozen at every step
+    assert moved == {"features.17", "features.18", "classifier.1"}
+    # frozen norm layers stayed in inference mode throughout (bn="eval")
+    assert {mode for _, mode in spy.bn_training} == {False}
+
+
+@pytest.mark.slow
+def test_unfreeze_all_trains_everything_except_keep_frozen(small_digits):
+    train, val = small_digits
+    model = mobilenet()
+    before = model.features[0][0].weight.clone()
+    bn_before = model.features[0][1].running_mean.clone()
+    history = fine_tune(
+        model,
+        train,
+        val,
+        head_epochs=1,
+        epochs=1,
+        base_lr=1e-2,
+        batch_size=16,
+        seed=0,
+        quiet=True,
+        cache=False,
+        keep_frozen="type:BatchNorm2d",
+    )
+    assert history["stage"] == ["head", "all"]
+    lrs = history.rows[1]["lr"]
+    assert list(lrs)[0] == "features.0" and list(lrs)[-1] == "classifier"
+    assert not torch.equal(model.features[0][0].weight, before)
+    assert torch.equal(model.features[0][1].running_mean, bn_before)
+    assert not any(
+        p.requires_grad
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm2d)
+        for p in m.parameters()
+    )
+
+
+def test_bad_unfreeze_mode_is_a_clear_error(small_digits):
+    with pytest.raises(NetgraftError, match="unfreeze must be one of"):
+        fine_tune(mobilenet(), *small_digits, epochs=1, unfreeze="sometimes")
+
+
+def write_digit_images(root, digits, per_class=20, size=64):
+    x, y = digits
+    for c in range(10):
+        (root / str(c)).mkdir(parents=True)
+        for i in (y == c).nonzero().flatten()[:per_class].tolist():
+            pixels = (x[i, 0].numpy() * 255).astype(np.uint8)
+            Image.fromarray(pixels).resize((size, size), Image.BILINEAR).save(
+                root / str(c) / f"{i}.png"
+            )
+    return root
+
+
+@pytest.mark.slow
+def test_imagenet_mobilenet_fine_tunes_on_real_digit_images_and_beats_random_init(
+    tmp_path, digits, mobilenet_v2_weights
+):
+    root = write_digit_images(tmp_path / "digits", digits)
+    scores = {}
+    for name, weights in (("pretrained", mobilenet_v2_weights), ("random", None)):
+        torch.manual_seed(0)
+        model = netgraft.load_model("torchvision:mobilenet_v2", weights=weights)
+        model.classifier[1] = nn.Linear(1280, 10)
+        split = netgraft.data.image_folder(root, model, size=64, val_fraction=0.2, seed=0)
+        assert len(split.train) == 160 and len(split.val) == 40
+        # the same budget and recipe for both: 4 head epochs, then 1 epoch of everything
+        history = fine_tune(
+            model,
+            split.train,
+            split.val,
+            head_epochs=4,
+            epochs=1,
+            head_lr=1e-2,
+            base_lr=2e-4,
+            batch_size=16,
+            seed=0,
+            quiet=True,
+            keep_frozen="type:BatchNorm2d",
+        )
+        scores[name] = history.last["val_acc"]
+        assert scores[name] == pytest.approx(netgraft.evaluate(model, split.val)["acc"])
+    assert scores["pretrained"] >= 0.75, scores
+    assert scores["pretrained"] >= scores["random"] + 0.4, scores
