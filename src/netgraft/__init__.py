@@ -22,9 +22,11 @@ from .grow import deepen, expand_blocks, grown_modules, verify_equivalence, wide
 from .heads import attach, find_head, replace_head, truncate
 from .layers import Block, Layer, LayerTable, blocks, layers, summary
 from .optim import param_groups
+from .pretrain import pretrain_layerwise
 from .recipe import get_recipe, load, save
 from .reinit import reinit
 from .select import select
+from .study import StudyResult, study
 from .train import (
     Checkpoint,
     EarlyStopping,
@@ -63,6 +65,7 @@ __all__ = [
     "SelectionError",
     "ShapeMismatchError",
     "SpecError",
+    "StudyResult",
     "SurgeryError",
     "TransferReport",
     "WeightsError",
@@ -78,10 +81,12 @@ __all__ = [
     "load_frozen_state",
     "load_model",
     "load_weights",
+    "pretrain_layerwise",
     "reinit",
     "replace_head",
     "save",
     "select",
+    "study",
     "summary",
     "train_only",
     "transfer",

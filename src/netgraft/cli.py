@@ -257,6 +257,106 @@ def transfer_cmd(
     console.print(f"saved to {folder}", markup=False)
 
 
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise NetgraftError(f"{flag} takes integers like 1,2,3; found {text!r}") from None
+
+
+@app.command("study")
+def study_cmd(
+    spec: str = typer.Argument(
+        ..., help="the trained source model: file.py:fn, a saved folder, torchvision:NAME, ..."
+    ),
+    data: Path = typer.Option(
+        ..., "--data", help="target images: DIR/CLASS/*.png, or DIR/train and DIR/val"
+    ),
+    out: Path = typer.Option(Path("study-out"), "-o", "--out", help="folder for the results"),
+    reuse: str | None = typer.Option(
+        None, "--reuse", help="counts of units to reuse, e.g. 1,2,3 (default: all before the head)"
+    ),
+    modes: str = typer.Option("frozen,fine-tuned", "--modes", help="frozen and/or fine-tuned"),
+    unit: str = typer.Option("block", "--unit", help="count blocks or layers"),
+    control: str | None = typer.Option(
+        None, "--control", help="a model trained on the target task, reused the same way"
+    ),
+    seeds: int = typer.Option(3, "--seeds", help="runs per setting (mean and std)"),
+    epochs: int = typer.Option(5, "--epochs", help="training epochs of every run (the budget)"),
+    lr: float = typer.Option(1e-3, "--lr", help="learning rate of every run"),
+    batch_size: int = typer.Option(32, "--batch-size", help="batch size"),
+    size: int | None = typer.Option(None, "--size", help="input image side (default: the model's)"),
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="skip the from-scratch runs"),
+    weights: Path | None = typer.Option(
+        None, "--weights", help=".safetensors or .pt/.pth weights file"
+    ),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="allow weights files that need full unpickling"
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the table"),
+) -> None:
+    """How many layers to reuse: train copies of SPEC reusing its first k blocks (frozen or
+    fine-tuned) on the images in --data; print the table, write study.json/.csv/.png."""
+    from .data import image_folder
+    from .study import study
+
+    model = _load(spec, weights, trust_pickle)
+    split = image_folder(data, model, size=size)
+    if split.val is None:
+        raise NetgraftError(
+            f"{data} gives no validation images; add DIR/val or more images per class"
+        )
+    console = _console()
+    err = Console(stderr=True, highlight=False)
+    result = study(
+        model,
+        split.train,
+        split.val,
+        reuse=_int_list(reuse, "--reuse"),
+        modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+        baseline=not no_baseline,
+        control=_load(control, None, trust_pickle) if control else None,
+        seeds=seeds,
+        budget={"epochs": epochs, "lr": lr, "batch_size": batch_size},
+        unit=unit,
+        num_classes=len(split.classes),
+        out_dir=out,
+        progress=None if quiet else (lambda line: err.print(line, markup=False)),
+    )
+    console.print(result.rich_table(title=f"{spec} → {data}"))
+    console.print(f"wrote {out}/study.json, study.csv, study.png", markup=False)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "-o", "--out", help="folder for the results"),
+    quick: bool = typer.Option(False, "--quick", help="a small run (one size, two seeds)"),
+    threads: int = typer.Option(1, "--threads", help="CPU threads for torch"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the table"),
+) -> None:
+    """Reuse a CNN trained on MNIST digits 0–4 to learn 5–9 from 10, 30 and 100 images per
+    class: scratch vs frozen vs fine-tuned vs grown, with and without the feature cache."""
+    import dataclasses
+    import time
+
+    from .demo import QUICK, DemoConfig, run_demo
+
+    config = dataclasses.replace(QUICK if quick else DemoConfig(), threads=threads)
+    err = Console(stderr=True, highlight=False)
+    started = time.perf_counter()
+    result = run_demo(
+        out, config=config, progress=None if quiet else (lambda line: err.print(line, markup=False))
+    )
+    console = _console()
+    console.print(result.rich_table())
+    console.print(
+        f"wrote {out}/results.json and {out}/results.png in {time.perf_counter() - started:.0f}s",
+        markup=False,
+    )
+
+
 def main() -> None:
     """Console entry point: run the app, turning user errors into one line and exit code 1."""
     debug = bool(os.environ.get("NETGRAFT_DEBUG"))

@@ -61,7 +61,7 @@ class DemoConfig:
     per_class: tuple[int, ...] = (10, 30, 100)
     seeds: int = 5
     source_epochs: int = 5
-    steps: int = 150  # optimizer steps of every target run, whatever the method
+    steps: int = 100  # optimizer steps of every target run, whatever the method
     batch_size: int = 32
     lr: float = 1e-3
     pool_per_class: int = 300  # target images a seed may draw its training images from

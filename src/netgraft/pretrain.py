@@ -1,0 +1,246 @@
+"""Greedy layer-wise pretraining: each layer learns to reconstruct its own input, unlabelled.
+
+:func:`pretrain_layerwise` walks the model's Linear and Conv layers in execution order
+(the head excluded) and trains each in turn as the encoder of a small autoencoder
+(Bengio et al. 2007, "Greedy layer-wise training of deep networks"): the layers below it
+turn the unlabelled inputs into the layer's input, the layer encodes it as
+``activation(layer(input))``, a temporary decoder (``Linear`` or ``ConvTranspose2d``)
+reconstructs the input, and only the layer and its decoder are updated (mean squared error,
+Adam). Every other layer is frozen while it trains: it gets no gradient and runs in eval
+mode, so no norm statistics move. The decoders are thrown away; the model keeps its
+architecture, its train/eval modes and its requires_grad flags, ready to fine-tune.
+
+Example::
+
+    >>> report = netgraft.pretrain_layerwise(model, x_unlabelled, epochs_per_layer=3)
+    >>> netgraft.fit(model, (x_few, y_few), epochs=20, lr=1e-3)
+
+This module never adds layers to the model and never uses labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import NetgraftError
+from .select import Selector
+
+__all__ = ["pretrain_layerwise"]
+
+log = logging.getLogger(__name__)
+
+_ACTIVATIONS = {
+    "relu": F.relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "gelu": F.gelu,
+    "identity": lambda t: t,
+}
+_ACTIVATION_MODULES = {
+    nn.ReLU: "relu",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.GELU: "gelu",
+}
+
+
+class _Reached(Exception):
+    """Raised by a forward pre-hook to stop the model once the layer's input is known."""
+
+
+def _inputs(unlabeled: Any) -> torch.Tensor:
+    """The input tensor of ``unlabeled``: a tensor, ``(x, y)`` (labels ignored) or a dataset
+    of ``x`` or ``(x, y)`` items."""
+    if isinstance(unlabeled, torch.Tensor):
+        return unlabeled
+    if (
+        isinstance(unlabeled, (tuple, list))
+        and len(unlabeled) == 2
+        and hasattr(unlabeled[0], "shape")
+    ):
+        return torch.as_tensor(unlabeled[0])
+    try:
+        items = [unlabeled[i] for i in range(len(unlabeled))]
+    except TypeError as exc:
+        raise NetgraftError(
+            f"unlabeled must be a tensor, (x, y) or a dataset; found {type(unlabeled).__name__}"
+        ) from exc
+    if not items:
+        raise NetgraftError("unlabeled holds no examples; layer-wise pretraining needs inputs")
+    return torch.stack(
+        [torch.as_tensor(it[0] if isinstance(it, (tuple, list)) else it) for it in items]
+    )
+
+
+def _layer_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``layer`` receives when ``model`` runs on ``x`` (the model stops there)."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_mod: nn.Module, args: tuple) -> None:
+        seen.append(args[0])
+        raise _Reached
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            model(x)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise NetgraftError(f"the forward pass never calls {type(layer).__name__} layer")
+    return seen[0].detach()
+
+
+def _decoder(layer: nn.Module) -> nn.Module:
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(layer.out_features, layer.in_features)
+    if isinstance(layer, nn.Conv2d):
+        if layer.groups != 1 or not isinstance(layer.padding, tuple):
+            raise NetgraftError(
+                "layer-wise pretraining supports Conv2d with groups=1 and numeric padding; "
+                f"found groups={layer.groups}, padding={layer.padding!r}"
+            )
+        return nn.ConvTranspose2d(
+            layer.out_channels,
+            layer.in_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+        )
+    raise NetgraftError(
+        f"layer-wise pretraining trains Linear and Conv2d layers; found {type(layer).__name__}"
+    )
+
+
+def _decode(decoder: nn.Module, code: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(decoder, nn.ConvTranspose2d):
+        return decoder(code, output_size=like.shape[-2:])
+    return decoder(code)
+
+
+def _following_activations(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
+    """For each module, the activation module that runs right after it (if any)."""
+    from .layers import trace_order
+
+    order, _ = trace_order(model, example)
+    modules = dict(model.named_modules())
+    found = {}
+    for before, after in zip(order, order[1:], strict=False):
+        kind = _ACTIVATION_MODULES.get(type(modules[after]))
+        if kind is not None:
+            found[before] = kind
+    return found
+
+
+def _default_layers(model: nn.Module) -> list[str]:
+    from .heads import find_head
+    from .layers import ordered_layer_modules
+
+    try:
+        head = find_head(model)[0]
+    except NetgraftError:
+        head = None
+    return [
+        name
+        for name, module in ordered_layer_modules(model)
+        if isinstance(module, (nn.Linear, nn.Conv2d))
+        and not (head is not None and (name == head or name.startswith(head + ".")))
+    ]
+
+
+def pretrain_layerwise(
+    model: nn.Module,
+    unlabeled: Any,
+    *,
+    epochs_per_layer: int,
+    layers: Selector = None,
+    activation: str = "auto",
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    noise: float = 0.0,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Train the model's layers one at a time, bottom up, each as an autoencoder of its own
+    input (see the module docstring), for ``epochs_per_layer`` epochs over ``unlabeled``.
+
+    ``layers`` (a selector) picks which layers to pretrain, by default every Linear and
+    Conv2d before the head, in execution order. The code is ``activation(layer(input))``:
+    ``"auto"`` takes the activation module (ReLU, Sigmoid, Tanh, GELU) that runs right after
+    the layer, else the identity; or name one of ``"relu"``, ``"sigmoid"``, ``"tanh"``,
+    ``"gelu"``, ``"identity"`` for every layer. ``noise`` > 0 corrupts the
+    input with Gaussian noise of that std (a denoising autoencoder). Returns one record per
+    layer: its name and the reconstruction loss of its first and last epoch.
+    """
+    from .select import select
+
+    if not isinstance(epochs_per_layer, int) or epochs_per_layer < 1:
+        raise NetgraftError(
+            f"epochs_per_layer must be a positive integer; found {epochs_per_layer!r}"
+        )
+    if activation != "auto" and activation not in _ACTIVATIONS:
+        raise NetgraftError(
+            f"activation must be one of {', '.join(_ACTIVATIONS)}; found {activation!r}"
+        )
+    x = _inputs(unlabeled)
+    if len(x) == 0:
+        raise NetgraftError("unlabeled holds no examples; layer-wise pretraining needs inputs")
+    modules = dict(model.named_modules())
+    if layers is None:
+        names = _default_layers(model)
+    else:
+        chosen = set(select(model, layers))
+        names = [n for n in _default_layers(model) + list(chosen) if n in chosen]
+        names = list(dict.fromkeys(names))
+    if not names:
+        raise NetgraftError("the model has no Linear or Conv2d layer to pretrain")
+    following = _following_activations(model, x[:1]) if activation == "auto" else {}
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    g = torch.Generator().manual_seed(seed)
+    records: list[dict[str, Any]] = []
+    try:
+        model.eval()  # everything below the layer runs in inference mode: no statistics move
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name in names:
+            layer = modules[name]
+            act = _ACTIVATIONS[following.get(name, "identity") if activation == "auto" else activation]
+            torch.manual_seed(seed)
+            decoder = _decoder(layer).to(next(layer.parameters()).device)
+            params = list(layer.parameters()) + list(decoder.parameters())
+            for p in layer.parameters():
+                p.requires_grad_(True)
+            opt = torch.optim.Adam(params, lr=lr)
+            losses: list[float] = []
+            for _ in range(epochs_per_layer):
+                order = torch.randperm(len(x), generator=g)
+                total, count = 0.0, 0
+                for start in range(0, len(x), batch_size):
+                    inp = _layer_input(model, layer, x[order[start : start + batch_size]])
+                    corrupted = inp + noise * torch.randn_like(inp) if noise > 0 else inp
+                    recon = _decode(decoder, act(layer(corrupted)), inp)
+                    loss = F.mse_loss(recon, inp)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * len(inp)
+                    count += len(inp)
+                losses.append(total / count)
+            for p in layer.parameters():
+                p.requires_grad_(False)
+            log.info("pretrained %s: reconstruction loss %.4f -> %.4f", name, losses[0], losses[-1])
+            records.append({"layer": name, "first_loss": losses[0], "last_loss": losses[-1]})
+    finally:
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        for m, mode in modes.items():
+            m.training = mode
+    return records
