@@ -134,3 +134,42 @@ def test_data_info_round_trips_classes_and_config(tmp_path):
     assert classes == ["cat", "dog"] and back == cfg
     with pytest.raises(DataError, match="data.json"):
         read_data_info(tmp_path / "nowhere")
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from netgraft.cli import main
+
+    monkeypatch.setattr("sys.argv", ["netgraft", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("problem", ["empty", "single_class", "bad_image"])
+def test_cli_finetune_on_a_bad_folder_prints_one_line_and_exits_nonzero(
+    tmp_path, digits, monkeypatch, capsys, problem
+):
+    root = tmp_path / "d"
+    if problem == "empty":
+        root.mkdir()
+    elif problem == "single_class":
+        write_digit_folder(root, digits, classes=(0,), per_class=2)
+    else:
+        write_digit_folder(root, digits, classes=(0, 1), per_class=2)
+        (root / "0" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        "finetune",
+        "torchvision:mobilenet_v2",
+        "--data",
+        str(root),
+        "-o",
+        str(tmp_path / "out"),
+        "--quiet",
+    )
+    assert code == 1 and out == ""
+    assert err.startswith("netgraft: error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()

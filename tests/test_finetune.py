@@ -3,6 +3,8 @@ on real MobileNetV2 (ImageNet weights) and the real scikit-learn digits."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -171,3 +173,66 @@ def test_imagenet_mobilenet_fine_tunes_on_real_digit_images_and_beats_random_ini
         assert scores[name] == pytest.approx(netgraft.evaluate(model, split.val)["acc"])
     assert scores["pretrained"] >= 0.75, scores
     assert scores["pretrained"] >= scores["random"] + 0.4, scores
+
+
+@pytest.mark.slow
+def test_cli_finetune_then_evaluate_and_predict_with_class_names(
+    tmp_path, digits, mobilenet_v2_weights, monkeypatch, capsys
+):
+    from netgraft.cli import main
+
+    def run(*args):
+        monkeypatch.setattr("sys.argv", ["netgraft", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 0, captured.err
+        return captured.out
+
+    x, y = digits
+    root = tmp_path / "data"
+    for c, name in ((0, "zero"), (1, "one"), (7, "seven")):
+        (root / name).mkdir(parents=True)
+        for i in (y == c).nonzero().flatten()[:8].tolist():
+            pixels = (x[i, 0].numpy() * 255).astype(np.uint8)
+            Image.fromarray(pixels).resize((32, 32)).save(root / name / f"{i}.png")
+    out = tmp_path / "model"
+    text = run(
+        "finetune",
+        "torchvision:mobilenet_v2",
+        "--weights",
+        str(mobilenet_v2_weights),
+        "--data",
+        str(root),
+        "--size",
+        "32",
+        "--head-epochs",
+        "3",
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-2",
+        "--freeze",
+        "type:BatchNorm2d",
+        "--batch-size",
+        "8",
+        "-o",
+        str(out),
+        "--quiet",
+    )
+    assert "saved to" in text
+    assert {p.name for p in out.iterdir()} >= {
+        "weights.safetensors",
+        "recipe.yaml",
+        "history.json",
+        "history.png",
+        "data.json",
+    }
+    history = netgraft.History.load(out)
+    assert [r["stage"] for r in history] == ["head", "head", "head", "all"]
+    scores = json.loads(run("evaluate", str(out), "--data", str(root), "--json"))
+    assert scores["n"] == 24 and 0.0 <= scores["acc"] <= 1.0
+    image = next((root / "seven").iterdir())
+    top = json.loads(run("predict", str(out), str(image), "-k", "3", "--json"))[str(image)]
+    assert sorted(t["class"] for t in top) == ["one", "seven", "zero"]
+    assert sum(t["prob"] for t in top) == pytest.approx(1.0, abs=1e-4)

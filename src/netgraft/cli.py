@@ -357,6 +357,141 @@ def demo(
     )
 
 
+@app.command()
+def finetune(
+    spec: str = typer.Argument(
+        ..., help="torchvision:NAME, timm:NAME, hf:PATH, file.py:fn or a saved folder"
+    ),
+    data: Path = typer.Option(
+        ..., "--data", help="image folder: DIR/CLASS/*.png, or DIR/train + DIR/val"
+    ),
+    out: Path = typer.Option(..., "-o", "--out", help="folder to save model, history, plot"),
+    weights: Path | None = typer.Option(
+        None, "--weights", help=".safetensors or .pt/.pth weights file"
+    ),
+    num_classes: int | None = typer.Option(
+        None, "--num-classes", help="classes of the new head (default: the class folders)"
+    ),
+    freeze_sel: str | None = typer.Option(
+        None, "--freeze", help="selector of layers that stay frozen throughout"
+    ),
+    epochs: int = typer.Option(3, "--epochs", help="epochs after the head is trained"),
+    head_epochs: int = typer.Option(1, "--head-epochs", help="epochs training only the head"),
+    lr: float = typer.Option(1e-3, "--lr", help="base learning rate (head; halved after)"),
+    lr_mult: float = typer.Option(100.0, "--lr-mult", help="top/bottom learning-rate ratio"),
+    unfreeze: str = typer.Option("all", "--unfreeze", help="all or gradual"),
+    augment: bool = typer.Option(False, "--augment", help="random flips, crops, colour jitter"),
+    size: int | None = typer.Option(None, "--size", help="input side in pixels (default: model's)"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="used without a val folder"),
+    seed: int = typer.Option(0, "--seed"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="never cache frozen-layer outputs"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar or epoch lines"),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="allow weights files that need full unpickling"
+    ),
+) -> None:
+    """Fine-tune a model on an image folder (new head first, then unfreeze) and save it to OUT
+    with its history (JSON + PNG) and class names."""
+    from .data import image_folder, write_data_info
+    from .errors import DataError
+    from .heads import replace_head
+    from .recipe import save
+    from .train import fine_tune
+
+    model = _load(spec, weights, trust_pickle)
+    split = image_folder(
+        data, model, size=size, augment=augment, val_fraction=val_fraction, seed=seed
+    )
+    n = num_classes if num_classes is not None else len(split.classes)
+    if n != len(split.classes):
+        raise DataError(
+            f"--num-classes {n} does not match the {len(split.classes)} class folders in {data}"
+        )
+    replace_head(model, n)
+    history = fine_tune(
+        model,
+        split.train,
+        split.val,
+        epochs=epochs,
+        head_epochs=head_epochs,
+        base_lr=lr,
+        lr_mult=lr_mult,
+        unfreeze=unfreeze,
+        keep_frozen=freeze_sel,
+        batch_size=batch_size,
+        seed=seed,
+        cache=False if no_cache else "auto",
+        quiet=quiet,
+    )
+    folder = save(model, out)
+    history.save(folder)
+    write_data_info(folder, split.classes, split.config)
+    last = history.last
+    score = (
+        f"val_acc {last['val_acc']:.4f}" if "val_acc" in last else f"acc {last.get('acc', 0):.4f}"
+    )
+    _console().print(f"fine-tuned {len(history)} epochs, {score}; saved to {folder}", markup=False)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    folder: Path = typer.Argument(..., help="a folder written by netgraft finetune"),
+    data: Path = typer.Option(..., "--data", help="image folder DIR/CLASS/*.png to score"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Loss and accuracy of a fine-tuned model on a class-per-folder image set."""
+    from .data import labelled_images, read_data_info
+    from .recipe import load
+    from .train import evaluate
+
+    classes, config = read_data_info(folder)
+    model = load(folder)
+    scores = evaluate(model, labelled_images(data, config, classes), batch_size=batch_size)
+    if as_json:
+        print(json.dumps(scores))
+        return
+    _console().print(
+        f"{scores['n']} images · loss {scores['loss']:.4f} · acc {scores['acc']:.4f}", markup=False
+    )
+
+
+@app.command("predict")
+def predict_cmd(
+    folder: Path = typer.Argument(..., help="a folder written by netgraft finetune"),
+    images: list[Path] = typer.Argument(..., help="image files"),
+    top_k: int = typer.Option(3, "--top-k", "-k", help="how many classes to show per image"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Top-k classes (names and probabilities) of a fine-tuned model for each image."""
+    import torch
+
+    from .data import image_transform, load_image, read_data_info
+    from .recipe import load
+    from .train import predict
+
+    classes, config = read_data_info(folder)
+    model = load(folder)
+    tf = image_transform(config)
+    batch = torch.stack([tf(load_image(p, config.input_size[0])) for p in images])
+    probs, indices = predict(model, batch, k=top_k)
+    result = {
+        str(p): [
+            {"class": classes[i], "prob": round(float(q), 6)}
+            for q, i in zip(pr.tolist(), ix.tolist(), strict=True)
+        ]
+        for p, pr, ix in zip(images, probs, indices, strict=True)
+    }
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console = _console()
+    for path, top in result.items():
+        shown = ", ".join(f"{t['class']} {t['prob']:.3f}" for t in top)
+        console.print(f"{path}: {shown}", markup=False)
+
+
 def main() -> None:
     """Console entry point: run the app, turning user errors into one line and exit code 1."""
     debug = bool(os.environ.get("NETGRAFT_DEBUG"))

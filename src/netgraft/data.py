@@ -48,6 +48,7 @@ __all__ = [
     "foolbox_images",
     "image_folder",
     "image_transform",
+    "labelled_images",
     "load_image",
     "read_data_info",
     "write_data_info",
@@ -463,3 +464,23 @@ def read_data_info(folder: str | Path) -> tuple[list[str], DataConfig]:
         raise DataError(
             f"{str(path)!r} is missing or invalid ({exc}); it is written by netgraft finetune"
         ) from exc
+
+
+def labelled_images(
+    root: str | Path, config: DataConfig, classes: Sequence[str] | None = None
+) -> ImageFiles:
+    """Every image of a class-per-folder tree as one dataset for evaluation (no split, no
+    augmentation); with ``classes`` (those a model was trained on) labels follow that list
+    and a folder naming another class is a :class:`DataError`."""
+    root = Path(root)
+    found, samples = _scan_classes(root)
+    names = list(classes) if classes is not None else found
+    unknown = [c for c in found if c not in names]
+    if unknown:
+        raise DataError(
+            f"{str(root)!r} has class folder(s) the model was not trained on: {unknown}; "
+            f"known classes: {names}"
+        )
+    samples = [(p, names.index(found[label])) for p, label in samples]
+    _check_readable(samples)
+    return ImageFiles(samples, names, image_transform(config), config.input_size[0])
