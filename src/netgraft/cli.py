@@ -385,7 +385,12 @@ def finetune(
     batch_size: int = typer.Option(32, "--batch-size"),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="used without a val folder"),
     seed: int = typer.Option(0, "--seed"),
-    no_cache: bool = typer.Option(False, "--no-cache", help="never cache frozen-layer outputs"),
+    cache: bool | None = typer.Option(
+        None,
+        "--cache/--no-cache",
+        help="cache frozen-layer outputs: --cache insists (error if it cannot), --no-cache "
+        "never; default: when it applies",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or epoch lines"),
     trust_pickle: bool = typer.Option(
         False, "--trust-pickle", help="allow weights files that need full unpickling"
@@ -421,7 +426,7 @@ def finetune(
         keep_frozen=freeze_sel,
         batch_size=batch_size,
         seed=seed,
-        cache=False if no_cache else "auto",
+        cache="auto" if cache is None else cache,
         quiet=quiet,
     )
     folder = save(model, out)

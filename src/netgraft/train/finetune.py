@@ -113,6 +113,10 @@ def fine_tune(
         nonlocal stage_index
         if n_epochs <= 0:
             return
+        options = dict(fit_kwargs)
+        if options.get("cache") is True and name != "head":
+            # cache=True insists for the head stage; later stages may have nothing frozen
+            options["cache"] = "auto"
         part = fit(
             model,
             train,
@@ -123,7 +127,7 @@ def fine_tune(
             seed=None if seed is None else seed + stage_index,
             stage=name,
             **kwargs,
-            **fit_kwargs,
+            **options,
         )
         history.extend(part, stage=name)
         stage_index += 1
