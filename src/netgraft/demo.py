@@ -11,7 +11,8 @@ seed draws other training images and initialises the new layers differently), by
   a new ``classifier`` trained; once running the frozen layers every step, once from
   features computed once (:mod:`netgraft.cache`) — same accuracies, other seconds;
 - ``fine-tuned``: features reused, then :func:`netgraft.fine_tune` (new classifier first,
-  then everything with discriminative, lower rates for the reused layers);
+  from cached features, then everything with discriminative, lower rates for the reused
+  layers);
 - ``grown (cache)``: features reused and frozen, :func:`netgraft.deepen` inserts a new
   conv layer after them that starts as the identity, trained with the new classifier.
 
@@ -208,6 +209,7 @@ class DemoResult:
                 yerr=[r["acc_std"] for r in rows],
                 marker="o",
                 capsize=3,
+                linestyle="--" if method == "frozen (no cache)" else "-",  # same as cached
                 label=method,
             )
         ax.set_xscale("log")
@@ -268,6 +270,7 @@ def _train_target(
             epochs=max(1, epochs - head_epochs),
             base_lr=config.lr,
             lr_mult=10,
+            cache=True,  # the head stage runs from cached features, the rest on images
             **common,
         )
     elif method == "grown (cache)":
