@@ -212,7 +212,9 @@ def pretrain_layerwise(
             p.requires_grad_(False)
         for name in names:
             layer = modules[name]
-            act = _ACTIVATIONS[following.get(name, "identity") if activation == "auto" else activation]
+            act = _ACTIVATIONS[
+                following.get(name, "identity") if activation == "auto" else activation
+            ]
             torch.manual_seed(seed)
             decoder = _decoder(layer).to(next(layer.parameters()).device)
             params = list(layer.parameters()) + list(decoder.parameters())
