@@ -32,7 +32,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -394,8 +394,3 @@ def run_demo(
     if out_dir is not None:
         result.save(out_dir)
     return result
-
-
-def config_dict(config: DemoConfig) -> dict[str, Any]:
-    """The configuration as plain data (for logs and JSON)."""
-    return asdict(config)
