@@ -288,3 +288,20 @@ def test_fit_logs_one_line_per_epoch_with_progress_disabled_when_quiet(flat_digi
     fit(make_mlp(), train, val, epochs=1, lr=1e-2, seed=0)
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "val_acc" in err and "lr " in err
+
+
+@pytest.mark.parametrize("steps", [1, 3, 4, 5])
+def test_onecycle_schedule_runs_on_very_short_trainings(flat_digits, steps):
+    (x, y), _ = flat_digits
+    model = make_mlp()
+    history = fit(
+        model,
+        (x[: 8 * steps], y[: 8 * steps]),
+        epochs=1,
+        lr=1e-2,
+        batch_size=8,
+        scheduler="onecycle",
+        seed=0,
+        quiet=True,
+    )
+    assert len(history) == 1 and history["loss"][0] > 0

@@ -393,11 +393,14 @@ def _make_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, total_step
             optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
         )
     if scheduler == "onecycle":
+        if total_steps < 4:  # too short for a warm-up and an annealing phase: keep the rate
+            return None
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=[g["lr"] for g in optimizer.param_groups],
             total_steps=total_steps,
-            pct_start=0.25,
+            # at least two warm-up steps: OneCycleLR divides by the warm-up length minus one
+            pct_start=min(0.5, max(0.25, 2 / total_steps)),
         )
     if callable(scheduler):
         return scheduler(optimizer, total_steps)
