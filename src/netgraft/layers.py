@@ -91,6 +91,7 @@ class Layer:
     module: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """The row as plain JSON-ready data (without the module)."""
         return {
             "index": self.index,
             "name": self.name,
@@ -123,6 +124,7 @@ class LayerTable(list):
         return self.total_params - self.trainable_params
 
     def to_dict(self) -> dict[str, Any]:
+        """Rows and totals as plain JSON-ready data."""
         return {
             "layers": [row.to_dict() for row in self],
             "total_params": self.total_params,
@@ -131,9 +133,11 @@ class LayerTable(list):
         }
 
     def to_json(self, **kwargs: Any) -> str:
+        """:meth:`to_dict` as a JSON string (``kwargs`` go to ``json.dumps``)."""
         return json.dumps(self.to_dict(), **kwargs)
 
     def rich_table(self, title: str | None = None):
+        """The table as a ``rich.table.Table`` with totals in its caption."""
         from rich.table import Table
 
         table = Table(title=title, show_lines=False)
@@ -341,6 +345,7 @@ class Block:
         return self.owners + [n for n in self.modules]
 
     def to_dict(self) -> dict[str, Any]:
+        """The block as plain JSON-ready data."""
         return {
             "index": self.index,
             "name": self.name,

@@ -34,24 +34,37 @@ CHECKPOINT_FORMAT = "netgraft-checkpoint/1"
 
 
 class Callback:
-    """Base class with empty hooks; subclass and override the ones you need."""
+    """Base class with empty hooks; subclass and override the ones you need.
 
-    def on_train_begin(self, state: Any) -> None: ...
+    Every hook gets the loop's :class:`~netgraft.train.loop.TrainState` (model, optimizer,
+    scheduler, history, epoch, step, the epoch's logs); setting ``state.stop_training = True``
+    ends the run after the current epoch.
+    """
 
-    def on_epoch_begin(self, state: Any) -> None: ...
+    def on_train_begin(self, state: Any) -> None:
+        """Called once before the first epoch (also when resuming)."""
 
-    def on_batch_begin(self, state: Any) -> None: ...
+    def on_epoch_begin(self, state: Any) -> None:
+        """Called before each epoch's first batch."""
 
-    def on_batch_end(self, state: Any) -> None: ...
+    def on_batch_begin(self, state: Any) -> None:
+        """Called before each optimizer step."""
 
-    def on_epoch_end(self, state: Any) -> None: ...
+    def on_batch_end(self, state: Any) -> None:
+        """Called after each optimizer step."""
 
-    def on_train_end(self, state: Any) -> None: ...
+    def on_epoch_end(self, state: Any) -> None:
+        """Called after each epoch, once its metrics (and validation) are in the history."""
+
+    def on_train_end(self, state: Any) -> None:
+        """Called once after the last epoch."""
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain data saved in checkpoints so a resumed run continues this callback exactly."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
         return None
 
 

@@ -1,0 +1,1 @@
+"""Readers that turn weight files (torch, safetensors, Keras, ONNX) into named tensors."""
