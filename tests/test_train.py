@@ -265,7 +265,7 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights_and_metrics(tmp_p
 
 
 def test_atomic_write_never_leaves_partial_file_under_final_name(tmp_path):
-    from netgraft.train.io import atomic_write
+    from netgraft.atomic import atomic_write
 
     target = tmp_path / "last.pt"
     atomic_write(target, lambda p: p.write_bytes(b"complete"))

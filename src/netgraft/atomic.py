@@ -1,4 +1,4 @@
-"""Atomic file writes for training outputs (checkpoints, history, plots).
+"""Atomic file writes: checkpoints, histories, plots, reports, data info.
 
 A file appears under its final name only once it is complete: it is written to a
 temporary file in the same folder, flushed to disk and renamed over the target with

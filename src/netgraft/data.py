@@ -448,7 +448,7 @@ def _split_per_class(
 
 def write_data_info(folder: str | Path, classes: Sequence[str], config: DataConfig) -> Path:
     """Write ``data.json`` (class names and input config) next to a saved model, atomically."""
-    from .train.io import atomic_write
+    from .atomic import atomic_write
 
     text = json.dumps({"classes": list(classes), "config": config.to_dict()}, indent=2)
     return atomic_write(Path(folder) / "data.json", lambda p: p.write_text(text))

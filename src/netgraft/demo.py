@@ -185,7 +185,7 @@ class DemoResult:
 
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write ``results.json`` (the list of rows) and ``results.png`` into ``out_dir``."""
-        from .train.io import atomic_write
+        from .atomic import atomic_write
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -128,7 +128,7 @@ class StudyResult:
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write ``study.json``, ``study.csv`` and ``study.png`` into ``out_dir`` (atomically);
         return their paths."""
-        from .train.io import atomic_write
+        from .atomic import atomic_write
 
         out = Path(out_dir)
         paths = {

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_write, remove_stale_tmp
 from ..errors import NetgraftError
-from .io import atomic_write, remove_stale_tmp
 
 __all__ = [
     "Callback",

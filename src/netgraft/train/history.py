@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write
 from ..errors import NetgraftError
-from .io import atomic_write
 
 __all__ = ["History"]
 

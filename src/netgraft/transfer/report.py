@@ -11,12 +11,11 @@ shapes differ are ``mismatched`` with both shapes. The report never changes a mo
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write
 from ..errors import WeightsError
 
 __all__ = ["Mismatch", "TensorRecord", "TransferReport", "STATUSES"]
@@ -208,16 +207,7 @@ class TransferReport:
         kwargs.setdefault("indent", 2)
         text = json.dumps(self.to_dict(), **kwargs)
         if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(text)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(path, lambda tmp: tmp.write_text(text))
         return text
 
     def table(self, *, title: str | None = None, max_rows: int | None = None):
