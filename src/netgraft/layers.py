@@ -25,7 +25,8 @@ Example::
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +41,10 @@ __all__ = [
     "LayerTable",
     "blocks",
     "display_name",
+    "evaluating",
     "is_norm",
     "layers",
+    "probe",
     "summary",
     "trace_order",
 ]
@@ -205,6 +208,36 @@ def call_model(model: nn.Module, example_input: Any) -> Any:
     return model(example_input)
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with every module of ``model`` in eval mode and without gradients, then give
+    each module back its own train/eval flag (frozen norm layers' included)."""
+    modes = {name: m.training for name, m in model.named_modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield model
+    finally:
+        for name, m in model.named_modules():
+            if name in modes:
+                m.training = modes[name]
+
+
+def probe(model: nn.Module, example_input: Any, *, purpose: str = "probe it") -> Any:
+    """One forward pass under :func:`evaluating`; a failure is a :class:`NetgraftError` saying
+    what the pass was for."""
+    try:
+        with evaluating(model):
+            return call_model(model, example_input)
+    except NetgraftError:
+        raise
+    except Exception as exc:
+        raise NetgraftError(
+            f"could not run the model on the example input to {purpose}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
 def trace_order(model: nn.Module, example_input: Any) -> tuple[list[str], dict[str, tuple]]:
     """Run one forward pass (no gradients, modes restored) and return the module names in
     the order they were first called, and the output shape of each module's first call.
@@ -226,21 +259,11 @@ def trace_order(model: nn.Module, example_input: Any) -> tuple[list[str], dict[s
 
     for name, mod in model.named_modules():
         handles.append(mod.register_forward_hook(make_hook(name)))
-    modes = {name: m.training for name, m in model.named_modules()}
     try:
-        model.eval()
-        with torch.no_grad():
-            call_model(model, example_input)
-    except Exception as exc:
-        raise NetgraftError(
-            f"could not run the model on the example input to trace its layers: "
-            f"{type(exc).__name__}: {exc}"
-        ) from exc
+        probe(model, example_input, purpose="trace its layers")
     finally:
         for h in handles:
             h.remove()
-        for name, m in model.named_modules():
-            m.training = modes[name]
     object.__setattr__(model, _ORDER_ATTR, (_module_key(model), list(order)))
     return order, shapes
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import NetgraftError, SurgeryError
-from ..layers import call_model, display_name
+from ..layers import display_name, probe
 from ..recipe import is_replaying, recorded
 from ..select import Selector, select_modules
 from .grown import mark_grown
@@ -124,20 +124,11 @@ def _trace_outputs(
         for sub_name, sub in modules[t].named_modules():
             if sub_name and isinstance(sub, _NON_NEGATIVE):
                 handles.append(sub.register_forward_hook(on_inner(t)))
-    modes = {n: m.training for n, m in modules.items()}
     try:
-        model.eval()
-        with torch.no_grad():
-            call_model(model, inputs)
-    except Exception as exc:
-        raise NetgraftError(
-            f"could not run the model on the example input: {type(exc).__name__}: {exc}"
-        ) from exc
+        probe(model, inputs, purpose="find what the chosen modules output")
     finally:
         for h in handles:
             h.remove()
-        for n, m in modules.items():
-            m.training = modes[n]
     result = {}
     for t in targets:
         if t not in outputs:

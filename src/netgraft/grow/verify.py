@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import EquivalenceError, NetgraftError, SurgeryError
-from ..layers import call_model
+from ..layers import call_model, evaluating
 
 __all__ = ["check_growth", "default_atol", "snapshot", "verify_equivalence"]
 
@@ -40,14 +40,8 @@ def _tensors(output: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _run(model: nn.Module, inputs: Any) -> dict[str, torch.Tensor]:
-    modes = {name: m.training for name, m in model.named_modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            return dict(_tensors(call_model(model, inputs)))
-    finally:
-        for name, m in model.named_modules():
-            m.training = modes[name]
+    with evaluating(model):
+        return dict(_tensors(call_model(model, inputs)))
 
 
 def _max_delta(out_before: dict, out_after: dict) -> tuple[float, list[str]]:
