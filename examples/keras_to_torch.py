@@ -43,6 +43,6 @@ print(report)
 report.assert_complete()
 
 x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
-expected = np.asarray(keras_model(x, training=False).cpu())
+expected = keras.ops.convert_to_numpy(keras_model(x, training=False))  # any backend
 got = torch_model(torch.from_numpy(x).permute(0, 3, 1, 2)).detach().numpy()
 print("max |delta| Keras vs torch:", float(np.abs(expected - got).max()))
