@@ -210,8 +210,10 @@ def test_cli_finetune_then_evaluate_and_predict_with_class_names(
         "3",
         "--epochs",
         "1",
-        "--lr",
+        "--head-lr",
         "1e-2",
+        "--lr",
+        "2e-4",
         "--freeze",
         "type:BatchNorm2d",
         "--batch-size",
@@ -231,7 +233,8 @@ def test_cli_finetune_then_evaluate_and_predict_with_class_names(
     history = netgraft.History.load(out)
     assert [r["stage"] for r in history] == ["head", "head", "head", "all"]
     scores = json.loads(run("evaluate", str(out), "--data", str(root), "--json"))
-    assert scores["n"] == 24 and 0.0 <= scores["acc"] <= 1.0
+    # a large --head-lr for the head, a small --lr for everything after: what it learnt stays
+    assert scores["n"] == 24 and scores["acc"] >= 0.6, scores
     image = next((root / "seven").iterdir())
     top = json.loads(run("predict", str(out), str(image), "-k", "3", "--json"))[str(image)]
     assert sorted(t["class"] for t in top) == ["one", "seven", "zero"]

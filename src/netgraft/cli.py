@@ -377,7 +377,10 @@ def finetune(
     ),
     epochs: int = typer.Option(3, "--epochs", help="epochs after the head is trained"),
     head_epochs: int = typer.Option(1, "--head-epochs", help="epochs training only the head"),
-    lr: float = typer.Option(1e-3, "--lr", help="base learning rate (head; halved after)"),
+    lr: float = typer.Option(1e-3, "--lr", help="base learning rate (halved after the head)"),
+    head_lr: float | None = typer.Option(
+        None, "--head-lr", help="learning rate of the head stage (default: --lr)"
+    ),
     lr_mult: float = typer.Option(100.0, "--lr-mult", help="top/bottom learning-rate ratio"),
     unfreeze: str = typer.Option("all", "--unfreeze", help="all or gradual"),
     augment: bool = typer.Option(False, "--augment", help="random flips, crops, colour jitter"),
@@ -420,6 +423,7 @@ def finetune(
         split.val,
         epochs=epochs,
         head_epochs=head_epochs,
+        head_lr=head_lr,
         base_lr=lr,
         lr_mult=lr_mult,
         unfreeze=unfreeze,
