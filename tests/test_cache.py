@@ -128,6 +128,16 @@ def test_disk_cache_is_reused_and_equals_memory_cache(digits_set, tmp_path):
     assert all(torch.equal(again[i][0], memory[i][0]) for i in (0, 299, 599))
 
 
+def test_cache_takes_inputs_and_targets_tensors_like_fit(digits, digits_set, tmp_path):
+    x, y = digits
+    prefix, _ = cut(_pretrained_frozen_cnn(), at="7")
+    from_tensors = FeatureCache(prefix, (x[:600], y[:600]), dir=tmp_path)
+    from_dataset = FeatureCache(prefix, digits_set)
+    assert from_tensors.status == "built" and len(from_tensors) == 600
+    assert torch.equal(from_tensors.tensors()[0], from_dataset.tensors()[0])
+    assert torch.equal(from_tensors[5][1], y[5])
+
+
 def test_fp16_cache_halves_the_storage_and_stays_close(digits_set, tmp_path):
     prefix, _ = cut(_pretrained_frozen_cnn(), at="7")
     full = FeatureCache(prefix, digits_set, dir=tmp_path / "a")

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
+from .data import as_dataset
 from .errors import CacheError
 from .layers import call_model
 
@@ -345,7 +346,8 @@ def _remove_tree(path: Path) -> None:
 
 
 class FeatureCache(Dataset):
-    """The outputs of a frozen ``prefix`` over ``dataset``, computed once: a dataset of
+    """The outputs of a frozen ``prefix`` over ``dataset`` (a dataset or ``(inputs, targets)``
+    tensors), computed once: a dataset of
     ``(features, label)`` in the same order (``features`` alone for unlabelled data).
 
     ``dir=None`` keeps the features in memory; otherwise they are stored under
@@ -360,7 +362,7 @@ class FeatureCache(Dataset):
     def __init__(
         self,
         prefix: nn.Module,
-        dataset: Dataset,
+        dataset: Dataset | tuple[Any, Any],
         *,
         dir: str | os.PathLike | None = None,
         dtype: torch.dtype | None = None,
@@ -372,6 +374,8 @@ class FeatureCache(Dataset):
         shard_bytes: int = _SHARD_BYTES,
         progress: bool = False,
     ) -> None:
+        if not isinstance(dataset, Dataset):  # (inputs, targets) tensors, as fit takes them
+            dataset = as_dataset(dataset)
         if augment_copies is not None and (
             not isinstance(augment_copies, int) or augment_copies < 1
         ):
