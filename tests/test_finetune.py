@@ -239,3 +239,37 @@ def test_cli_finetune_then_evaluate_and_predict_with_class_names(
     top = json.loads(run("predict", str(out), str(image), "-k", "3", "--json"))[str(image)]
     assert sorted(t["class"] for t in top) == ["one", "seven", "zero"]
     assert sum(t["prob"] for t in top) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_cli_finetune_with_one_seed_gives_the_same_model_twice(
+    tmp_path, digits, monkeypatch, capsys
+):
+    from safetensors.torch import load_file
+
+    from netgraft.cli import main
+
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\n\n\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),\n"
+        "                         nn.Linear(8 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 10))\n"
+    )
+    x, y = digits
+    root = tmp_path / "data"
+    for c in (0, 1, 7):
+        (root / str(c)).mkdir(parents=True)
+        for i in (y == c).nonzero().flatten()[:8].tolist():
+            pixels = (x[i, 0].numpy() * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / str(c) / f"{i}.png")
+    weights = []
+    for run in ("a", "b"):
+        torch.manual_seed(len(weights))  # whatever the global stream, --seed decides
+        argv = ["netgraft", "finetune", f"{tmp_path / 'net.py'}:build", "--data", str(root)]
+        argv += ["--size", "8", "--seed", "3", "--quiet", "-o", str(tmp_path / run)]
+        monkeypatch.setattr("sys.argv", argv)
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 0, capsys.readouterr().err
+        weights.append(load_file(tmp_path / run / "weights.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -401,12 +401,16 @@ def finetune(
 ) -> None:
     """Fine-tune a model on an image folder (new head first, then unfreeze) and save it to OUT
     with its history (JSON + PNG) and class names."""
+    import torch
+
     from .data import image_folder, write_data_info
     from .errors import DataError
     from .heads import replace_head
     from .recipe import save
     from .train import fine_tune
 
+    # initial weights (random layers, the new head) follow --seed too: same seed, same model
+    torch.manual_seed(seed)
     model = _load(spec, weights, trust_pickle)
     split = image_folder(
         data, model, size=size, augment=augment, val_fraction=val_fraction, seed=seed
