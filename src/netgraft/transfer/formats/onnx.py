@@ -81,7 +81,7 @@ def read_onnx(path: str | Path) -> Source:
         for local, (orig, array) in tensors.items():
             name = orig if orig.rpartition(".")[2] == local else f"{lname}.{local}"
             full[local] = name
-            source.tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
+            source.tensors[name] = torch.from_numpy(np.array(array, copy=True, order="C"))
             consumed.add(orig)
         source.layers.append(SourceLayer(lname, full, eps))
 
