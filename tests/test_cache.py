@@ -128,6 +128,19 @@ def test_disk_cache_is_reused_and_equals_memory_cache(digits_set, tmp_path):
     assert all(torch.equal(again[i][0], memory[i][0]) for i in (0, 299, 599))
 
 
+def test_fit_keeps_the_cache_on_disk_with_cache_options_and_reuses_it(digits_set, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="netgraft.train"):
+        first = _fit(
+            _pretrained_frozen_cnn(), digits_set, cache=True, cache_options={"dir": tmp_path}
+        )
+        again = _fit(
+            _pretrained_frozen_cnn(), digits_set, cache=True, cache_options={"dir": tmp_path}
+        )
+    lines = [r.getMessage() for r in caplog.records if "feature cache" in r.getMessage()]
+    assert len(lines) == 2 and "[built" in lines[0] and "[reused" in lines[1]
+    assert [row["loss"] for row in again] == [row["loss"] for row in first]
+
+
 def test_cache_takes_inputs_and_targets_tensors_like_fit(digits, digits_set, tmp_path):
     x, y = digits
     prefix, _ = cut(_pretrained_frozen_cnn(), at="7")

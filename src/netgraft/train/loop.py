@@ -410,14 +410,14 @@ def _make_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, total_step
     )
 
 
-def _cache_plan(model: nn.Module, train: Any, cache: Any, val: Any = None) -> Any:
+def _cache_plan(
+    model: nn.Module, train: Any, cache: Any, val: Any, options: dict[str, Any] | None
+) -> Any:
     if cache is False or isinstance(train, DataLoader):
         return None
-    try:
-        from ..cache import plan
-    except ImportError:  # the feature cache is optional
-        return None
-    return plan(model, train, cache=cache, val=val)
+    from ..cache import plan
+
+    return plan(model, train, cache=cache, val=val, **(options or {}))
 
 
 def _restore_callbacks(callbacks: list[Any], saved: list[dict[str, Any]]) -> None:
@@ -456,6 +456,7 @@ def fit(
     max_grad_norm: float | None = None,
     resume: str | Path | None = None,
     cache: bool | str = "auto",
+    cache_options: dict[str, Any] | None = None,
     quiet: bool = False,
     stage: str | None = None,
 ) -> History:
@@ -469,7 +470,9 @@ def fit(
     ``(optimizer, total_steps)``) steps every batch. ``loss`` defaults to cross-entropy.
     ``resume`` (a checkpoint folder or file) continues a run exactly, given the same data
     and arguments. ``cache`` lets frozen leading layers be computed once
-    (:mod:`netgraft.cache`). ``quiet`` hides the progress bar and the epoch lines (they
+    (:mod:`netgraft.cache`); ``cache_options`` go to :func:`netgraft.cache.plan` (``dir`` keeps
+    the features on disk for later runs, ``dtype``, ``augment_copies`` caches that many
+    augmented passes, read in turn by epoch). ``quiet`` hides the progress bar and the epoch lines (they
     still go to the ``netgraft.train`` logger).
     """
     if not isinstance(epochs, int) or epochs < 0:
@@ -495,7 +498,7 @@ def fit(
 
     train_data = _as_dataset(train)
     val_data = _as_dataset(val) if val is not None else None
-    plan = _cache_plan(model, train_data, cache, val_data)
+    plan = _cache_plan(model, train_data, cache, val_data, cache_options)
     report = _Reporter(quiet)
     if plan is not None:
         report(plan.describe())
@@ -541,6 +544,8 @@ def fit(
                 raise NetgraftError("resuming within an epoch needs a dataset, not a DataLoader")
             if sampler is not None:
                 sampler.set_epoch(e, skip * batch_size)
+            if plan is not None:
+                plan.set_epoch(e)  # augmented caches: pass e % K
             if skip == 0:
                 state.sums = {}
             state.epoch_done = False
