@@ -224,16 +224,22 @@ def predict(
 
 def format_lrs(lrs: dict[str, float]) -> str:
     """Learning rates by group for a log line; neighbouring groups with the same rate are
-    shown as one range (``features.0…features.3 1e-05``)."""
+    shown as one range (``lr features.0…features.3=1e-05, classifier=0.001``)."""
     parts: list[str] = []
-    items = list(lrs.items())
+    suffix = " (no decay)"
+    # a block's no-decay group at the block's own rate says nothing new: show the block once
+    items = [
+        (name, rate)
+        for name, rate in lrs.items()
+        if not (name.endswith(suffix) and lrs.get(name[: -len(suffix)]) == rate)
+    ]
     i = 0
     while i < len(items):
         j = i
         while j + 1 < len(items) and items[j + 1][1] == items[i][1]:
             j += 1
         names = items[i][0] if i == j else f"{items[i][0]}…{items[j][0]}"
-        parts.append(f"{names} {items[i][1]:.3g}")
+        parts.append(f"{names}={items[i][1]:.3g}")
         i = j + 1
     return "lr " + ", ".join(parts)
 
