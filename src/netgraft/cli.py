@@ -31,6 +31,13 @@ app = typer.Typer(
 )
 
 
+# options several commands share, declared once so their flags and help never drift apart
+_WEIGHTS_OPTION = typer.Option(None, "--weights", help=".safetensors or .pt/.pth weights file")
+_TRUST_PICKLE_OPTION = typer.Option(
+    False, "--trust-pickle", help="allow weights files that need full unpickling"
+)
+
+
 @app.callback()
 def _root() -> None:
     """Reuse trained neural networks without breaking them."""
@@ -69,9 +76,7 @@ def inspect(
         "--input-shape",
         help="per-example input shape, e.g. 3,224,224 (or a token count for text models)",
     ),
-    weights: Path | None = typer.Option(
-        None, "--weights", help=".safetensors or .pt/.pth weights file"
-    ),
+    weights: Path | None = _WEIGHTS_OPTION,
     show_blocks: bool = typer.Option(
         False, "--blocks", help="list the blocks (coarse units) instead of layers"
     ),
@@ -79,9 +84,7 @@ def inspect(
     task: str | None = typer.Option(
         None, "--task", help="Hugging Face task model, e.g. sequence-classification"
     ),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="allow weights files that need full unpickling"
-    ),
+    trust_pickle: bool = _TRUST_PICKLE_OPTION,
 ) -> None:
     """Print the layer table (execution order and output shapes with --input-shape) or the blocks."""
     from .layers import blocks, layers
@@ -137,13 +140,9 @@ def grow(
     input_shape: str | None = typer.Option(
         None, "--input-shape", help="per-example input shape to trace and verify with, e.g. 3,64,64"
     ),
-    weights: Path | None = typer.Option(
-        None, "--weights", help=".safetensors or .pt/.pth weights file"
-    ),
+    weights: Path | None = _WEIGHTS_OPTION,
     task: str | None = typer.Option(None, "--task", help="Hugging Face task model, e.g. causal-lm"),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="allow weights files that need full unpickling"
-    ),
+    trust_pickle: bool = _TRUST_PICKLE_OPTION,
 ) -> None:
     """Grow a model without changing what it computes (verified), then save it to OUT."""
     from .grow import deepen as deepen_op
@@ -209,9 +208,7 @@ def transfer_cmd(
     adopt_epsilon: bool = typer.Option(
         False, "--adopt-epsilon", help="set normalisation epsilons to the source's"
     ),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="allow weights files that need full unpickling"
-    ),
+    trust_pickle: bool = _TRUST_PICKLE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the summary line"),
 ) -> None:
     """Copy every weight that fits from SRC into DST_SPEC, print the report, save to OUT."""
@@ -289,12 +286,8 @@ def study_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help="batch size"),
     size: int | None = typer.Option(None, "--size", help="input image side (default: the model's)"),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="skip the from-scratch runs"),
-    weights: Path | None = typer.Option(
-        None, "--weights", help=".safetensors or .pt/.pth weights file"
-    ),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="allow weights files that need full unpickling"
-    ),
+    weights: Path | None = _WEIGHTS_OPTION,
+    trust_pickle: bool = _TRUST_PICKLE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the table"),
 ) -> None:
     """How many layers to reuse: train copies of SPEC reusing its first k blocks (frozen or
@@ -366,9 +359,7 @@ def finetune(
         ..., "--data", help="image folder: DIR/CLASS/*.png, or DIR/train + DIR/val"
     ),
     out: Path = typer.Option(..., "-o", "--out", help="folder to save model, history, plot"),
-    weights: Path | None = typer.Option(
-        None, "--weights", help=".safetensors or .pt/.pth weights file"
-    ),
+    weights: Path | None = _WEIGHTS_OPTION,
     num_classes: int | None = typer.Option(
         None, "--num-classes", help="classes of the new head (default: the class folders)"
     ),
@@ -395,9 +386,7 @@ def finetune(
         "never; default: when it applies",
     ),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or epoch lines"),
-    trust_pickle: bool = typer.Option(
-        False, "--trust-pickle", help="allow weights files that need full unpickling"
-    ),
+    trust_pickle: bool = _TRUST_PICKLE_OPTION,
 ) -> None:
     """Fine-tune a model on an image folder (new head first, then unfreeze) and save it to OUT
     with its history (JSON + PNG) and class names."""
