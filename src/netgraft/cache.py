@@ -52,7 +52,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorD
 
 from .data import as_dataset
 from .errors import CacheError
-from .layers import call_model
+from .layers import call_model, evaluating
 
 __all__ = ["CachePlan", "FeatureCache", "cache_key", "plan", "random_transforms"]
 
@@ -446,48 +446,38 @@ class FeatureCache(Dataset):
         """Yield ``(features, labels)`` batches in storage dtype on the CPU, copy after copy,
         with the prefix in eval mode and the global random streams untouched."""
         prefix = self._prefix
-        modes = {name: m.training for name, m in prefix.named_modules()}
         device = next((p.device for p in prefix.parameters()), torch.device("cpu"))
-        try:
-            prefix.eval()
-            with torch.no_grad(), _rng_forked():
-                for copy in range(self.copies):
-                    _seed_all(_AUGMENT_SEED + copy)
-                    loader = DataLoader(
-                        self._dataset,
-                        batch_size=self._batch_size,
-                        shuffle=False,
-                        num_workers=self._num_workers,
-                        generator=torch.Generator().manual_seed(copy),
-                    )
-                    batches: Any = loader
-                    if self._progress:
-                        from rich.progress import track
+        with evaluating(prefix), _rng_forked():
+            for copy in range(self.copies):
+                _seed_all(_AUGMENT_SEED + copy)
+                loader = DataLoader(
+                    self._dataset,
+                    batch_size=self._batch_size,
+                    shuffle=False,
+                    num_workers=self._num_workers,
+                    generator=torch.Generator().manual_seed(copy),
+                )
+                batches: Any = loader
+                if self._progress:
+                    from rich.progress import track
 
-                        batches = track(
-                            loader, description=f"caching features ({copy + 1}/{self.copies})"
+                    batches = track(
+                        loader, description=f"caching features ({copy + 1}/{self.copies})"
+                    )
+                for batch in batches:
+                    x = _input_of(batch)
+                    y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+                    out = call_model(prefix, _to(x, device))
+                    if not isinstance(out, torch.Tensor):
+                        raise CacheError(
+                            f"the prefix must return one tensor to be cached; it returns "
+                            f"{type(out).__name__}"
                         )
-                    for batch in batches:
-                        x = _input_of(batch)
-                        y = (
-                            batch[1]
-                            if isinstance(batch, (tuple, list)) and len(batch) > 1
-                            else None
-                        )
-                        out = call_model(prefix, _to(x, device))
-                        if not isinstance(out, torch.Tensor):
-                            raise CacheError(
-                                f"the prefix must return one tensor to be cached; it returns "
-                                f"{type(out).__name__}"
-                            )
-                        self._compute_dtype = out.dtype
-                        out = out.detach().cpu()
-                        if self.dtype is not None:
-                            out = out.to(self.dtype)
-                        yield out.contiguous(), None if y is None else torch.as_tensor(y)
-        finally:
-            for name, m in prefix.named_modules():
-                m.training = modes[name]
+                    self._compute_dtype = out.dtype
+                    out = out.detach().cpu()
+                    if self.dtype is not None:
+                        out = out.to(self.dtype)
+                    yield out.contiguous(), None if y is None else torch.as_tensor(y)
 
     def _open_or_build(self, root: Path) -> str:
         assert self.path is not None

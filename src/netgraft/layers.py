@@ -25,7 +25,7 @@ Example::
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -223,9 +223,17 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
                 m.training = modes[name]
 
 
-def probe(model: nn.Module, example_input: Any, *, purpose: str = "probe it") -> Any:
-    """One forward pass under :func:`evaluating`; a failure is a :class:`NetgraftError` saying
-    what the pass was for."""
+def probe(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    purpose: str = "probe it",
+    hooks: Iterable[tuple[nn.Module, Callable[..., Any]]] = (),
+) -> Any:
+    """One forward pass under :func:`evaluating`, with the given ``(module, forward hook)``
+    pairs registered for that pass only; a failure is a :class:`NetgraftError` saying what
+    the pass was for."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
     try:
         with evaluating(model):
             return call_model(model, example_input)
@@ -236,6 +244,9 @@ def probe(model: nn.Module, example_input: Any, *, purpose: str = "probe it") ->
             f"could not run the model on the example input to {purpose}: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def trace_order(model: nn.Module, example_input: Any) -> tuple[list[str], dict[str, tuple]]:
@@ -246,7 +257,6 @@ def trace_order(model: nn.Module, example_input: Any) -> tuple[list[str], dict[s
     """
     order: list[str] = []
     shapes: dict[str, tuple] = {}
-    handles = []
 
     def make_hook(name: str):
         def hook(_mod, _inp, out):
@@ -257,13 +267,12 @@ def trace_order(model: nn.Module, example_input: Any) -> tuple[list[str], dict[s
 
         return hook
 
-    for name, mod in model.named_modules():
-        handles.append(mod.register_forward_hook(make_hook(name)))
-    try:
-        probe(model, example_input, purpose="trace its layers")
-    finally:
-        for h in handles:
-            h.remove()
+    probe(
+        model,
+        example_input,
+        purpose="trace its layers",
+        hooks=[(mod, make_hook(name)) for name, mod in model.named_modules()],
+    )
     object.__setattr__(model, _ORDER_ATTR, (_module_key(model), list(order)))
     return order, shapes
 

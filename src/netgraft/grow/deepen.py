@@ -104,7 +104,6 @@ def _trace_outputs(
     modules = dict(model.named_modules())
     outputs: dict[str, Any] = {}
     non_negative: dict[str, list[torch.Tensor]] = {t: [] for t in targets}
-    handles = []
 
     def on_target(name: str):
         def hook(_m, _i, out):
@@ -119,16 +118,13 @@ def _trace_outputs(
 
         return hook
 
+    hooks = []
     for t in targets:
-        handles.append(modules[t].register_forward_hook(on_target(t)))
+        hooks.append((modules[t], on_target(t)))
         for sub_name, sub in modules[t].named_modules():
             if sub_name and isinstance(sub, _NON_NEGATIVE):
-                handles.append(sub.register_forward_hook(on_inner(t)))
-    try:
-        probe(model, inputs, purpose="find what the chosen modules output")
-    finally:
-        for h in handles:
-            h.remove()
+                hooks.append((sub, on_inner(t)))
+    probe(model, inputs, purpose="find what the chosen modules output", hooks=hooks)
     result = {}
     for t in targets:
         if t not in outputs:
