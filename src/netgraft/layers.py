@@ -524,15 +524,3 @@ def blocks(model: nn.Module) -> list[Block]:
             )
         )
     return result
-
-
-def modules_in(model: nn.Module, names: Iterable[str]) -> list[str]:
-    """Names of the layers at or inside any of the given module names (registration order)."""
-    prefixes = list(names)
-    out = []
-    for name, _ in _layer_modules(model):
-        for p in prefixes:
-            if p == "" or name == p or name.startswith(p + "."):
-                out.append(name)
-                break
-    return out
