@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +80,37 @@ def load_source(
     )
 
 
-def _dst_layers(
-    dst: nn.Module, example_input: Any
-) -> tuple[list[DstLayer], dict[str, torch.Tensor]]:
-    state = dst.state_dict(keep_vars=True)
-    order = layers(dst, example_input).names
-    groups = group_layers(list(state), order)
-    return [DstLayer(name, t) for name, t in groups], state
+@dataclass
+class _Destination:
+    """What ``transfer`` needs to know about the destination: its layers in execution order,
+    its tensors (as variables, written in place) and which layer owns each tensor."""
+
+    model: nn.Module
+    layers: list[DstLayer]
+    state: dict[str, torch.Tensor]
+    modules: dict[str, nn.Module] = field(init=False)
+    shapes: dict[str, tuple[int, ...]] = field(init=False)
+    owner: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.modules = dict(self.model.named_modules())
+        self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+        self.owner = {full: x.name for x in self.layers for full in x.tensors.values()}
+
+    @classmethod
+    def read(cls, dst: nn.Module, example_input: Any) -> _Destination:
+        state = dst.state_dict(keep_vars=True)
+        order = layers(dst, example_input).names
+        groups = group_layers(list(state), order)
+        return cls(dst, [DstLayer(name, t) for name, t in groups], state)
+
+    def last_of(self, kind: type) -> str | None:
+        found = [x.name for x in self.layers if isinstance(self.modules.get(x.name), kind)]
+        return found[-1] if found else None
+
+    def first_of(self, kind: type) -> str | None:
+        found = [x.name for x in self.layers if isinstance(self.modules.get(x.name), kind)]
+        return found[0] if found else None
 
 
 def _selected(dst: nn.Module, include: Selector, exclude: Selector) -> set[str] | None:
@@ -124,6 +149,30 @@ def transfer(
     fits. Normalisation epsilons that differ from the source are noted and, with
     ``adopt_epsilon``, set on ``dst``.
     """
+    _check_arguments(dst, on_mismatch)
+    source = load_source(src, example_input=src_example_input, trust_pickle=trust_pickle)
+    target = _Destination.read(dst, example_input)
+    selected = _selected(dst, include, exclude)
+    active = [x for x in target.layers if selected is None or x.name in selected]
+    shapes_s = {k: tuple(v.shape) for k, v in source.tensors.items()}
+    plan = plan_pairs(
+        active, source.layers, target.shapes, shapes_s, mapping=mapping, steps=tuple(match)
+    )
+    values, mismatched = _values(plan, source, target, on_mismatch, classes)
+    report = TransferReport(
+        source=source.description, mismatched=mismatched, notes=list(source.notes)
+    )
+    skipped = {target.owner[m.name] for m in mismatched} if on_mismatch == "skip" else set()
+    with torch.no_grad():
+        reinitialised = _reinit_layers(target, skipped, report)
+        _write(target, plan, values, shapes_s, selected, reinitialised, report)
+    _epsilon_notes(report, plan.layer_pairs, source, target.modules, adopt_epsilon)
+    _sort_leftovers(report, plan, source, target, selected)
+    log.info("%s", report.summary())
+    return report
+
+
+def _check_arguments(dst: Any, on_mismatch: str) -> None:
     if on_mismatch not in POLICIES:
         raise NetgraftError(
             f"on_mismatch must be one of {', '.join(POLICIES)}; found {on_mismatch!r}"
@@ -132,49 +181,44 @@ def transfer(
         raise NetgraftError(
             f"transfer destination must be a torch.nn.Module; found {type(dst).__name__}"
         )
-    source = load_source(src, example_input=src_example_input, trust_pickle=trust_pickle)
-    dst_layers, dst_state = _dst_layers(dst, example_input)
-    selected = _selected(dst, include, exclude)
-    active = [x for x in dst_layers if selected is None or x.name in selected]
-    shapes_d = {k: tuple(v.shape) for k, v in dst_state.items()}
-    shapes_s = {k: tuple(v.shape) for k, v in source.tensors.items()}
-    plan = plan_pairs(
-        active, source.layers, shapes_d, shapes_s, mapping=mapping, steps=tuple(match)
-    )
 
-    modules = dict(dst.named_modules())
-    params = {n for n, _ in dst.named_parameters(remove_duplicate=False)}
-    owner = {full: layer.name for layer in dst_layers for full in layer.tensors.values()}
-    conv_layers = [
-        x.name for x in dst_layers if isinstance(modules.get(x.name), nn.modules.conv._ConvNd)
-    ]
-    linear_layers = [x.name for x in dst_layers if isinstance(modules.get(x.name), nn.Linear)]
-    first_conv = conv_layers[0] if conv_layers else None
-    head = linear_layers[-1] if linear_layers else None
 
-    values: dict[str, tuple[torch.Tensor, str | None]] = {}  # dst name -> (value, rule)
+def _values(
+    plan: Any,
+    source: Source,
+    target: _Destination,
+    on_mismatch: str,
+    classes: Sequence[int] | None,
+) -> tuple[dict[str, tuple[torch.Tensor, str | None]], list[Mismatch]]:
+    """The value (and adapter rule, if any) each paired destination tensor will get, and the
+    pairs whose shapes differ; raises before anything is written when the policy forbids them."""
+    first_conv = target.first_of(nn.modules.conv._ConvNd)
+    head = target.last_of(nn.Linear)
+    values: dict[str, tuple[torch.Tensor, str | None]] = {}
     mismatched: list[Mismatch] = []
     unfit: list[Mismatch] = []
     for name, pair in plan.pairs.items():
         value = source.tensors[pair.src]
-        if tuple(value.shape) == shapes_d[name]:
+        if tuple(value.shape) == target.shapes[name]:
             values[name] = (value, None)
             continue
-        miss = Mismatch(name, shapes_d[name], pair.src, tuple(value.shape), pair.how)
+        miss = Mismatch(name, target.shapes[name], pair.src, tuple(value.shape), pair.how)
         mismatched.append(miss)
-        if on_mismatch == "adapt":
-            found = adapt_tensor(
-                name,
-                dst_state[name],
-                value,
-                first_conv=owner[name] == first_conv,
-                head=owner[name] == head,
-                classes=classes,
-            )
-            if found is None:
-                unfit.append(miss)
-            else:
-                values[name] = found
+        if on_mismatch != "adapt":
+            continue
+        owner = target.owner[name]
+        found = adapt_tensor(
+            name,
+            target.state[name],
+            value,
+            first_conv=owner == first_conv,
+            head=owner == head,
+            classes=classes,
+        )
+        if found is None:
+            unfit.append(miss)
+        else:
+            values[name] = found
     if mismatched and on_mismatch == "error":
         raise ShapeMismatchError(
             _mismatch_message(
@@ -187,56 +231,80 @@ def transfer(
                 unfit, source.description, "on_mismatch='skip', or a mapping", adapt=True
             )
         )
+    return values, mismatched
 
-    report = TransferReport(
-        source=source.description, mismatched=mismatched, notes=list(source.notes)
-    )
-    skipped_layers = {owner[m.name] for m in mismatched} if on_mismatch == "skip" else set()
-    reinitialised: set[str] = set()
-    with torch.no_grad():
-        for layer_name in skipped_layers:
-            try:
-                reinit_module(modules[layer_name])
-                reinitialised.add(layer_name)
-            except NetgraftError as exc:
-                report.notes.append(f"{layer_name}: kept as it was, not re-initialised: {exc}")
-        for layer in dst_layers:
-            for full in layer.tensors.values():
-                tensor = dst_state[full]
-                record = TensorRecord(
-                    name=full,
-                    status="kept",
-                    shape=shapes_d[full],
-                    numel=tensor.numel(),
-                    is_parameter=full in params,
-                )
-                pair = plan.pairs.get(full)
-                if pair is not None:
-                    record.source, record.how = pair.src, pair.how
-                    record.source_shape = shapes_s[pair.src]
-                if full in values:
-                    value, rule = values[full]
-                    tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
-                    record.status = "adapted" if rule else "copied"
-                    record.rule = rule
-                    if rule:
-                        log.info(
-                            "adapted %s from %s %s by %s", full, pair.src, record.source_shape, rule
-                        )
-                elif layer.name in reinitialised:
-                    record.status = "reinitialised"
-                    record.note = "shape mismatch" if pair is not None else "layer re-initialised"
-                elif selected is not None and layer.name not in selected:
-                    record.note = "not selected"
-                else:
-                    record.note = "shape mismatch" if pair is not None else "no source"
-                report.records[full] = record
-    _epsilon_notes(report, plan.layer_pairs, source, modules, adopt_epsilon)
+
+def _reinit_layers(target: _Destination, names: set[str], report: TransferReport) -> set[str]:
+    """Re-initialise the layers whose tensors were skipped for a shape mismatch; the names of
+    those that could be (the others are kept as they were, with a note)."""
+    done: set[str] = set()
+    for name in names:
+        try:
+            reinit_module(target.modules[name])
+            done.add(name)
+        except NetgraftError as exc:
+            report.notes.append(f"{name}: kept as it was, not re-initialised: {exc}")
+    return done
+
+
+def _write(
+    target: _Destination,
+    plan: Any,
+    values: dict[str, tuple[torch.Tensor, str | None]],
+    shapes_s: dict[str, tuple[int, ...]],
+    selected: set[str] | None,
+    reinitialised: set[str],
+    report: TransferReport,
+) -> None:
+    """Copy every planned value into the destination and give every tensor its record."""
+    params = {n for n, _ in target.model.named_parameters(remove_duplicate=False)}
+    for layer in target.layers:
+        for full in layer.tensors.values():
+            tensor = target.state[full]
+            record = TensorRecord(
+                name=full,
+                status="kept",
+                shape=target.shapes[full],
+                numel=tensor.numel(),
+                is_parameter=full in params,
+            )
+            pair = plan.pairs.get(full)
+            if pair is not None:
+                record.source, record.how = pair.src, pair.how
+                record.source_shape = shapes_s[pair.src]
+            if full in values:
+                value, rule = values[full]
+                tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
+                record.status = "adapted" if rule else "copied"
+                record.rule = rule
+                if rule:
+                    log.info(
+                        "adapted %s from %s %s by %s", full, pair.src, record.source_shape, rule
+                    )
+            elif layer.name in reinitialised:
+                record.status = "reinitialised"
+                record.note = "shape mismatch" if pair is not None else "layer re-initialised"
+            elif selected is not None and layer.name not in selected:
+                record.note = "not selected"
+            else:
+                record.note = "shape mismatch" if pair is not None else "no source"
+            report.records[full] = record
+
+
+def _sort_leftovers(
+    report: TransferReport,
+    plan: Any,
+    source: Source,
+    target: _Destination,
+    selected: set[str] | None,
+) -> None:
+    """Source tensors nothing used: ``not_selected`` when their partner lies outside the
+    selection, ``unexpected`` otherwise."""
     used = {p.src for p in plan.pairs.values()}
     leftover = [name for name in source.tensors if name not in used]
     outside = [
         full
-        for layer in dst_layers
+        for layer in target.layers
         if selected is not None and layer.name not in selected
         for full in layer.tensors.values()
     ]
@@ -248,8 +316,6 @@ def transfer(
             partners = set()
     for name in leftover:
         (report.not_selected if name in partners else report.unexpected).append(name)
-    log.info("%s", report.summary())
-    return report
 
 
 def _epsilon_notes(
