@@ -48,9 +48,11 @@ __all__ = [
     "foolbox_images",
     "image_folder",
     "image_transform",
+    "input_of",
     "labelled_images",
     "load_image",
     "read_data_info",
+    "to_device",
     "write_data_info",
     "load_digits",
     "load_mnist5k",
@@ -152,6 +154,24 @@ def as_dataset(data: Any) -> torch.utils.data.Dataset:
         "expected a torch Dataset or (inputs, targets) tensors / numpy arrays; "
         f"found {type(data).__name__}"
     )
+
+
+def input_of(example: Any) -> Any:
+    """The input part of an example or batch: the first item of a tuple or list
+    ``(inputs, targets, ...)``, else the example itself."""
+    return example[0] if isinstance(example, (tuple, list)) else example
+
+
+def to_device(batch: Any, device: torch.device, *, non_blocking: bool = False) -> Any:
+    """``batch`` with every tensor moved to ``device``, through dicts, lists and tuples
+    (their types kept); anything else is returned as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, non_blocking=non_blocking) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device, non_blocking=non_blocking) for v in batch)
+    return batch
 
 
 def _as_tensor(value: Any) -> torch.Tensor:

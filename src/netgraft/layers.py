@@ -25,7 +25,7 @@ Example::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +42,7 @@ __all__ = [
     "blocks",
     "display_name",
     "evaluating",
+    "head_block_index",
     "is_norm",
     "layers",
     "probe",
@@ -524,3 +525,13 @@ def blocks(model: nn.Module) -> list[Block]:
             )
         )
     return result
+
+
+def head_block_index(units: Sequence[Sequence[str]], head: str) -> int:
+    """Index of the first unit holding the head: a unit is a list of module names (a
+    block's :attr:`Block.layer_names`, or one layer's name) and holds the head when one of
+    its names is ``head``, lies inside it or contains it. The last unit when none does."""
+    for i, names in enumerate(units):
+        if any(head == n or head.startswith(n + ".") or n.startswith(head + ".") for n in names):
+            return i
+    return len(units) - 1
