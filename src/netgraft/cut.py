@@ -36,18 +36,17 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from . import marks
 from .errors import SurgeryError
 from .layers import display_name
 from .select import Selector, resolve_module
 
 __all__ = ["cut", "cut_point"]
 
-_CUT_ATTR = "_netgraft_cut_at"
-
 
 def cut_point(module: nn.Module) -> str | None:
     """The dotted name of the module a prefix or suffix was cut at (``None`` if not a cut)."""
-    return module.__dict__.get(_CUT_ATTR)
+    return marks.CUT_AT.get(module)
 
 
 def cut(model: nn.Module, at: Selector) -> tuple[nn.Module, nn.Module]:
@@ -65,7 +64,7 @@ def cut(model: nn.Module, at: Selector) -> tuple[nn.Module, nn.Module]:
     if halves is None:
         halves = _split_fx(model, name)
     for half in halves:
-        object.__setattr__(half, _CUT_ATTR, name)
+        marks.CUT_AT.set(half, name)
     return halves
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import marks
 from .errors import NetgraftError
 from .layers import is_norm
 from .select import Selector, select
@@ -38,8 +39,6 @@ __all__ = [
 ]
 
 NORM_POLICIES = ("eval", "train", "frozen")
-_POLICY_ATTR = "_netgraft_norm_policy"
-_HOOKS_ATTR = "_netgraft_norm_hooks"
 
 
 class _StayInEval:
@@ -56,13 +55,14 @@ class _StayInEval:
 
 def _snapshot_stats(module: nn.Module, _inputs: Any) -> None:
     if module.training:
-        module.__dict__["_netgraft_stats"] = {
-            k: b.detach().clone() for k, b in module._buffers.items() if b is not None
-        }
+        marks.NORM_STATS.set(
+            module,
+            {k: b.detach().clone() for k, b in module._buffers.items() if b is not None},
+        )
 
 
 def _restore_stats(module: nn.Module, _inputs: Any, _output: Any) -> None:
-    saved = module.__dict__.pop("_netgraft_stats", None)
+    saved = marks.NORM_STATS.clear(module)
     if saved:
         with torch.no_grad():
             for k, value in saved.items():
@@ -71,14 +71,14 @@ def _restore_stats(module: nn.Module, _inputs: Any, _output: Any) -> None:
 
 def norm_policy(module: nn.Module) -> str | None:
     """The policy a frozen norm layer is held in (``"eval"`` or ``"frozen"``), else None."""
-    return module.__dict__.get(_POLICY_ATTR)
+    return marks.NORM_POLICY.get(module)
 
 
 def _release_norm(module: nn.Module, mode: bool) -> None:
-    if module.__dict__.pop(_POLICY_ATTR, None) is None:
+    if marks.NORM_POLICY.clear(module) is None:
         return
-    module.__dict__.pop("train", None)
-    for handle in module.__dict__.pop(_HOOKS_ATTR, ()):
+    marks.STAY_IN_EVAL.clear(module)
+    for handle in marks.NORM_HOOKS.clear(module, ()):
         handle.remove()
     nn.Module.train(module, mode)
 
@@ -86,14 +86,17 @@ def _release_norm(module: nn.Module, mode: bool) -> None:
 def _hold_norm(module: nn.Module, policy: str) -> None:
     _release_norm(module, module.training)
     if policy == "eval":
-        module.__dict__["train"] = _StayInEval(module)
+        marks.STAY_IN_EVAL.set(module, _StayInEval(module))
         nn.Module.train(module, False)
     else:  # "frozen": statistics restored after every training-mode forward
-        module.__dict__[_HOOKS_ATTR] = (
-            module.register_forward_pre_hook(_snapshot_stats),
-            module.register_forward_hook(_restore_stats),
+        marks.NORM_HOOKS.set(
+            module,
+            (
+                module.register_forward_pre_hook(_snapshot_stats),
+                module.register_forward_hook(_restore_stats),
+            ),
         )
-    module.__dict__[_POLICY_ATTR] = policy
+    marks.NORM_POLICY.set(module, policy)
 
 
 def _check_policy(bn: str) -> None:

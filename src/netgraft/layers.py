@@ -31,8 +31,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 
+from . import marks
 from .errors import NetgraftError
 
 __all__ = [
@@ -49,8 +52,6 @@ __all__ = [
     "summary",
     "trace_order",
 ]
-
-_ORDER_ATTR = "_netgraft_order"
 
 _NORM_TYPES: tuple[type, ...] = (
     nn.modules.batchnorm._NormBase,
@@ -140,10 +141,8 @@ class LayerTable(list):
         """:meth:`to_dict` as a JSON string (``kwargs`` go to ``json.dumps``)."""
         return json.dumps(self.to_dict(), **kwargs)
 
-    def rich_table(self, title: str | None = None):
+    def rich_table(self, title: str | None = None) -> Table:
         """The table as a ``rich.table.Table`` with totals in its caption."""
-        from rich.table import Table
-
         table = Table(title=title, show_lines=False)
         for col, justify in [
             ("#", "right"),
@@ -274,12 +273,12 @@ def trace_order(model: nn.Module, example_input: Any) -> tuple[list[str], dict[s
         purpose="trace its layers",
         hooks=[(mod, make_hook(name)) for name, mod in model.named_modules()],
     )
-    object.__setattr__(model, _ORDER_ATTR, (_module_key(model), list(order)))
+    marks.LAYER_ORDER.set(model, (_module_key(model), list(order)))
     return order, shapes
 
 
 def _remembered_order(model: nn.Module) -> list[str] | None:
-    saved = model.__dict__.get(_ORDER_ATTR)
+    saved = marks.LAYER_ORDER.get(model)
     if saved is None:
         return None
     key, order = saved
@@ -297,10 +296,8 @@ def ordered_layer_modules(
 def _norm_mode(module: nn.Module) -> str | None:
     if not is_norm(module):
         return None
-    from .freeze import norm_policy
-
     mode = "train" if module.training else "eval"
-    policy = norm_policy(module)
+    policy = marks.NORM_POLICY.get(module)
     return f"{mode} (frozen: {policy})" if policy else mode
 
 
@@ -354,8 +351,6 @@ def summary(model: nn.Module, example_input: Any = None, *, print_table: bool = 
     """Print the layer table (rich) and return it; see :func:`layers` for its semantics."""
     table = layers(model, example_input)
     if print_table:
-        from rich.console import Console
-
         Console().print(table.rich_table(title=type(model).__name__))
     return table
 
