@@ -21,7 +21,6 @@ closest existing names and how to list them all. This module never changes the m
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import re
 from collections.abc import Iterable, Sequence
@@ -29,33 +28,21 @@ from typing import Any
 
 from torch import nn
 
-from .errors import SelectionError
+from .errors import SelectionError, closest
 from .layers import blocks as _blocks
 from .layers import display_name, layers
 
-__all__ = ["Selector", "select", "select_modules", "resolve_module"]
+__all__ = ["Selector", "outermost", "resolve_module", "select", "select_modules"]
 
 Selector = str | type | Sequence[str | type] | None
 
 _HOW_TO_LIST = "list them all with netgraft.layers(model) or `netgraft inspect SPEC`"
 
 
-def _suggest(word: str, candidates: Iterable[str], n: int = 3) -> str:
-    pool = [c for c in dict.fromkeys(candidates) if c]
-    close = difflib.get_close_matches(word, pool, n=n, cutoff=0.5)
-    if not close:
-        # fall back to names sharing the last component, then any prefix match
-        tail = word.split(".")[-1]
-        close = [c for c in pool if c.split(".")[-1] == tail][:n]
-    if not close:
-        close = difflib.get_close_matches(word, pool, n=n, cutoff=0.0)
-    return ", ".join(repr(c) for c in close)
-
-
 def _fail(item: str, found: str, candidates: Iterable[str]) -> SelectionError:
-    hint = _suggest(item, candidates)
-    closest = f"; closest: {hint}" if hint else ""
-    return SelectionError(f"selector {item!r} {found}{closest} ({_HOW_TO_LIST})")
+    hint = ", ".join(repr(c) for c in closest(item, candidates, always=True))
+    suggestion = f"; closest: {hint}" if hint else ""
+    return SelectionError(f"selector {item!r} {found}{suggestion} ({_HOW_TO_LIST})")
 
 
 def _type_matches(module: nn.Module, wanted: str | type) -> bool:
@@ -291,14 +278,20 @@ def select_modules(model: nn.Module, selector: Selector) -> list[str]:
     return sorted((n for n in chosen if n not in removed), key=order.get)
 
 
+def outermost(names: Iterable[str]) -> list[str]:
+    """``names`` without those nested inside another of them (``"a.b"`` goes when ``"a"`` is
+    there), in the given order: a module and its children are one choice."""
+    names = list(names)
+    return [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
+
+
 def resolve_module(
     model: nn.Module, selector: Selector, *, what: str = "module"
 ) -> tuple[str, nn.Module]:
     """Exactly one module chosen by ``selector``: ``(name, module)``. Raises
     :class:`SelectionError` when it matches none or several (listing them)."""
     names = select_modules(model, selector)
-    # a glob like "features.3*" may also match children; keep the outermost ones
-    outer = [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
+    outer = outermost(names)  # a glob like "features.3*" may also match children
     if len(outer) != 1:
         shown = ", ".join(display_name(n) for n in outer[:8])
         raise SelectionError(

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import NetgraftError
+from ..errors import NetgraftError, closest
 
 __all__ = [
     "DstLayer",
@@ -264,12 +264,11 @@ def _mapping_pairs(
                 if src is None:
                     if m is None and local in COUNTERS:
                         continue
-                    from ..select import _suggest
-
+                    near = closest(target, sorted(src_names), always=True)
                     raise NetgraftError(
                         f"mapping {pattern!r} -> {template!r} sends {full!r} to source tensor "
                         f"{target!r}, which does not exist; closest: "
-                        f"{_suggest(target, sorted(src_names))}"
+                        f"{', '.join(repr(c) for c in near)}"
                     )
                 out[full] = Pair(full, src, "mapping")
                 hits += 1
