@@ -3,6 +3,8 @@
 The public API, re-exported from the modules that own each idea.
 """
 
+import importlib.metadata
+
 from .cache import FeatureCache
 from .cut import cut
 from .errors import (
@@ -23,8 +25,9 @@ from .heads import attach, find_head, replace_head, truncate
 from .layers import Block, Layer, LayerTable, blocks, layers, summary
 from .optim import param_groups
 from .pretrain import pretrain_layerwise
-from .recipe import get_recipe, load, save
+from .recipe import get_recipe
 from .reinit import reinit
+from .saved import save
 from .select import select
 from .study import StudyResult, study
 from .train import (
@@ -38,8 +41,9 @@ from .train import (
 )
 from .transfer import TransferReport, transfer
 from .zoo import load_model, load_weights
+from .zoo import load_saved as load
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("netgraft")
 
 __all__ = [
     "Block",

@@ -1,27 +1,30 @@
 """Recipes: the surgery applied to a base model, recorded as plain data.
 
-Every surgery function is decorated with :func:`recorded`; calling it appends
-``{"op": name, "args": {...}}`` (only the arguments the caller passed) to the
-model's recipe. A model knows its base when it came from :func:`netgraft.load_model`
-(or :func:`set_base`). Replaying the operations on the rebuilt base gives the same
-architecture, so ``weights.safetensors`` + ``recipe.yaml`` reload without pickle.
+Every surgery function is decorated with :func:`recorded`, which declares, where the
+operation is defined, what a call records: ``{"op": name, "args": {...}}`` with the
+arguments the caller passed, minus those declared ``omit`` (probe batches and
+tolerances, which do not shape the architecture), plus the values the operation resolved
+itself and returned in :class:`Resolved` (a selector resolved to module names, an
+``"auto"`` mode resolved to what was chosen). A model knows its base when it came from
+:func:`netgraft.load_model` (or :func:`set_base`). Replaying the operations on the rebuilt
+base gives the same architecture, so a saved folder reloads without pickle
+(:mod:`netgraft.saved`).
 
 Nested surgery (an operation calling another) records only the outer call. An
 operation whose arguments are not plain data marks the recipe as not replayable
-(with the reason); it never fails the surgery itself, but :func:`save` refuses it.
+(with the reason); it never fails the surgery itself, but saving refuses it.
 
-:func:`save` writes ``weights.safetensors`` + ``recipe.yaml`` into a folder atomically
-(a temporary folder beside it, then a rename); :func:`load` rebuilds the base with
-:func:`netgraft.load_model`, replays the operations and loads the weights strictly.
-Nothing here ever unpickles.
+:data:`OPERATIONS` is the registry :func:`replay` reads: a static table from operation
+name to the function that performs it, imported when a recipe first uses it, so replaying
+works whatever the caller imported before. This module never writes or reads files.
 
 Example::
 
     >>> import netgraft
     >>> model = netgraft.load_model("torchvision:resnet18")
     >>> netgraft.replace_head(model, num_classes=10)
-    >>> netgraft.save(model, "runs/resnet18-10")
-    >>> again = netgraft.load("runs/resnet18-10")
+    >>> netgraft.get_recipe(model).operations
+    [{'op': 'replace_head', 'args': {'num_classes': 10}}]
 """
 
 from __future__ import annotations
@@ -29,50 +32,55 @@ from __future__ import annotations
 import contextvars
 import copy
 import functools
+import importlib
 import inspect
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 import torch
-import yaml
 from torch import nn
 
-from .errors import RecipeError, WeightsError
+from . import marks
+from .errors import RecipeError
 
 __all__ = [
     "OPERATIONS",
-    "RECIPE_FILE",
-    "WEIGHTS_FILE",
+    "PROBE_ARGUMENTS",
     "Recipe",
+    "Resolved",
     "build_module",
     "get_recipe",
     "is_replaying",
-    "load",
-    "read_recipe",
     "module_spec",
+    "operation",
     "recorded",
     "replay",
-    "save",
     "set_base",
 ]
 
-RECIPE_FILE = "recipe.yaml"
-WEIGHTS_FILE = "weights.safetensors"
-FORMAT_VERSION = 1
+# Every recorded operation, as "module:function". A new operation is added here; recorded()
+# refuses a name missing from this table, so the registry cannot drift from the code.
+OPERATIONS: dict[str, str] = {
+    "replace_head": "netgraft.heads:replace_head",
+    "truncate": "netgraft.heads:truncate",
+    "attach": "netgraft.heads:attach",
+    "deepen": "netgraft.grow.deepen:deepen",
+    "widen": "netgraft.grow.widen:widen",
+    "expand_blocks": "netgraft.grow.expand:expand_blocks",
+}
 
-_ATTR = "_netgraft_recipe"
-OPERATIONS: dict[str, Callable[..., Any]] = {}
+# Arguments of growth operations that only check the result (a probe batch, a tolerance):
+# replaying without them builds the same architecture.
+PROBE_ARGUMENTS = ("example_input", "verify", "atol")
+
 _depth: contextvars.ContextVar[int] = contextvars.ContextVar("netgraft_surgery_depth", default=0)
 _replaying: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "netgraft_replaying", default=False
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass
@@ -100,19 +108,29 @@ class Recipe:
         return cls(base=data.get("base"), operations=list(ops))
 
 
+@dataclass(frozen=True)
+class Resolved(Generic[R]):
+    """What a recorded operation returns when the values it resolved itself should be
+    recorded: ``result`` goes to the caller, ``args`` replace the passed arguments of the
+    same name in the recipe (and add those the caller left to their defaults)."""
+
+    result: R
+    args: dict[str, Any]
+
+
 def get_recipe(model: nn.Module) -> Recipe:
     """The recipe recorded on ``model`` (an empty one, without base, if none yet)."""
-    recipe = model.__dict__.get(_ATTR)
+    recipe = marks.RECIPE.get(model)
     if recipe is None:
         recipe = Recipe()
-        object.__setattr__(model, _ATTR, recipe)
+        marks.RECIPE.set(model, recipe)
     return recipe
 
 
 def set_base(model: nn.Module, spec: str, **kwargs: Any) -> nn.Module:
     """Record that ``model`` is the architecture built by ``load_model(spec, **kwargs)``;
     clears recorded operations. Weights are not part of the base: they are saved separately."""
-    object.__setattr__(model, _ATTR, Recipe(base={"spec": spec, **kwargs}))
+    marks.RECIPE.set(model, Recipe(base={"spec": spec, **kwargs}))
     return model
 
 
@@ -142,67 +160,105 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
-def recorded(name: str, *, serialize: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
-    """Decorator for a surgery ``fn(model, ...)``: registers it for replay under ``name`` and
-    records each top-level call on the model it returns (or on ``model`` when it returns
-    something else). ``serialize`` may turn the passed arguments into plain data."""
+def _passed(sig: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments a call passed explicitly (after the model), ``**kwargs`` spread out."""
+    passed = dict(list(sig.bind(*args, **kwargs).arguments.items())[1:])
+    for pname, param in sig.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and pname in passed:
+            passed.update(passed.pop(pname))
+    return passed
 
-    def decorate(fn: F) -> F:
+
+def _record(
+    name: str,
+    model: nn.Module,
+    result: Any,
+    args: dict[str, Any],
+    serialize: Callable[[dict[str, Any]], dict[str, Any]] | None,
+) -> None:
+    """Append ``name(args)`` to the recipe of the model the operation returned (a copy of
+    ``model``'s recipe when it is a new module), or mark the recipe not replayable."""
+    recipe = get_recipe(model)
+    if isinstance(result, nn.Module) and result is not model:
+        recipe = copy.deepcopy(recipe)
+        marks.RECIPE.set(result, recipe)
+    try:
+        if serialize is not None:
+            args = serialize(args)
+    except RecipeError as exc:
+        recipe.not_replayable.append(f"{name}: {exc}")
+        args = {}
+    if not _plain(args):
+        bad = [k for k, v in args.items() if not _plain(v)]
+        recipe.not_replayable.append(f"{name}: argument(s) {', '.join(bad)} are not plain data")
+    recipe.operations.append({"op": name, "args": _to_plain(args)})
+
+
+def recorded(
+    name: str,
+    *,
+    omit: tuple[str, ...] = (),
+    serialize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> Callable[
+    [Callable[Concatenate[nn.Module, P], R | Resolved[R]]], Callable[Concatenate[nn.Module, P], R]
+]:
+    """Decorator for a surgery ``fn(model, ...)`` registered in :data:`OPERATIONS` as
+    ``name``: each top-level call is recorded on the model it returns (or on ``model`` when
+    it returns something else) with the arguments the caller passed, except those named in
+    ``omit``. When ``fn`` returns :class:`Resolved`, the caller gets its ``result`` and its
+    ``args`` are recorded over the passed ones. ``serialize`` may turn the recorded
+    arguments into plain data (raising :class:`RecipeError` when it cannot)."""
+
+    def decorate(
+        fn: Callable[Concatenate[nn.Module, P], R | Resolved[R]],
+    ) -> Callable[Concatenate[nn.Module, P], R]:
+        where = f"{fn.__module__}:{fn.__qualname__}"
+        if OPERATIONS.get(name) != where:
+            raise RecipeError(
+                f"operation {name!r} ({where}) is not in netgraft.recipe.OPERATIONS, so a "
+                f"recipe could not replay it; add {name!r}: {where!r} there"
+            )
         sig = inspect.signature(fn)
-        OPERATIONS[name] = fn
 
         @functools.wraps(fn)
-        def wrapper(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        def wrapper(model: nn.Module, *args: P.args, **kwargs: P.kwargs) -> R:
             token = _depth.set(_depth.get() + 1)
             try:
-                result = fn(model, *args, **kwargs)
+                out = fn(model, *args, **kwargs)
             finally:
                 _depth.reset(token)
-            if _depth.get() > 0:
-                return result
-            target = result if isinstance(result, nn.Module) else model
-            recipe = get_recipe(model)
-            if target is not model:
-                recipe = copy.deepcopy(recipe)
-                object.__setattr__(target, _ATTR, recipe)
-            bound = sig.bind(model, *args, **kwargs)
-            passed = dict(list(bound.arguments.items())[1:])
-            for pname, param in sig.parameters.items():
-                if param.kind is inspect.Parameter.VAR_KEYWORD and pname in passed:
-                    passed.update(passed.pop(pname))
-            try:
-                if serialize is not None:
-                    passed = serialize(passed)
-            except RecipeError as exc:
-                recipe.not_replayable.append(f"{name}: {exc}")
-                passed = {}
-            if not _plain(passed):
-                bad = [k for k, v in passed.items() if not _plain(v)]
-                recipe.not_replayable.append(
-                    f"{name}: argument(s) {', '.join(bad)} are not plain data"
-                )
-            recipe.operations.append({"op": name, "args": _to_plain(passed)})
+            result, resolved = (out.result, out.args) if isinstance(out, Resolved) else (out, {})
+            if _depth.get() == 0 and not _replaying.get():
+                passed = _passed(sig, (model, *args), kwargs)
+                kept = {k: v for k, v in passed.items() if k not in omit}
+                _record(name, model, result, {**kept, **resolved}, serialize)
             return result
 
-        return wrapper  # type: ignore[return-value]
+        return wrapper
 
     return decorate
 
 
+def operation(name: str) -> Callable[..., Any]:
+    """The function :data:`OPERATIONS` registers as ``name``, importing its module."""
+    if name not in OPERATIONS:
+        raise RecipeError(
+            f"the recipe uses operation {name!r}, which this netgraft does not know "
+            f"(known: {', '.join(sorted(OPERATIONS))})"
+        )
+    module, _, attr = OPERATIONS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def replay(model: nn.Module, operations: list[dict[str, Any]]) -> nn.Module:
     """Apply recorded operations to ``model`` in order and return the resulting model
-    (operations such as ``truncate`` return a new module)."""
+    (operations such as ``truncate`` return a new module). Nothing is recorded while
+    replaying, and growth operations skip their verification probes."""
     token = _replaying.set(True)
     try:
         for entry in operations:
-            op = entry["op"]
-            if op not in OPERATIONS:
-                raise RecipeError(
-                    f"the recipe uses operation {op!r}, which this netgraft does not know "
-                    f"(known: {', '.join(sorted(OPERATIONS))})"
-                )
+            fn = operation(entry["op"])
             args = dict(entry.get("args") or {})
-            fn = OPERATIONS[op]
             positional: list[Any] = []
             for pname, param in inspect.signature(fn).parameters.items():
                 if param.kind is inspect.Parameter.VAR_POSITIONAL and pname in args:
@@ -210,7 +266,7 @@ def replay(model: nn.Module, operations: list[dict[str, Any]]) -> nn.Module:
             try:
                 result = fn(model, *positional, **args)
             except TypeError as exc:
-                raise RecipeError(f"cannot replay {op}({args}): {exc}") from exc
+                raise RecipeError(f"cannot replay {entry['op']}({args}): {exc}") from exc
             if isinstance(result, nn.Module):
                 model = result
     finally:
@@ -281,119 +337,3 @@ def build_module(spec: dict[str, Any] | nn.Module) -> nn.Module:
         return cls(**(spec.get("args") or {}))
     except (TypeError, ValueError) as exc:
         raise RecipeError(f"cannot build {spec['type']}({spec.get('args')}): {exc}") from exc
-
-
-def _versions() -> dict[str, str]:
-    from . import __version__
-
-    return {"netgraft": str(__version__), "torch": str(torch.__version__)}
-
-
-def _is_netgraft_folder(folder: Path) -> bool:
-    recipe = folder / RECIPE_FILE
-    if not recipe.is_file():
-        return False
-    try:
-        data = yaml.safe_load(recipe.read_text())
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and "netgraft" in data
-
-
-def save(model: nn.Module, folder: str | Path) -> Path:
-    """Write ``model`` to ``folder`` as ``weights.safetensors`` + ``recipe.yaml`` (base spec,
-    operations, netgraft and torch versions), atomically: the folder appears complete or not
-    at all. An existing netgraft folder is replaced; any other existing folder is refused."""
-    folder = Path(folder)
-    recipe = get_recipe(model)
-    if recipe.base is None:
-        raise RecipeError(
-            f"this {type(model).__name__} has no recorded base model, so it could not be rebuilt "
-            f"without pickle: build it with netgraft.load_model(SPEC) or record one with "
-            f"netgraft.recipe.set_base(model, SPEC) before the surgery"
-        )
-    if recipe.not_replayable:
-        raise RecipeError(
-            "the recipe cannot be replayed, so the model cannot be saved as a recipe: "
-            + "; ".join(recipe.not_replayable)
-        )
-    if folder.exists() and not folder.is_dir():
-        raise RecipeError(f"cannot save to {str(folder)!r}: it exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not _is_netgraft_folder(folder):
-        raise RecipeError(
-            f"refusing to overwrite {str(folder)!r}: it is not empty and is not a netgraft "
-            f"folder (no {RECIPE_FILE}); choose another folder"
-        )
-    from safetensors.torch import save_model
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        # save_model drops the duplicates of shared (tied) tensors; load_model restores them
-        save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        data = {**_versions(), "format": FORMAT_VERSION, **recipe.to_dict()}
-        (tmp / RECIPE_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
-        old = None
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{os.getpid()}-{tmp.name[-8:]}"
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
-def read_recipe(folder: str | Path) -> dict[str, Any]:
-    """The parsed ``recipe.yaml`` of a saved folder (versions, base, operations)."""
-    folder = Path(folder)
-    path = folder / RECIPE_FILE
-    if not path.is_file():
-        raise RecipeError(f"{str(folder)!r} is not a saved netgraft model: it has no {RECIPE_FILE}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{str(path)!r} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("base"), dict):
-        raise RecipeError(f"{str(path)!r} names no base model (expected a 'base' mapping)")
-    if "spec" not in data["base"]:
-        raise RecipeError(f"{str(path)!r}: the base has no 'spec'")
-    Recipe.from_dict(data)
-    return data
-
-
-def load(folder: str | Path) -> nn.Module:
-    """Rebuild a model written by :func:`save`: build the base with
-    :func:`netgraft.load_model`, replay the recorded operations, then load the weights
-    strictly. No pickle is involved."""
-    from safetensors.torch import load_model
-
-    from .zoo import load_model as build
-
-    folder = Path(folder)
-    data = read_recipe(folder)
-    recipe = Recipe.from_dict(data)
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise WeightsError(f"{str(folder)!r} has a recipe but no {WEIGHTS_FILE}")
-    base = dict(recipe.base or {})
-    spec = base.pop("spec")
-    model = build(spec, **base)
-    model = replay(model, recipe.operations)
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except Exception as exc:
-        raise WeightsError(
-            f"{str(weights)!r} could not be loaded into the rebuilt model (corrupt, truncated "
-            f"or from another recipe?): {str(exc).splitlines()[0] if str(exc) else exc!r}"
-        ) from exc
-    if missing or unexpected:
-        raise WeightsError(
-            f"{str(weights)!r} does not fit the model its recipe rebuilds: "
-            f"{len(missing)} missing ({', '.join(sorted(missing)[:4])}), "
-            f"{len(unexpected)} unexpected ({', '.join(sorted(unexpected)[:4])})"
-        )
-    object.__setattr__(model, _ATTR, recipe)
-    return model

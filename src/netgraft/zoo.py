@@ -3,14 +3,15 @@
 
 :func:`load_model` builds the architecture, optionally loads weights from a local
 file (never executing code from it unless ``trust_pickle=True``) and records the
-spec as the model's recipe base, so surgery on it can be saved and replayed.
+spec as the model's recipe base, so surgery on it can be saved and replayed. A saved
+folder (:mod:`netgraft.saved`) is rebuilt by :func:`load_saved`: its base model, then its
+recipe replayed, then its weights loaded strictly.
 Nothing here downloads anything unless ``pretrained=True`` asks the source
 library to; offline that fails with one clear error.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import sys
 from pathlib import Path
@@ -19,11 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import NetgraftError, SpecError, WeightsError
-from .recipe import set_base
+from . import marks
+from .errors import NetgraftError, SpecError, WeightsError, closest, key_mismatch
+from .recipe import replay, set_base
+from .saved import load_saved_weights, read_saved
 from .transfer.formats.torch_files import load_state_dict_file
 
-__all__ = ["HF_TASKS", "input_for", "load_model", "load_weights", "parse_spec"]
+__all__ = ["HF_TASKS", "input_for", "load_model", "load_saved", "load_weights", "parse_spec"]
 
 HF_TASKS = {
     "feature-extraction": "AutoModel",
@@ -63,7 +66,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 
 def _close(word: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(word, names, n=3, cutoff=0.5)
+    close = closest(word, names)
     return f"; did you mean {', '.join(close)}?" if close else ""
 
 
@@ -192,18 +195,9 @@ def load_weights(model: nn.Module, weights: str | Path, *, trust_pickle: bool = 
         if k in state and tuple(state[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or mismatched:
-        parts = []
-        for label, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("mismatched", mismatched),
-        ):
-            if items:
-                shown = ", ".join(items[:4]) + (f" … (+{len(items) - 4})" if len(items) > 4 else "")
-                parts.append(f"{len(items)} {label}: {shown}")
         raise WeightsError(
             f"weights file {str(weights)!r} does not fit {type(model).__name__}: "
-            + "; ".join(parts)
+            + key_mismatch(missing, unexpected, mismatched)
             + " (netgraft.transfer copies what fits and reports the rest)"
         )
     model.load_state_dict(state, strict=True)
@@ -232,9 +226,7 @@ def load_model(
     """
     kind, rest = parse_spec(spec)
     if kind == "folder":
-        from .recipe import load as load_folder
-
-        model = load_folder(rest)
+        model = load_saved(rest)
         if weights is not None:
             load_weights(model, weights, trust_pickle=trust_pickle)
         return model
@@ -259,6 +251,19 @@ def load_model(
     set_base(model, base_spec, **base)
     if weights is not None:
         load_weights(model, weights, trust_pickle=trust_pickle)
+    return model
+
+
+def load_saved(folder: str | Path) -> nn.Module:
+    """Rebuild a model written by :func:`netgraft.save`: build the base with
+    :func:`load_model`, replay the recorded operations, then load the weights strictly.
+    No pickle is involved."""
+    recipe, weights = read_saved(folder)
+    base = dict(recipe.base or {})
+    spec = base.pop("spec")
+    model = replay(load_model(spec, **base), recipe.operations)
+    load_saved_weights(model, weights)
+    marks.RECIPE.set(model, recipe)
     return model
 
 

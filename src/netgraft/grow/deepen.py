@@ -21,8 +21,9 @@ function.
 
 from __future__ import annotations
 
-import contextvars
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,8 +31,8 @@ from torch import nn
 
 from ..errors import NetgraftError, SurgeryError
 from ..layers import display_name, probe
-from ..recipe import is_replaying, recorded
-from ..select import Selector, select_modules
+from ..recipe import PROBE_ARGUMENTS, Resolved, is_replaying, recorded
+from ..select import Selector, outermost, select_modules
 from .grown import mark_grown
 from .verify import check_growth, probe_input, snapshot
 
@@ -60,10 +61,15 @@ _IDEMPOTENT_ON: dict[str, tuple[type, ...]] = {
 }
 MODES = ("auto", "identity", "residual")
 
-# the modes and output shapes one call resolved, for the recipe (read by _serialize)
-_resolved: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "netgraft_deepen_resolved", default=None
-)
+
+@dataclass(frozen=True)
+class _NewLayer:
+    """What the caller asked the inserted layer to be."""
+
+    activation: str | None
+    width: int | None
+    kernel_size: int
+    stride: int
 
 
 class Deepened(nn.Sequential):
@@ -87,13 +93,6 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.branch(x)
-
-
-def _serialize(passed: dict[str, Any]) -> dict[str, Any]:
-    resolved = _resolved.get() or {}
-    out = {k: v for k, v in passed.items() if k not in ("example_input", "verify", "atol")}
-    out.update(resolved)
-    return out
 
 
 def _trace_outputs(
@@ -239,7 +238,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), key
 
 
-@recorded("deepen", serialize=_serialize)
+@recorded("deepen", omit=PROBE_ARGUMENTS)
 def deepen(
     model: nn.Module,
     after: Selector,
@@ -253,7 +252,7 @@ def deepen(
     example_input: Any = None,
     verify: bool = True,
     atol: float | None = None,
-) -> nn.Module:
+) -> Resolved[nn.Module]:
     """Insert a new layer after each module ``after`` picks (outermost matches; a type
     selector such as ``"type:InvertedResidual"`` picks every block) so the model computes
     exactly what it computed before; return the model, changed in place.
@@ -273,72 +272,73 @@ def deepen(
     1e-10 in float64, 1e-5 in float32, relative to outputs above 1); the model is then put
     back as it was.
     """
-    _resolved.set(None)
-    return _deepen(
-        model,
-        after,
-        mode=mode,
-        activation=activation,
-        width=width,
-        kernel_size=kernel_size,
-        stride=stride,
-        output_shapes=output_shapes,
-        example_input=example_input,
-        verify=verify,
-        atol=atol,
+    layer = _NewLayer(activation, width, kernel_size, stride)
+    _check_options(mode, layer)
+    targets = _targets(model, after)
+    replaying = is_replaying()
+    known = {k: tuple(v) for k, v in (output_shapes or {}).items()}
+    needs_trace = any(t not in known for t in targets) or (
+        activation is not None and not replaying and mode != "residual"
     )
+    inputs = None
+    if needs_trace or (verify and not replaying):
+        inputs = probe_input(model, example_input, what="deepen")
+    traced = _trace_outputs(model, targets, inputs) if needs_trace else {}
+    # a replayed identity was proven exact when it was recorded; no input to re-prove it
+    facts = {t: traced.get(t, (known.get(t), replaying)) for t in targets}
+    plan = _plan(model, facts, mode, layer)
+    before = snapshot(model) if verify and not replaying else None
+    undo = _insert(model, plan, layer)
+    if before is not None:
+        delta = check_growth(before, model, inputs, atol=atol, what="deepen", undo=undo)
+        log.info("deepen: verified on the probe batch, max |Δ| = %.3g", delta)
+    modes = {t: wanted for t, wanted, _ in plan}
+    resolved = {
+        "after": targets[0] if len(targets) == 1 else targets,
+        "mode": next(iter(modes.values())) if len(set(modes.values())) == 1 else modes,
+        "output_shapes": {t: list(shape) for t, _, shape in plan},
+    }
+    return Resolved(model, resolved)
 
 
-def _deepen(
-    model: nn.Module,
-    after: Selector,
-    *,
-    mode: str | dict[str, str],
-    activation: str | None,
-    width: int | None,
-    kernel_size: int,
-    stride: int,
-    output_shapes: dict[str, list[int]] | None,
-    example_input: Any,
-    verify: bool,
-    atol: float | None,
-) -> nn.Module:
+def _check_options(mode: str | dict[str, str], layer: _NewLayer) -> None:
     for m in [mode] if isinstance(mode, str) else list(mode.values()):
         if m not in MODES:
             raise NetgraftError(f"deepen mode must be one of {', '.join(MODES)}; found {m!r}")
-    if activation is not None and activation not in ACTIVATIONS:
+    if layer.activation is not None and layer.activation not in ACTIVATIONS:
         raise NetgraftError(
-            f"activation must be one of {', '.join(ACTIVATIONS)} or None; found {activation!r}"
+            f"activation must be one of {', '.join(ACTIVATIONS)} or None; "
+            f"found {layer.activation!r}"
         )
-    if (width is not None and width < 1) or kernel_size < 1 or stride < 1:
+    if (layer.width is not None and layer.width < 1) or layer.kernel_size < 1 or layer.stride < 1:
         raise NetgraftError(
-            f"width, kernel_size and stride must be positive; found width={width}, "
-            f"kernel_size={kernel_size}, stride={stride}"
+            f"width, kernel_size and stride must be positive; found width={layer.width}, "
+            f"kernel_size={layer.kernel_size}, stride={layer.stride}"
         )
-    names = select_modules(model, after)
-    targets = [n for n in names if not any(n != o and n.startswith(o + ".") for o in names)]
+
+
+def _targets(model: nn.Module, after: Selector) -> list[str]:
+    """The outermost modules ``after`` picks; never the model itself."""
+    targets = outermost(select_modules(model, after))
     if "" in targets:
         raise SurgeryError(
             "deepen inserts inside the model, after one of its modules; the selector picks the "
             "whole model (add a head with netgraft.attach instead)"
         )
-    known = {k: tuple(v) for k, v in (output_shapes or {}).items()}
-    replaying = is_replaying()
-    needs_trace = any(t not in known for t in targets) or (
-        activation is not None and not replaying and mode != "residual"
-    )
-    inputs = None
-    traced: dict[str, tuple[tuple[int, ...], bool]] = {}
-    if needs_trace or (verify and not replaying):
-        inputs = probe_input(model, example_input, what="deepen")
-    if needs_trace:
-        traced = _trace_outputs(model, targets, inputs)
+    return targets
+
+
+def _plan(
+    model: nn.Module,
+    facts: dict[str, tuple[tuple[int, ...] | None, bool]],
+    mode: str | dict[str, str],
+    layer: _NewLayer,
+) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(target, mode, output shape)`` for each target, ``"auto"`` resolved; raises
+    :class:`SurgeryError` where the layer asked for would not be exact."""
     modules = dict(model.named_modules())
-    like = next(iter(model.parameters()), torch.empty(0))
-    plan: list[tuple[str, str, tuple[int, ...]]] = []
-    for t in targets:
-        # a replayed identity was proven exact when it was recorded; no input to re-prove it
-        shape, non_negative = traced.get(t, (known.get(t), replaying))
+    plan = []
+    for t, (shape, non_negative) in facts.items():
         if shape is None:
             raise SurgeryError(f"no output shape for {t!r}; pass example_input=")
         wanted = mode if isinstance(mode, str) else mode.get(t, "auto")
@@ -347,25 +347,40 @@ def _deepen(
             modules[t],
             shape,
             non_negative,
-            activation=activation,
-            width=width,
-            kernel_size=kernel_size,
-            stride=stride,
+            activation=layer.activation,
+            width=layer.width,
+            kernel_size=layer.kernel_size,
+            stride=layer.stride,
         )
-        why_not_residual = _residual_refusal(shape, kernel_size=kernel_size, stride=stride)
+        why_not_residual = _residual_refusal(
+            shape, kernel_size=layer.kernel_size, stride=layer.stride
+        )
         if wanted == "auto":
             wanted = "identity" if why_not_identity is None else "residual"
         reason = why_not_identity if wanted == "identity" else why_not_residual
         if reason is not None:
             raise SurgeryError(f"cannot insert an exact {wanted} layer after {t!r}: {reason}")
         plan.append((t, wanted, shape))
-    before = snapshot(model) if verify and not replaying else None
+    return plan
+
+
+def _insert(
+    model: nn.Module, plan: list[tuple[str, str, tuple[int, ...]]], layer: _NewLayer
+) -> Callable[[], None]:
+    """Wrap each planned target in a :class:`Deepened` with its new layer; return the undo."""
+    modules = dict(model.named_modules())
+    like = next(iter(model.parameters()), torch.empty(0))
     replaced: list[tuple[nn.Module, str, nn.Module]] = []
     for t, wanted, shape in plan:
         original = modules[t]
         own = next(iter(original.parameters()), like)
         new = _build(
-            wanted, shape, activation=activation, width=width, kernel_size=kernel_size, like=own
+            wanted,
+            shape,
+            activation=layer.activation,
+            width=layer.width,
+            kernel_size=layer.kernel_size,
+            like=own,
         )
         mark_grown(new[0])
         wrapper = Deepened(original, *new)
@@ -381,15 +396,4 @@ def _deepen(
         for parent, key, original in replaced:
             parent._modules[key] = original
 
-    if before is not None:
-        delta = check_growth(before, model, inputs, atol=atol, what="deepen", undo=undo)
-        log.info("deepen: verified on the probe batch, max |Δ| = %.3g", delta)
-    modes = {t: wanted for t, wanted, _ in plan}
-    _resolved.set(
-        {
-            "after": targets[0] if len(targets) == 1 else targets,
-            "mode": next(iter(modes.values())) if len(set(modes.values())) == 1 else modes,
-            "output_shapes": {t: list(shape) for t, _, shape in plan},
-        }
-    )
-    return model
+    return undo

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import NetgraftError, SurgeryError
-from ..recipe import is_replaying, recorded
+from ..recipe import PROBE_ARGUMENTS, is_replaying, recorded
 from .grown import mark_grown
 from .verify import check_growth, probe_input, snapshot
 
@@ -148,11 +148,7 @@ def _renumber(stack: nn.ModuleList) -> None:
                 sub.layer_idx = j
 
 
-def _serialize(passed: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in passed.items() if k not in ("example_input", "verify", "atol")}
-
-
-@recorded("expand_blocks", serialize=_serialize)
+@recorded("expand_blocks", omit=PROBE_ARGUMENTS)
 def expand_blocks(
     model: nn.Module,
     *,

@@ -18,18 +18,18 @@ split among its copies (the split still sums to one), which breaks their symmetr
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import operator
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NetgraftError, SurgeryError
 from ..layers import layers
-from ..recipe import is_replaying, recorded
+from ..recipe import PROBE_ARGUMENTS, Resolved, is_replaying, recorded
 from ..select import Selector, resolve_module
 from .verify import check_growth, probe_input, snapshot
 
@@ -82,16 +82,6 @@ _FLATTEN_METHODS = {"view", "reshape", "flatten"}
 _METADATA_METHODS = {"size", "dim"}
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
-_resolved: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
-    "netgraft_widen_resolved", default=None
-)
-
-
-def _serialize(passed: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in passed.items() if k not in ("example_input", "verify", "atol")}
-    out.update(_resolved.get() or {})
-    return out
-
 
 def _describe(node: Any) -> str:
     if node.op == "call_module":
@@ -105,8 +95,6 @@ def _describe(node: Any) -> str:
 def _consumer_from_graph(model: nn.Module, name: str) -> tuple[str | None, str]:
     """``(norm, consumer)`` found by following ``name``'s output on the fx graph; raises
     :class:`SurgeryError` when the flow is not a single channel-wise path to one layer."""
-    import torch.fx
-
     graph = torch.fx.symbolic_trace(model).graph
     modules = dict(model.named_modules())
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
@@ -224,7 +212,7 @@ def _restore(module: nn.Module, saved: tuple[dict, dict, dict]) -> None:
         setattr(module, k, v)
 
 
-@recorded("widen", serialize=_serialize)
+@recorded("widen", omit=PROBE_ARGUMENTS)
 def widen(
     model: nn.Module,
     layer: Selector,
@@ -237,7 +225,7 @@ def widen(
     example_input: Any = None,
     verify: bool = True,
     atol: float | None = None,
-) -> nn.Module:
+) -> Resolved[nn.Module]:
     """Widen the Linear or Conv2d ``layer`` picks to ``width`` output units (Net2WiderNet)
     so the model computes exactly what it computed before; return the model, changed in
     place (parameters are replaced: build the optimizer after growing).
@@ -250,7 +238,41 @@ def widen(
     determine or rewrite exactly raises :class:`SurgeryError`. Verification works as in
     :func:`netgraft.deepen`.
     """
-    _resolved.set(None)
+    name, target, n = _widened_layer(model, layer, width)
+    if noise < 0:
+        raise NetgraftError(f"noise must be >= 0; found {noise}")
+    replaying = is_replaying()
+    inputs = None
+    if verify and not replaying:
+        inputs = probe_input(model, example_input, what="widen")
+    if next_layer is None:
+        norm, next_layer = _find_consumer(model, name, inputs)
+    bn, consumer, block = _checked_consumer(model, name, target, n, next_layer, norm)
+    before = snapshot(model) if verify and not replaying else None
+    saved = [(m, _state(m)) for m in (target, bn, consumer) if m is not None]
+    generator = torch.Generator().manual_seed(seed)
+    extra = torch.randint(0, n, (width - n,), generator=generator)
+    mapping = torch.cat([torch.arange(n), extra])
+    fractions = _split_fractions(mapping, n, noise, generator)
+    with torch.no_grad():
+        _widen_outputs(target, mapping)
+        if bn is not None:
+            _widen_norm(bn, mapping)
+        _split_inputs(consumer, mapping, fractions, block)
+    log.info("widen: %r from %d to %d outputs, carried into %r", name, n, width, next_layer)
+
+    def undo() -> None:
+        for module, state in saved:
+            _restore(module, state)
+
+    if before is not None:
+        delta = check_growth(before, model, inputs, atol=atol, what="widen", undo=undo)
+        log.info("widen: verified on the probe batch, max |Δ| = %.3g", delta)
+    return Resolved(model, {"layer": name, "next_layer": next_layer, "norm": norm})
+
+
+def _widened_layer(model: nn.Module, layer: Selector, width: int) -> tuple[str, nn.Module, int]:
+    """``(name, module, outputs)`` of the layer to widen, checked to be widenable to ``width``."""
     name, target = resolve_module(model, layer, what="widen layer")
     if not isinstance(target, (nn.Linear, nn.Conv2d)):
         raise SurgeryError(
@@ -266,25 +288,36 @@ def widen(
             f"widen grows a layer: {name!r} has {n} outputs, so width must be an integer "
             f"above {n}; found {width!r}"
         )
-    if noise < 0:
-        raise NetgraftError(f"noise must be >= 0; found {noise}")
-    replaying = is_replaying()
-    inputs = None
-    if verify and not replaying:
-        inputs = probe_input(model, example_input, what="widen")
-    if next_layer is None:
-        try:
-            norm, next_layer = _consumer_from_graph(model, name)
-        except SurgeryError:
-            raise
-        except Exception as exc:  # fx cannot trace data-dependent Python: fall back, verified
-            if inputs is None:
-                raise SurgeryError(
-                    f"cannot trace {type(model).__name__} with torch.fx to find the layer "
-                    f"consuming {name!r} ({type(exc).__name__}); pass next_layer= (and norm=), "
-                    f"or keep verify=True so a guess from the layer table can be checked"
-                ) from exc
-            norm, next_layer = _consumer_from_table(model, name, inputs)
+    return name, target, n
+
+
+def _find_consumer(model: nn.Module, name: str, inputs: Any) -> tuple[str | None, str]:
+    """``(norm, consumer)`` from the fx graph, or, where fx cannot trace the model, guessed
+    from the layer table on ``inputs`` (then verified, never trusted)."""
+    try:
+        return _consumer_from_graph(model, name)
+    except SurgeryError:
+        raise
+    except Exception as exc:  # fx cannot trace data-dependent Python: fall back, verified
+        if inputs is None:
+            raise SurgeryError(
+                f"cannot trace {type(model).__name__} with torch.fx to find the layer "
+                f"consuming {name!r} ({type(exc).__name__}); pass next_layer= (and norm=), "
+                f"or keep verify=True so a guess from the layer table can be checked"
+            ) from exc
+        return _consumer_from_table(model, name, inputs)
+
+
+def _checked_consumer(
+    model: nn.Module,
+    name: str,
+    target: nn.Module,
+    n: int,
+    next_layer: str,
+    norm: str | None,
+) -> tuple[nn.Module | None, nn.Module, int]:
+    """``(norm module, consumer module, block)``: checked to read the ``n`` units of ``name``,
+    ``block`` columns per unit for a Linear after a Flatten (1 otherwise)."""
     modules = dict(model.named_modules())
     for what, key in (("next_layer", next_layer), ("norm", norm)):
         if key is not None and key not in modules:
@@ -302,54 +335,52 @@ def widen(
                 f"cannot widen {name!r}: the next layer {next_layer!r} should read its {n} "
                 f"channels with groups=1; found {consumer}"
             )
-        block = 1
-    elif isinstance(consumer, nn.Linear):
+        return bn, consumer, 1
+    if isinstance(consumer, nn.Linear):
         block, rest = divmod(consumer.in_features, n)
         if rest or block < 1 or (isinstance(target, nn.Linear) and block != 1):
             raise SurgeryError(
                 f"cannot widen {name!r}: the next layer {next_layer!r} reads "
                 f"{consumer.in_features} features, not {n} units (or {n} flattened channels)"
             )
+        return bn, consumer, block
+    raise SurgeryError(
+        f"the next layer {next_layer!r} must be a Linear or Conv2d; found {consumer}"
+    )
+
+
+def _widen_outputs(target: nn.Module, mapping: torch.Tensor) -> None:
+    """Give ``target`` one output unit per entry of ``mapping``, copying that unit."""
+    _replace(target, "weight", target.weight[mapping])
+    if target.bias is not None:
+        _replace(target, "bias", target.bias[mapping])
+    if isinstance(target, nn.Linear):
+        target.out_features = len(mapping)
     else:
-        raise SurgeryError(
-            f"the next layer {next_layer!r} must be a Linear or Conv2d; found {consumer}"
-        )
-    before = snapshot(model) if verify and not replaying else None
-    saved = [(m, _state(m)) for m in (target, bn, consumer) if m is not None]
-    generator = torch.Generator().manual_seed(seed)
-    extra = torch.randint(0, n, (width - n,), generator=generator)
-    mapping = torch.cat([torch.arange(n), extra])
-    fractions = _split_fractions(mapping, n, noise, generator)
-    with torch.no_grad():
-        _replace(target, "weight", target.weight[mapping])
-        if target.bias is not None:
-            _replace(target, "bias", target.bias[mapping])
-        if isinstance(target, nn.Linear):
-            target.out_features = width
-        else:
-            target.out_channels = width
-        if bn is not None:
-            for attr in ("weight", "bias", "running_mean", "running_var"):
-                if getattr(bn, attr, None) is not None:
-                    _replace(bn, attr, getattr(bn, attr)[mapping])
-            bn.num_features = width
-        w = consumer.weight
-        if isinstance(consumer, nn.Conv2d):
-            scaled = w[:, mapping].to(torch.float64) * fractions.view(1, -1, 1, 1)
-            consumer.in_channels = width
-        else:
-            blocks = w.reshape(w.shape[0], n, block)[:, mapping].to(torch.float64)
-            scaled = (blocks * fractions.view(1, -1, 1)).reshape(w.shape[0], width * block)
-            consumer.in_features = width * block
-        _replace(consumer, "weight", scaled)
-    log.info("widen: %r from %d to %d outputs, carried into %r", name, n, width, next_layer)
+        target.out_channels = len(mapping)
 
-    def undo() -> None:
-        for module, state in saved:
-            _restore(module, state)
 
-    if before is not None:
-        delta = check_growth(before, model, inputs, atol=atol, what="widen", undo=undo)
-        log.info("widen: verified on the probe batch, max |Δ| = %.3g", delta)
-    _resolved.set({"layer": name, "next_layer": next_layer, "norm": norm})
-    return model
+def _widen_norm(bn: nn.Module, mapping: torch.Tensor) -> None:
+    """Copy a BatchNorm's affine parameters and running statistics through ``mapping``."""
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        if getattr(bn, attr, None) is not None:
+            _replace(bn, attr, getattr(bn, attr)[mapping])
+    bn.num_features = len(mapping)
+
+
+def _split_inputs(
+    consumer: nn.Module, mapping: torch.Tensor, fractions: torch.Tensor, block: int
+) -> None:
+    """Give ``consumer`` one input unit (``block`` columns for a Linear after a Flatten) per
+    entry of ``mapping``, each carrying its fraction of the original unit's weights."""
+    w = consumer.weight
+    width = len(mapping)
+    if isinstance(consumer, nn.Conv2d):
+        scaled = w[:, mapping].to(torch.float64) * fractions.view(1, -1, 1, 1)
+        consumer.in_channels = width
+    else:
+        n = w.shape[1] // block
+        blocks = w.reshape(w.shape[0], n, block)[:, mapping].to(torch.float64)
+        scaled = (blocks * fractions.view(1, -1, 1)).reshape(w.shape[0], width * block)
+        consumer.in_features = width * block
+    _replace(consumer, "weight", scaled)
