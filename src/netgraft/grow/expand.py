@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -178,6 +179,26 @@ def expand_blocks(
         else None
     )
     before = snapshot(model) if inputs is not None else None
+    undo = _insert_copies(stack, config, positions, stack_name)
+    log.info(
+        "expand_blocks: %s from %d to %d blocks (copies after %s)",
+        stack_name,
+        depth,
+        len(stack),
+        positions,
+    )
+    if before is not None:
+        delta = check_growth(before, model, inputs, atol=atol, what="expand_blocks", undo=undo)
+        log.info("expand_blocks: verified on the probe batch, max |Δ| = %.3g", delta)
+    return model
+
+
+def _insert_copies(
+    stack: nn.ModuleList, config: Any, positions: list[int], stack_name: str
+) -> Callable[[], None]:
+    """Put a growing copy after each block at ``positions``, renumber the blocks and update
+    the config; return what puts the stack and config back as they were."""
+    depth = len(stack)
     old_modules = OrderedDict(stack._modules)
     old_idx = {
         sub: sub.layer_idx
@@ -188,25 +209,15 @@ def expand_blocks(
     grown: list[nn.Module] = []
     types: list[Any] = []
     for i, block in enumerate(old_modules.values()):
-        grown.append(block)
+        copies = [block, _grow_copy(block, stack_name)] if i in positions else [block]
+        grown.extend(copies)
         if old_types is not None:
-            types.append(old_types[i])
-        if i in positions:
-            grown.append(_grow_copy(block, stack_name))
-            if old_types is not None:
-                types.append(old_types[i])
+            types.extend([old_types[i]] * len(copies))
     stack._modules = OrderedDict((str(j), m) for j, m in enumerate(grown))
     _renumber(stack)
     config.num_hidden_layers = len(grown)
     if isinstance(old_types, list) and len(old_types) == depth:
         config.layer_types = types
-    log.info(
-        "expand_blocks: %s from %d to %d blocks (copies after %s)",
-        stack_name,
-        depth,
-        len(grown),
-        positions,
-    )
 
     def undo() -> None:
         stack._modules = old_modules
@@ -216,7 +227,4 @@ def expand_blocks(
         if isinstance(old_types, list):
             config.layer_types = old_types
 
-    if before is not None:
-        delta = check_growth(before, model, inputs, atol=atol, what="expand_blocks", undo=undo)
-        log.info("expand_blocks: verified on the probe batch, max |Δ| = %.3g", delta)
-    return model
+    return undo

@@ -105,25 +105,7 @@ def _consumer_from_graph(model: nn.Module, name: str) -> tuple[str | None, str]:
         )
     node, norm = calls[0], None
     while True:
-        users = [
-            u
-            for u in node.users
-            if not (u.op == "call_method" and u.target in _METADATA_METHODS)
-            and not (u.op == "call_function" and u.target is getattr and u.args[1] == "shape")
-        ]
-        if len(users) != 1:
-            found = ", ".join(_describe(u) for u in users) or "nothing"
-            raise SurgeryError(
-                f"cannot widen {name!r}: its output must flow into exactly one layer, but "
-                f"{_describe(node)} feeds {len(users)} operations ({found}), e.g. a residual "
-                f"addition; the consumer cannot be determined unambiguously"
-            )
-        user = users[0]
-        if user.op == "output":
-            raise SurgeryError(
-                f"cannot widen {name!r}: its units are the model's output, whose shape must "
-                f"not change (replace the head to change the number of outputs)"
-            )
+        user = _only_user(name, node)
         if user.op == "call_module":
             module = modules[user.target]
             if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -135,23 +117,52 @@ def _consumer_from_graph(model: nn.Module, name: str) -> tuple[str | None, str]:
                     f"cannot widen {name!r}: its output passes through {user.target!r} "
                     f"({type(module).__name__}), which netgraft cannot widen exactly"
                 )
-        elif user.op == "call_function" and (
-            user.target in _CHANNELWISE_FUNCTIONS or user.target is torch.flatten
-        ):
-            pass
-        elif user.op == "call_method" and user.target in _CHANNELWISE_METHODS | _FLATTEN_METHODS:
-            pass
-        elif user.op == "call_function" and user.target in (operator.add, torch.add, torch.cat):
-            raise SurgeryError(
-                f"cannot widen {name!r}: its output reaches {_describe(user)} (a residual "
-                f"addition or concatenation); the consumer cannot be determined unambiguously"
-            )
         else:
-            raise SurgeryError(
-                f"cannot widen {name!r}: its output reaches {_describe(user)}, which netgraft "
-                f"cannot widen exactly"
-            )
+            _check_channelwise(name, user)
         node = user
+
+
+def _only_user(name: str, node: torch.fx.Node) -> torch.fx.Node:
+    """The one operation that reads ``node`` (shape queries aside), which must not be the
+    model's output."""
+    users = [
+        u
+        for u in node.users
+        if not (u.op == "call_method" and u.target in _METADATA_METHODS)
+        and not (u.op == "call_function" and u.target is getattr and u.args[1] == "shape")
+    ]
+    if len(users) != 1:
+        found = ", ".join(_describe(u) for u in users) or "nothing"
+        raise SurgeryError(
+            f"cannot widen {name!r}: its output must flow into exactly one layer, but "
+            f"{_describe(node)} feeds {len(users)} operations ({found}), e.g. a residual "
+            f"addition; the consumer cannot be determined unambiguously"
+        )
+    if users[0].op == "output":
+        raise SurgeryError(
+            f"cannot widen {name!r}: its units are the model's output, whose shape must "
+            f"not change (replace the head to change the number of outputs)"
+        )
+    return users[0]
+
+
+def _check_channelwise(name: str, user: torch.fx.Node) -> None:
+    """Refuse a function or method call on the widened units that is not channel-wise."""
+    if user.op == "call_function" and (
+        user.target in _CHANNELWISE_FUNCTIONS or user.target is torch.flatten
+    ):
+        return
+    if user.op == "call_method" and user.target in _CHANNELWISE_METHODS | _FLATTEN_METHODS:
+        return
+    if user.op == "call_function" and user.target in (operator.add, torch.add, torch.cat):
+        raise SurgeryError(
+            f"cannot widen {name!r}: its output reaches {_describe(user)} (a residual "
+            f"addition or concatenation); the consumer cannot be determined unambiguously"
+        )
+    raise SurgeryError(
+        f"cannot widen {name!r}: its output reaches {_describe(user)}, which netgraft "
+        f"cannot widen exactly"
+    )
 
 
 def _consumer_from_table(model: nn.Module, name: str, inputs: Any) -> tuple[str | None, str]:
