@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import json
+import subprocess
+import sys
 import textwrap
+from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +18,7 @@ from torch import nn
 import netgraft
 from netgraft import RecipeError, WeightsError
 from netgraft.cut import cut
-from netgraft.recipe import set_base
+from netgraft.recipe import OPERATIONS, operation, recorded, replay, set_base
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +171,153 @@ def test_hf_sequence_classifier_round_trips(tmp_path, minilm_dir):
     with torch.no_grad():
         assert torch.equal(loaded(**x).logits, model(**x).logits)
     assert loaded.config.num_labels == 3
+
+
+# --- the operation registry: explicit, whatever was imported before ---------------------
+
+_FRESH_REPLAY = r"""
+import json, sys, types
+from collections import OrderedDict
+
+# an empty netgraft package, so netgraft/__init__.py (which imports every module) never
+# runs: only what netgraft.recipe itself imports is loaded
+package = types.ModuleType("netgraft")
+package.__path__ = [sys.argv[1]]
+sys.modules["netgraft"] = package
+
+import torch
+import transformers
+from torch import nn
+
+import netgraft.recipe as recipe
+
+before = sorted(m for m in sys.modules if m.startswith(("netgraft.heads", "netgraft.grow")))
+recipes = json.loads(sys.stdin.read())
+torch.manual_seed(0)
+net = nn.Sequential(OrderedDict(
+    conv=nn.Conv2d(1, 4, 3, padding=1), act=nn.ReLU(), flat=nn.Flatten(),
+    hidden=nn.Linear(4 * 8 * 8, 16), hidden_act=nn.ReLU(), fc=nn.Linear(16, 10),
+))
+gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+    n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16,
+))
+out = {"before": before}
+for key, base in (("net", net), ("gpt2", gpt2)):
+    model = recipe.replay(base, recipes[key])
+    out[key] = {k: list(v.shape) for k, v in model.state_dict().items()}
+    out[key + "_repr"] = repr(model)
+out["after"] = sorted(m for m in sys.modules if m.startswith(("netgraft.heads", "netgraft.grow")))
+print(json.dumps(out))
+"""
+
+
+def _small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(1, 4, 3, padding=1),
+            act=nn.ReLU(),
+            flat=nn.Flatten(),
+            hidden=nn.Linear(4 * 8 * 8, 16),
+            hidden_act=nn.ReLU(),
+            fc=nn.Linear(16, 10),
+        )
+    )
+
+
+def _small_gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=16)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_replay_in_a_fresh_interpreter_that_imported_only_netgraft_recipe():
+    net = _small_net().eval()
+    x = torch.randn(2, 1, 8, 8)
+    netgraft.replace_head(net, num_classes=5)
+    netgraft.deepen(net, "hidden_act", activation="relu", example_input=x)
+    netgraft.widen(net, "conv", 6, example_input=x)
+    gpt2 = _small_gpt2()
+    netgraft.expand_blocks(gpt2, every=1)
+    netgraft.replace_head(gpt2, num_classes=3)
+    recipes = {
+        "net": netgraft.get_recipe(net).operations,
+        "gpt2": netgraft.get_recipe(gpt2).operations,
+    }
+    assert [op["op"] for op in recipes["net"]] == ["replace_head", "deepen", "widen"]
+    assert [op["op"] for op in recipes["gpt2"]] == ["expand_blocks", "replace_head"]
+
+    package_dir = Path(netgraft.__file__).parent
+    result = subprocess.run(
+        [sys.executable, "-c", _FRESH_REPLAY, str(package_dir)],
+        input=json.dumps(recipes),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["before"] == []  # importing netgraft.recipe loaded no operation module
+    assert "netgraft.heads" in out["after"] and "netgraft.grow.expand" in out["after"]
+    assert out["net"] == {k: list(v.shape) for k, v in net.state_dict().items()}
+    assert out["net_repr"] == repr(net)
+    assert out["gpt2"] == {k: list(v.shape) for k, v in gpt2.state_dict().items()}
+    assert out["gpt2_repr"] == repr(gpt2)
+
+
+def _recorded_in_source() -> dict[str, str]:
+    """Every ``@recorded("name", ...)`` in src/netgraft, as name -> "module:function"."""
+    root = Path(netgraft.__file__).parent
+    found = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = list(path.relative_to(root.parent).with_suffix("").parts)
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for deco in node.decorator_list:
+                if (
+                    isinstance(deco, ast.Call)
+                    and getattr(deco.func, "id", getattr(deco.func, "attr", None)) == "recorded"
+                ):
+                    found[deco.args[0].value] = f"{module}:{node.name}"
+    return found
+
+
+def test_operation_table_lists_exactly_the_recorded_functions_in_the_source():
+    assert OPERATIONS == _recorded_in_source()
+    for name in OPERATIONS:
+        assert callable(operation(name))
+
+
+def test_an_operation_missing_from_the_table_is_refused_where_it_is_defined():
+    with pytest.raises(RecipeError, match="not in netgraft.recipe.OPERATIONS"):
+
+        @recorded("stretch")
+        def stretch(model: nn.Module) -> nn.Module:
+            return model
+
+
+def test_replay_names_the_known_operations_for_an_unknown_one():
+    with pytest.raises(RecipeError, match="'stretch'.*known: attach, deepen"):
+        replay(_small_net(), [{"op": "stretch", "args": {}}])
+
+
+def test_growth_records_resolved_arguments_and_never_the_probe_batch():
+    net = _small_net().eval()
+    x = torch.randn(2, 1, 8, 8)
+    netgraft.deepen(net, "type:ReLU", example_input=x, atol=1e-4)
+    netgraft.widen(net, "re:hid.*n", 20, example_input=x, verify=True)
+    deepen, widen = netgraft.get_recipe(net).operations
+    assert deepen == {
+        "op": "deepen",
+        "args": {
+            "after": ["act", "hidden_act"],
+            "mode": "identity",
+            "output_shapes": {"act": [4, 8, 8], "hidden_act": [16]},
+        },
+    }
+    assert widen == {
+        "op": "widen",
+        "args": {"layer": "hidden", "width": 20, "next_layer": "hidden_act.1", "norm": None},
+    }

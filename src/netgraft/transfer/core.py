@@ -25,6 +25,9 @@ from ..layers import layers
 from ..reinit import reinit_module
 from ..select import Selector, select
 from .adapt import adapt_tensor
+from .formats.keras import read_keras
+from .formats.onnx import read_onnx
+from .formats.torch_files import load_state_dict_file
 from .match import STEPS, DstLayer, Source, group_layers, name_matches, plan_pairs
 from .report import Mismatch, TensorRecord, TransferReport
 
@@ -64,15 +67,9 @@ def load_source(
         if not path.exists():
             raise WeightsError(f"weights file {str(path)!r} does not exist")
         if suffix in KERAS_SUFFIXES:
-            from .formats.keras import read_keras
-
             return read_keras(path)
         if suffix == ".onnx":
-            from .formats.onnx import read_onnx
-
             return read_onnx(path)
-        from .formats.torch_files import load_state_dict_file
-
         state = load_state_dict_file(path, trust_pickle=trust_pickle)
         return Source.from_state_dict(state, f"file {path.name}")
     raise NetgraftError(
