@@ -17,8 +17,9 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import transforms as T
 
 import netgraft
-from netgraft.cache import FeatureCache, cache_key, plan, random_transforms
+from netgraft.cache import FeatureCache, cache_key, random_transforms
 from netgraft.cut import cut
+from netgraft.train.cached import plan
 
 
 def digits_cnn() -> nn.Sequential:

@@ -1,9 +1,14 @@
-"""Training: the :func:`fit` loop, callbacks, checkpoints and :func:`fine_tune` schedules."""
+"""Training: :func:`fit` (:mod:`.loop`) over the engine (:mod:`.engine`), callbacks,
+checkpoints (:mod:`.checkpoint`), :func:`fine_tune` schedules (:mod:`.finetune`) and
+training from cached features (:mod:`.cached`)."""
 
-from .callbacks import Callback, Checkpoint, EarlyStopping, ReduceLROnPlateau, load_checkpoint
+from .batches import evaluate, predict
+from .callbacks import Callback, Checkpoint, EarlyStopping, ReduceLROnPlateau
+from .checkpoint import load_checkpoint
+from .engine import EpochSampler, TrainState
 from .finetune import fine_tune, head_name
 from .history import History
-from .loop import EpochSampler, TrainState, evaluate, fit, predict
+from .loop import fit
 
 __all__ = [
     "Callback",

@@ -2,7 +2,7 @@
 
 A callback is any object with some of the hooks ``on_train_begin``, ``on_epoch_begin``,
 ``on_batch_begin``, ``on_batch_end``, ``on_epoch_end``, ``on_train_end``; each gets the
-loop's :class:`~netgraft.train.loop.TrainState` (model, optimizer, epoch, logs, ...).
+loop's :class:`~netgraft.train.TrainState` (model, optimizer, epoch, logs, ...).
 Callbacks with state give ``state_dict``/``load_state_dict`` so a resumed run continues
 exactly. Callbacks never print; they log through ``logging`` and the loop's reporter.
 """
@@ -17,26 +17,25 @@ from typing import Any
 
 import torch
 
-from ..atomic import atomic_write, remove_stale_tmp
+from ..atomic import remove_stale_tmp
 from ..errors import NetgraftError
+from .checkpoint import checkpoint_payload, save_checkpoint
 
 __all__ = [
     "Callback",
     "Checkpoint",
     "EarlyStopping",
     "ReduceLROnPlateau",
-    "load_checkpoint",
     "monitored_value",
 ]
 
 log = logging.getLogger("netgraft.train")
-CHECKPOINT_FORMAT = "netgraft-checkpoint/1"
 
 
 class Callback:
     """Base class with empty hooks; subclass and override the ones you need.
 
-    Every hook gets the loop's :class:`~netgraft.train.loop.TrainState` (model, optimizer,
+    Every hook gets the loop's :class:`~netgraft.train.TrainState` (model, optimizer,
     scheduler, history, epoch, step, the epoch's logs); setting ``state.stop_training = True``
     ends the run after the current epoch.
     """
@@ -100,7 +99,8 @@ class Checkpoint(Callback):
     ``best.pt`` is written when ``monitor`` improves (``mode`` ``"max"`` or ``"min"``);
     with ``save_best_only=False`` every epoch is also kept as ``epoch_NNN.pt``. A
     checkpoint holds the model, optimizer, scheduler, epoch and step, the RNG states,
-    the data order, the frozen state, the history and the callbacks' states.
+    the data order, the frozen state, the history and the callbacks' states
+    (:mod:`netgraft.train.checkpoint` builds, writes and reads it).
     """
 
     def __init__(
@@ -133,12 +133,9 @@ class Checkpoint(Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_stale_tmp(self.folder)
 
-    def _save(self, path: Path, payload: dict[str, Any]) -> None:
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
-
     def on_batch_end(self, state: Any) -> None:
         if self.every_steps and state.global_step % self.every_steps == 0 and not state.epoch_done:
-            self._save(self.last_path, state.checkpoint())
+            save_checkpoint(self.last_path, checkpoint_payload(state))
 
     def on_epoch_end(self, state: Any) -> None:
         key, value = monitored_value(state.logs, self.monitor)
@@ -146,39 +143,19 @@ class Checkpoint(Callback):
         if is_best:
             self.best = value
         # the payload is taken after best is updated so a resumed run knows the best so far
-        payload = state.checkpoint()
-        self._save(self.last_path, payload)
+        payload = checkpoint_payload(state)
+        save_checkpoint(self.last_path, payload)
         if is_best:
-            self._save(self.best_path, payload)
+            save_checkpoint(self.best_path, payload)
             log.info("checkpoint: %s improved to %.4g, saved %s", key, value, self.best_path)
         if not self.save_best_only:
-            self._save(self.folder / f"epoch_{state.logs['epoch']:03d}.pt", payload)
+            save_checkpoint(self.folder / f"epoch_{state.logs['epoch']:03d}.pt", payload)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best = state.get("best")
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a netgraft checkpoint (a file, or a folder holding ``last.pt``) without
-    unpickling code. Raises :class:`NetgraftError` when it is missing or not a checkpoint."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.pt"
-    if not path.is_file():
-        raise NetgraftError(
-            f"no checkpoint to resume from: {str(path)!r} does not exist "
-            "(fit writes it with callbacks=[Checkpoint(folder)])"
-        )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise NetgraftError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise NetgraftError(f"{str(path)!r} is not a netgraft checkpoint ({CHECKPOINT_FORMAT})")
-    return payload
 
 
 class ReduceLROnPlateau(Callback):

@@ -24,7 +24,8 @@ from torch import nn
 from ..errors import NetgraftError
 from ..freeze import freeze, train_only
 from ..freeze import unfreeze as unfreeze_layers
-from ..layers import blocks, ordered_layer_modules
+from ..heads import find_head
+from ..layers import blocks, head_block_index
 from ..select import Selector
 from .history import History
 from .loop import fit
@@ -37,37 +38,55 @@ UNFREEZE_MODES = ("all", "gradual")
 
 def head_name(model: nn.Module) -> str:
     """The dotted name of the model's head (see :func:`netgraft.find_head`)."""
-    try:
-        from ..heads import find_head
-    except ImportError:
-        find_head = None
-    if find_head is not None:
-        found = find_head(model)
-        if isinstance(found, str):
-            return found
-        if isinstance(found, tuple) and found and isinstance(found[0], str):
-            return found[0]
-        name = getattr(found, "name", None)
-        if isinstance(name, str):
-            return name
-    linears = [n for n, m in ordered_layer_modules(model) if isinstance(m, nn.Linear)]
-    if not linears:
-        raise NetgraftError(
-            f"cannot find the head of {type(model).__name__}: it has no Linear layer; "
-            "pass head='NAME'"
+    return find_head(model)[0]
+
+
+class _Stages:
+    """Runs the stages of one fine-tuning: each holds the trainable part, then calls
+    :func:`fit` with the shared arguments; the rows go into one history."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: tuple[Any, Any],
+        bn: str,
+        keep_frozen: Selector,
+        seed: int | None,
+        fit_kwargs: dict[str, Any],
+    ):
+        self.model, self.data, self.bn, self.keep_frozen = model, data, bn, keep_frozen
+        self.seed, self.fit_kwargs = seed, fit_kwargs
+        self.history = History()
+        self.index = 0
+
+    def hold(self, trainable: Selector | None) -> None:
+        """Train only ``trainable`` (everything when None), ``keep_frozen`` kept frozen."""
+        if trainable is None:
+            unfreeze_layers(self.model)
+        else:
+            train_only(self.model, trainable, bn=self.bn)
+        if self.keep_frozen is not None:
+            freeze(self.model, self.keep_frozen, bn=self.bn)
+
+    def run(self, name: str, n_epochs: int, **kwargs: Any) -> None:
+        """Fit ``n_epochs`` epochs as stage ``name`` (nothing when ``n_epochs <= 0``)."""
+        if n_epochs <= 0:
+            return
+        options = dict(self.fit_kwargs)
+        if options.get("cache") is True and name != "head":
+            # cache=True insists for the head stage; later stages may have nothing frozen
+            options["cache"] = "auto"
+        part = fit(
+            self.model,
+            *self.data,
+            epochs=n_epochs,
+            seed=None if self.seed is None else self.seed + self.index,
+            stage=name,
+            **kwargs,
+            **options,
         )
-    return linears[-1]
-
-
-def _block_selectors(model: nn.Module) -> list[list[str]]:
-    return [[n for n in b.layer_names if n] for b in blocks(model)]
-
-
-def _head_block(selectors: list[list[str]], head: str) -> int:
-    for i, names in enumerate(selectors):
-        if any(head == n or head.startswith(n + ".") or n.startswith(head + ".") for n in names):
-            return i
-    return len(selectors) - 1
+        self.history.extend(part, stage=name)
+        self.index += 1
 
 
 def fine_tune(
@@ -106,56 +125,28 @@ def fine_tune(
     if "resume" in fit_kwargs:
         raise NetgraftError("fine_tune cannot resume; resume a stage with fit(..., resume=folder)")
     head = head or head_name(model)
-    history = History()
-    stage_index = 0
-
-    def stage(name: str, n_epochs: int, **kwargs: Any) -> None:
-        nonlocal stage_index
-        if n_epochs <= 0:
-            return
-        options = dict(fit_kwargs)
-        if options.get("cache") is True and name != "head":
-            # cache=True insists for the head stage; later stages may have nothing frozen
-            options["cache"] = "auto"
-        part = fit(
-            model,
-            train,
-            val,
-            epochs=n_epochs,
-            scheduler=scheduler,
-            callbacks=callbacks,
-            seed=None if seed is None else seed + stage_index,
-            stage=name,
-            **kwargs,
-            **options,
-        )
-        history.extend(part, stage=name)
-        stage_index += 1
-
-    def hold(trainable: Selector | None) -> None:
-        if trainable is None:
-            unfreeze_layers(model)
-        else:
-            train_only(model, trainable, bn=bn)
-        if keep_frozen is not None:
-            freeze(model, keep_frozen, bn=bn)
-
-    hold(head)
-    stage("head", head_epochs, lr=head_lr or base_lr)
+    shared = {"scheduler": scheduler, "callbacks": callbacks, **fit_kwargs}
+    stages = _Stages(model, (train, val), bn, keep_frozen, seed, shared)
+    stages.hold(head)
+    stages.run("head", head_epochs, lr=head_lr or base_lr)
     lr = base_lr / 2
-    if unfreeze == "all":
-        hold(None)
-        stage("all", epochs, lr=lr, lr_mult=lr_mult)
-        return history
-    selectors = _block_selectors(model)
-    top = _head_block(selectors, head)
+    done = _unfreeze_gradually(stages, head, epochs, lr, lr_mult) if unfreeze == "gradual" else 0
+    if unfreeze == "all" or done < epochs:
+        stages.hold(None)
+        stages.run("all", epochs - done, lr=lr, lr_mult=lr_mult)
+    return stages.history
+
+
+def _unfreeze_gradually(stages: _Stages, head: str, epochs: int, lr: float, lr_mult: float) -> int:
+    """One epoch per block below the head, adding a block each time from the top; returns
+    the epochs run."""
+    model = stages.model
+    selectors = [[n for n in b.layer_names if n] for b in blocks(model)]
+    top = head_block_index(selectors, head)
     done = 0
     while done < epochs and top - done - 1 >= 0:
         first = top - done - 1
-        hold([n for names in selectors[first:] for n in names] + [head])
-        stage(f"unfreeze {blocks(model)[first].name}", 1, lr=lr, lr_mult=lr_mult)
+        stages.hold([n for names in selectors[first:] for n in names] + [head])
+        stages.run(f"unfreeze {blocks(model)[first].name}", 1, lr=lr, lr_mult=lr_mult)
         done += 1
-    if done < epochs:
-        hold(None)
-        stage("all", epochs - done, lr=lr, lr_mult=lr_mult)
-    return history
+    return done

@@ -100,9 +100,8 @@ class History:
 
     def plot(self, path: str | Path) -> Path:
         """Draw the loss, metric and learning-rate curves to a PNG file (written atomically)."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
+        # a bare Figure draws through its own Agg canvas: the caller's pyplot backend is
+        # never touched
         from matplotlib.figure import Figure
 
         epochs = self["epoch"]

@@ -1,0 +1,337 @@
+"""FeatureCache: the outputs of a frozen prefix over a dataset, computed once and served
+as a dataset of ``(features, label)`` pairs, in memory or from an on-disk shard store.
+
+An on-disk cache lives in a folder named after its key (:func:`~netgraft.cache.cache_key`):
+a valid one is reused, one built for other weights or data has another key and is never
+read, a corrupt one is rebuilt. A random data pipeline is refused unless
+``augment_copies=K``, which caches K augmented passes (epoch ``e`` reads pass ``e % K``).
+This module never changes the prefix's weights, never leaves its train/eval modes changed
+and never leaves the global random streams changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from bisect import bisect_right
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import track
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..atomic import atomic_folder
+from ..data import as_dataset, input_of, to_device
+from ..errors import CacheError
+from ..layers import call_model, evaluating
+from ..rng import forked, seed_everything
+from .key import KeyedDataset, cache_key
+from .store import (
+    SHARD_BYTES,
+    ShardWriter,
+    UnusableStore,
+    locked,
+    open_store,
+    remove_folder,
+)
+from .transforms import random_transforms, reads_differ
+
+__all__ = ["FeatureCache"]
+
+# the messages of the whole cache package share one logger, where users listen for them
+log = logging.getLogger("netgraft.cache")
+
+# augmented copies are drawn from fixed seeds so every builder of one cache writes the same
+_AUGMENT_SEED = 20240607
+
+
+def _random_parts(dataset: Dataset, augment_copies: int | None) -> list[str]:
+    """What makes ``dataset`` random; raises :class:`CacheError` when it cannot be cached
+    (empty, a bad ``augment_copies``, or random without ``augment_copies``)."""
+    if augment_copies is not None and (not isinstance(augment_copies, int) or augment_copies < 1):
+        raise CacheError(f"augment_copies must be a positive integer; found {augment_copies!r}")
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise CacheError("cannot cache features of an empty dataset")
+    found = random_transforms(dataset)
+    if not found and augment_copies is None and reads_differ(dataset):
+        found = ["an unnamed random transform (the first example differs between reads)"]
+    if found and augment_copies is None:
+        raise CacheError(
+            f"the data pipeline is random ({', '.join(found)}): a cache would keep one "
+            "augmentation forever; pass augment_copies=K to cache K augmented passes, make "
+            "the transforms deterministic, or train without the cache"
+        )
+    return found
+
+
+class FeatureCache(KeyedDataset):
+    """The outputs of a frozen ``prefix`` over ``dataset`` (a dataset or ``(inputs, targets)``
+    tensors), computed once: a dataset of
+    ``(features, label)`` in the same order (``features`` alone for unlabelled data).
+
+    ``dir=None`` keeps the features in memory; otherwise they are stored under
+    ``dir/<key>/`` in ``.npy`` shards read with memory mapping and reused by later runs while
+    the key (weights, cut point, data, transforms, dtype) matches and every shard's checksum
+    holds. ``dtype`` is the storage dtype (``torch.float16`` halves the size); features are
+    returned in the prefix's own dtype. ``augment_copies=K`` allows random transforms by
+    caching K passes; otherwise a random pipeline raises :class:`CacheError`.
+    ``status`` says what happened: ``"memory"``, ``"built"``, ``"reused"`` or ``"rebuilt"``.
+    """
+
+    # its public home: pickles name it there, and keys of caches built over a cache (which
+    # hash the dataset's type) stay what they were before the cache became a package
+    __module__ = "netgraft.cache"
+
+    def __init__(
+        self,
+        prefix: nn.Module,
+        dataset: Dataset | tuple[Any, Any],
+        *,
+        dir: str | os.PathLike | None = None,
+        dtype: torch.dtype | None = None,
+        augment_copies: int | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        cut_point: str = "",
+        data_key: str | None = None,
+        shard_bytes: int = SHARD_BYTES,
+        progress: bool = False,
+    ) -> None:
+        if not isinstance(dataset, Dataset):  # (inputs, targets) tensors, as fit takes them
+            dataset = as_dataset(dataset)
+        self.random = bool(_random_parts(dataset, augment_copies))
+        self.copies = augment_copies or 1
+        self.epoch = 0
+        self.n = len(dataset)  # type: ignore[arg-type]
+        self.dtype = dtype
+        self.cut_point = cut_point
+        self._prefix: nn.Module | None = prefix
+        self._dataset: Dataset | None = dataset
+        self._batch_size, self._num_workers = batch_size, num_workers
+        self._shard_bytes, self._progress = shard_bytes, progress
+        self._key_args = {
+            "cut_point": cut_point,
+            "dtype": dtype,
+            "augment_copies": augment_copies,
+            "data_key": data_key,
+        }
+        self._key: str | None = None
+        self.path: Path | None = None
+        self._features: torch.Tensor | None = None
+        self._labels: torch.Tensor | None = None
+        self._shards: list[np.ndarray] | None = None
+        self.build_seconds = 0.0
+        if dir is None:
+            self.status = self._build_in_memory()
+        else:
+            root = Path(dir).expanduser()
+            root.mkdir(parents=True, exist_ok=True)
+            self.path = root / self.key[:32]
+            self.status = self._open_or_build(root)
+        # on-disk outcomes (built, reused, rebuilt) are worth a line; an in-memory build is
+        # reported by whoever uses it (fit's plan line)
+        log.log(
+            logging.DEBUG if self.status == "memory" else logging.INFO,
+            "feature cache %s: %s",
+            self.status,
+            self.describe(),
+        )
+
+    # ------------------------------------------------------------------ building
+
+    def _compute(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Yield ``(features, labels)`` batches in storage dtype on the CPU, copy after copy,
+        with the prefix in eval mode and the global random streams untouched."""
+        prefix = self._prefix
+        assert prefix is not None and self._dataset is not None
+        device = next((p.device for p in prefix.parameters()), torch.device("cpu"))
+        with evaluating(prefix), forked():
+            for copy in range(self.copies):
+                seed_everything(_AUGMENT_SEED + copy)
+                loader = DataLoader(
+                    self._dataset,
+                    batch_size=self._batch_size,
+                    shuffle=False,
+                    num_workers=self._num_workers,
+                    generator=torch.Generator().manual_seed(copy),
+                )
+                batches: Any = loader
+                if self._progress:
+                    batches = track(
+                        loader, description=f"caching features ({copy + 1}/{self.copies})"
+                    )
+                for batch in batches:
+                    yield self._features_of(prefix, batch, device)
+
+    def _features_of(
+        self, prefix: nn.Module, batch: Any, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+        out = call_model(prefix, to_device(input_of(batch), device))
+        if not isinstance(out, torch.Tensor):
+            raise CacheError(
+                f"the prefix must return one tensor to be cached; it returns {type(out).__name__}"
+            )
+        self._compute_dtype = out.dtype
+        out = out.detach().cpu()
+        if self.dtype is not None:
+            out = out.to(self.dtype)
+        return out.contiguous(), None if y is None else torch.as_tensor(y)
+
+    def _build_in_memory(self) -> str:
+        start = time.perf_counter()
+        feats, labels = [], []
+        for f, y in self._compute():
+            feats.append(f)
+            labels.append(y)
+        self._features = torch.cat(feats)
+        self._labels = torch.cat(labels) if labels[0] is not None else None
+        self._out_dtype = self._compute_dtype
+        self.build_seconds = time.perf_counter() - start
+        return "memory"
+
+    def _open_or_build(self, root: Path) -> str:
+        assert self.path is not None
+        with locked(root / f"{self.path.name}.lock"):
+            problem = self._validate()
+            if problem is None:
+                return "reused"
+            existed = self.path.exists()
+            if existed:
+                log.warning("feature cache %s is unusable (%s); rebuilding it", self.path, problem)
+                remove_folder(self.path)
+            self._build()
+            problem = self._validate()
+            if problem is not None:
+                raise CacheError(
+                    f"the feature cache just built at {self.path} is invalid: {problem}"
+                )
+            return "rebuilt" if existed else "built"
+
+    def _build(self) -> None:
+        assert self.path is not None
+        start = time.perf_counter()
+        try:
+            with atomic_folder(self.path, replace=False) as tmp:
+                writer = ShardWriter(tmp, self._shard_bytes)
+                for feats, labels in self._compute():
+                    writer.add(feats, labels)
+                writer.close(
+                    key=self.key,
+                    examples=self.n,
+                    copies=self.copies,
+                    out_dtype=self._compute_dtype,
+                    cut_point=self.cut_point,
+                    seconds=time.perf_counter() - start,
+                )
+        except FileExistsError:
+            # another builder renamed first (possible only without fcntl): keep theirs
+            if self._validate() is not None:
+                raise
+        self.build_seconds = time.perf_counter() - start
+
+    # ------------------------------------------------------------------ reading
+
+    def _validate(self) -> str | None:
+        """Open the cache folder and check it fully; the reason it is unusable, or None."""
+        assert self.path is not None
+        self._shards = None
+        try:
+            store = open_store(self.path, self.key, self.n * self.copies)
+        except UnusableStore as exc:
+            return str(exc)
+        self._shards, self._starts = store.shards, store.starts
+        self._labels, self._out_dtype = store.labels, store.out_dtype
+        return None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # memory maps are reopened in the receiving process (DataLoader workers) rather
+        # than pickled as copies of the whole array
+        state = dict(self.__dict__)
+        if state.get("_shards") is not None:
+            state["_shards"] = [str(Path(a.filename)) for a in state["_shards"]]
+        state["_prefix"] = None
+        state["_dataset"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._shards is not None:
+            self._shards = [np.load(p, mmap_mode="r") for p in self._shards]
+
+    @property
+    def key(self) -> str:
+        """The hex key of this cache (:func:`cache_key`); computed on first use, since an
+        in-memory cache never needs it."""
+        if self._key is None:
+            if self._prefix is None:
+                raise CacheError(
+                    "this copy of the cache no longer holds its prefix to compute a key"
+                )
+            self._key = cache_key(self._prefix, self._dataset, **self._key_args)
+        return self._key
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the augmented copy read from now on: copy ``epoch % augment_copies``."""
+        self.epoch = int(epoch)
+
+    def _row(self, index: int) -> int:
+        if index < 0:
+            index += self.n
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for a cache of {self.n} examples")
+        return (self.epoch % self.copies) * self.n + index
+
+    def __getitem__(self, index: int) -> Any:
+        row = self._row(index)
+        if self._features is not None:
+            feats = self._features[row].to(self._out_dtype)
+        else:
+            assert self._shards is not None
+            s = bisect_right(self._starts, row) - 1
+            feats = torch.from_numpy(np.array(self._shards[s][row - self._starts[s]])).to(
+                self._out_dtype
+            )
+        if self._labels is None:
+            return feats
+        return feats, self._labels[row]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """All features of the current copy as one tensor (in the prefix's dtype), and the labels."""
+        start = (self.epoch % self.copies) * self.n
+        if self._features is not None:
+            feats = self._features[start : start + self.n].to(self._out_dtype)
+        else:
+            feats = torch.stack(
+                [self[i][0] if self._labels is not None else self[i] for i in range(self.n)]
+            )
+        labels = None if self._labels is None else self._labels[start : start + self.n]
+        return feats, labels
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """The shape of one example's features."""
+        first = self[0]
+        return tuple((first[0] if self._labels is not None else first).shape)
+
+    def describe(self) -> str:
+        """One line: where the features live, how many, their shape and what happened."""
+        where = "in memory" if self.path is None else str(self.path)
+        copies = f" × {self.copies} augmented copies" if self.copies > 1 else ""
+        shape = "×".join(str(d) for d in self.feature_shape)
+        return (
+            f"{self.n} examples{copies}, features {shape}"
+            f"{' (' + str(self.dtype).removeprefix('torch.') + ')' if self.dtype else ''}"
+            f" {where} [{self.status}{'' if self.path is None else ', key ' + self.key[:12]}]"
+        )
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({self.describe()})"

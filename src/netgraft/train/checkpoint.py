@@ -1,0 +1,151 @@
+"""Checkpoints: the one place a training state is built, written, read and restored.
+
+A checkpoint is a plain dict of tensors and numbers, loadable with
+``torch.load(weights_only=True)``: the model's weights, the optimizer's and scheduler's
+states, where the loop is (epoch, step within it, the epoch's running sums), the seed and
+every global random stream, what is frozen (:func:`netgraft.frozen_state`), the history
+and each callback's ``state_dict()``. :func:`checkpoint_payload` builds it from the loop's
+state, :func:`save_checkpoint` writes it atomically, :func:`load_checkpoint` reads it and
+:func:`restore_model` / :func:`restore_training` put it back, so a resumed run continues
+exactly where the saved one was. This module never decides when to save (the
+:class:`~netgraft.Checkpoint` callback does) and never unpickles code.
+
+Example::
+
+    >>> save_checkpoint("runs/a/last.pt", checkpoint_payload(state))
+    >>> payload = load_checkpoint("runs/a")
+    >>> restore_model(payload, model)
+    >>> restore_training(payload, state)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..atomic import atomic_write
+from ..errors import NetgraftError
+from ..freeze import frozen_state, load_frozen_state
+from ..rng import rng_state, set_rng_state
+from .history import History
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "checkpoint_payload",
+    "load_checkpoint",
+    "restore_model",
+    "restore_training",
+    "save_checkpoint",
+]
+
+log = logging.getLogger("netgraft.train")
+CHECKPOINT_FORMAT = "netgraft-checkpoint/1"
+_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "epoch",
+    "step",
+    "global_step",
+    "sums",
+    "seed",
+    "rng",
+    "frozen",
+    "history",
+)
+
+
+def checkpoint_payload(state: Any) -> dict[str, Any]:
+    """The full training state of the loop's ``state`` (a
+    :class:`~netgraft.train.TrainState`) as a plain dict of tensors and numbers. Taken at
+    the end of an epoch (``state.epoch_done``) it points at the start of the next one."""
+    done = state.epoch_done
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "epoch": state.epoch + 1 if done else state.epoch,
+        "step": 0 if done else state.step,
+        "global_step": state.global_step,
+        "sums": {} if done else dict(state.sums),
+        "seed": state.seed,
+        "rng": rng_state(),
+        "frozen": frozen_state(state.model),
+        "history": state.history.to_dict(),
+        "callbacks": [
+            {"type": type(cb).__name__, "state": cb.state_dict()}
+            for cb in state.callbacks
+            if hasattr(cb, "state_dict")
+        ],
+    }
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``path`` atomically: the file appears whole or not at all."""
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a netgraft checkpoint (a file, or a folder holding ``last.pt``) without
+    unpickling code. Raises :class:`NetgraftError` when it is missing, unreadable (corrupt
+    or truncated) or not a complete checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise NetgraftError(
+            f"no checkpoint to resume from: {str(path)!r} does not exist "
+            "(fit writes it with callbacks=[Checkpoint(folder)])"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise NetgraftError(f"cannot read checkpoint {str(path)!r}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise NetgraftError(f"{str(path)!r} is not a netgraft checkpoint ({CHECKPOINT_FORMAT})")
+    missing = [key for key in _KEYS if key not in payload]
+    if missing:
+        raise NetgraftError(
+            f"checkpoint {str(path)!r} is incomplete: it lacks {', '.join(missing)}"
+        )
+    return payload
+
+
+def restore_model(payload: dict[str, Any], model: nn.Module) -> None:
+    """Give ``model`` the checkpoint's frozen state (which parameters train, norm policies)
+    and weights."""
+    load_frozen_state(model, payload["frozen"])
+    model.load_state_dict(payload["model"])
+
+
+def restore_training(payload: dict[str, Any], state: Any) -> None:
+    """Put everything but the model back into the loop's ``state``: the optimizer's and
+    scheduler's states, the history, the position (epoch, step, running sums), each
+    callback's state and, last, every global random stream."""
+    state.optimizer.load_state_dict(payload["optimizer"])
+    if state.scheduler is not None and payload.get("scheduler") is not None:
+        state.scheduler.load_state_dict(payload["scheduler"])
+    state.history.rows[:] = History.from_dict(payload["history"]).rows
+    state.epoch, state.step = payload["epoch"], payload["step"]
+    state.global_step, state.sums = payload["global_step"], dict(payload["sums"])
+    _restore_callbacks(state.callbacks, payload.get("callbacks", []))
+    set_rng_state(payload["rng"])
+
+
+def _restore_callbacks(callbacks: list[Any], saved: list[dict[str, Any]]) -> None:
+    """Give each callback the saved state of the next unused saved callback of its type."""
+    remaining = list(saved)
+    for cb in callbacks:
+        if not hasattr(cb, "load_state_dict"):
+            continue
+        match = next((e for e in remaining if e.get("type") == type(cb).__name__), None)
+        if match is None:
+            log.warning("resume: the checkpoint holds no state for %s", type(cb).__name__)
+            continue
+        remaining.remove(match)
+        cb.load_state_dict(match.get("state") or {})
