@@ -152,18 +152,8 @@ def _split_fx(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
             f"{len(calls)} times, so there is no single cut point"
         )
     at = calls[0]
-    position = nodes.index(at)
-    # Everything computable from the inputs before the cut belongs to the prefix (also checks
-    # such as torch._assert); parameters are read where they are used, on either side.
-    available: set[torch.fx.Node] = set()
-    for node in nodes[: position + 1]:
-        if node.op == "get_attr" or all(i in available for i in node.all_input_nodes):
-            available.add(node)
-    core = {n for n in nodes[: position + 1] if n in available and n.op != "get_attr"}
-    attrs = {i for n in core for i in n.all_input_nodes if i.op == "get_attr"}
-    prefix_nodes = [n for n in nodes[: position + 1] if n in core or n in attrs]
+    prefix_nodes, suffix_nodes = _partition(nodes, at)
     prefix_ids = set(prefix_nodes)
-    suffix_nodes = [n for n in nodes if n not in core and n.op != "get_attr"]
     crossing = []
     for node in suffix_nodes:
         for inp in node.all_input_nodes:
@@ -177,13 +167,47 @@ def _split_fx(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
             f"{' …' if len(crossing) > 4 else ''} (a skip connection or an input used "
             f"after the cut); cut at a module outside that span (e.g. a whole block)"
         )
+    prefix = torch.fx.GraphModule(model, _prefix_graph(prefix_nodes, at), class_name="Prefix")
+    suffix = torch.fx.GraphModule(
+        model, _suffix_graph(graph, suffix_nodes, at, name), class_name="Suffix"
+    )
+    for half in (prefix, suffix):  # only the root flag: submodules keep their own modes
+        half.training = model.training
+    return prefix, suffix
 
+
+def _partition(
+    nodes: list[torch.fx.Node], at: torch.fx.Node
+) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
+    """The nodes of the prefix (up to ``at``, with the parameters they read) and of the
+    suffix (the rest; :func:`_suffix_graph` copies in the parameters it reads)."""
+    position = nodes.index(at)
+    # Everything computable from the inputs before the cut belongs to the prefix (also checks
+    # such as torch._assert); parameters are read where they are used, on either side.
+    available: set[torch.fx.Node] = set()
+    for node in nodes[: position + 1]:
+        if node.op == "get_attr" or all(i in available for i in node.all_input_nodes):
+            available.add(node)
+    core = {n for n in nodes[: position + 1] if n in available and n.op != "get_attr"}
+    attrs = {i for n in core for i in n.all_input_nodes if i.op == "get_attr"}
+    prefix_nodes = [n for n in nodes[: position + 1] if n in core or n in attrs]
+    suffix_nodes = [n for n in nodes if n not in core and n.op != "get_attr"]
+    return prefix_nodes, suffix_nodes
+
+
+def _prefix_graph(prefix_nodes: list[torch.fx.Node], at: torch.fx.Node) -> torch.fx.Graph:
     prefix_graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in prefix_nodes:
         env[node] = prefix_graph.node_copy(node, lambda n: env[n])
     prefix_graph.output(env[at])
+    return prefix_graph
 
+
+def _suffix_graph(
+    graph: torch.fx.Graph, suffix_nodes: list[torch.fx.Node], at: torch.fx.Node, name: str
+) -> torch.fx.Graph:
+    """The suffix graph: ``at``'s output is its one input."""
     # concrete **kwargs make fx flatten the output; the suffix returns it in its real shape
     codegen = graph._codegen
     out_spec = codegen.pytree_info.out_spec if hasattr(codegen, "pytree_info") else None
@@ -198,11 +222,7 @@ def _split_fx(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
             suffix_graph.output(pytree.tree_unflatten(list(flat), out_spec))
             continue
         env[node] = suffix_graph.node_copy(node, lambda n: env[n])
-    prefix = torch.fx.GraphModule(model, prefix_graph, class_name="Prefix")
-    suffix = torch.fx.GraphModule(model, suffix_graph, class_name="Suffix")
-    for half in (prefix, suffix):  # only the root flag: submodules keep their own modes
-        half.training = model.training
-    return prefix, suffix
+    return suffix_graph
 
 
 def _describe(node: torch.fx.Node) -> str:
