@@ -146,16 +146,20 @@ def _single_block(ctx: _Context, item: str, text: str) -> list[str]:
     return sorted(ctx.block_layers(block), key=ctx.position.get)
 
 
+def _match_class(ctx: _Context, item: type) -> tuple[list[str], list[str]]:
+    mods = [n for n, m in ctx.modules.items() if isinstance(m, item)]
+    if not mods:
+        raise SelectionError(
+            f"selector {item.__name__!r} (a class) matches no module; types present: "
+            f"{_present_types(ctx)}"
+        )
+    return sorted(ctx.layers_in_all(mods), key=ctx.position.get), mods
+
+
 def _match_item(ctx: _Context, item: str | type) -> tuple[list[str], list[str]]:
     """Return (layer names, module names) matched by one selector item."""
     if isinstance(item, type):
-        mods = [n for n, m in ctx.modules.items() if isinstance(m, item)]
-        if not mods:
-            raise SelectionError(
-                f"selector {item.__name__!r} (a class) matches no module; types present: "
-                f"{_present_types(ctx)}"
-            )
-        return sorted(ctx.layers_in_all(mods), key=ctx.position.get), mods
+        return _match_class(ctx, item)
     if not isinstance(item, str):
         raise SelectionError(
             f"a selector item must be a string or a class, found {type(item).__name__}"
