@@ -68,6 +68,7 @@ OPERATIONS: dict[str, str] = {
     "deepen": "netgraft.grow.deepen:deepen",
     "widen": "netgraft.grow.widen:widen",
     "expand_blocks": "netgraft.grow.expand:expand_blocks",
+    "widen_transformer": "netgraft.grow.transformer_width:widen_transformer",
 }
 
 # Arguments of growth operations that only check the result (a probe batch, a tolerance):
