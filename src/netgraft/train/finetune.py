@@ -15,7 +15,6 @@ Example::
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +31,6 @@ from .loop import fit
 
 __all__ = ["fine_tune", "head_name"]
 
-log = logging.getLogger("netgraft.train")
 UNFREEZE_MODES = ("all", "gradual")
 
 
