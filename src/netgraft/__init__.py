@@ -20,7 +20,14 @@ from .errors import (
     WeightsError,
 )
 from .freeze import freeze, frozen_state, load_frozen_state, train_only, trainable_report, unfreeze
-from .grow import deepen, expand_blocks, grown_modules, verify_equivalence, widen
+from .grow import (
+    deepen,
+    expand_blocks,
+    grown_modules,
+    verify_equivalence,
+    widen,
+    widen_transformer,
+)
 from .heads import attach, find_head, replace_head, truncate
 from .layers import Block, Layer, LayerTable, blocks, layers, summary
 from .optim import param_groups
@@ -99,4 +106,5 @@ __all__ = [
     "unfreeze",
     "verify_equivalence",
     "widen",
+    "widen_transformer",
 ]

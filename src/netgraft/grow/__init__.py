@@ -3,6 +3,7 @@
 - :func:`deepen` inserts an identity or zero-residual layer after any module;
 - :func:`widen` widens a Linear or Conv2d (Net2WiderNet);
 - :func:`expand_blocks` copies transformer blocks (Hugging Face GPT-2, Llama-style, BERT);
+- :func:`widen_transformer` grows their hidden size, heads and MLP width;
 - :func:`verify_equivalence` measures how much two models' outputs differ;
 - :func:`grown_modules` lists what growth added, for ``train_only``.
 
@@ -13,6 +14,7 @@ the model's recipe.
 from .deepen import Deepened, Residual, deepen
 from .expand import GatedBlock, expand_blocks
 from .grown import grown_modules
+from .transformer_width import widen_transformer
 from .verify import verify_equivalence
 from .widen import widen
 
@@ -25,4 +27,5 @@ __all__ = [
     "grown_modules",
     "verify_equivalence",
     "widen",
+    "widen_transformer",
 ]
