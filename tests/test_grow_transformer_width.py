@@ -169,6 +169,23 @@ def test_bert_classifier_widens_with_its_pooler_and_keeps_logits():
     assert (_logits(model) - expected).abs().max().item() <= 1e-10
 
 
+def test_bert_masked_lm_keeps_its_decoder_tied_and_its_logits():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=48,
+        vocab_size=128,
+    )
+    model = transformers.BertForMaskedLM(config).to(torch.float64).eval()
+    expected = _logits(model)
+    widen_transformer(model, hidden_size=64)
+    decoder = model.cls.predictions.decoder
+    assert decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert (_logits(model) - expected).abs().max().item() <= 1e-10
+
+
 def test_widening_is_recorded_and_a_saved_model_reloads_exactly(tmp_path):
     folder = tmp_path / "gpt2"
     _gpt2().config.save_pretrained(folder)

@@ -257,12 +257,12 @@ def _head_units(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def _copy_maps(old: _Sizes, new: _Sizes, seed: int) -> dict[str, tuple[torch.Tensor, int]]:
+def _copy_maps(old: _Sizes, new: _Sizes, g: torch.Generator) -> dict[str, tuple[torch.Tensor, int]]:
     """For each space, ``(the old unit each new unit copies, the old size)``."""
     q = _head_units(torch.arange(new.heads) % old.heads, old.head_dim)
     kv = _head_units(torch.arange(new.kv_heads) % old.kv_heads, old.head_dim)
     rest = new.intermediate % old.intermediate
-    extra = torch.randperm(old.intermediate, generator=torch.Generator().manual_seed(seed))[:rest]
+    extra = torch.randperm(old.intermediate, generator=g)[:rest]
     mlp = torch.cat([torch.arange(new.intermediate - rest) % old.intermediate, extra.sort().values])
     return {
         "hidden": (torch.arange(new.hidden) % old.hidden, old.hidden),
@@ -342,10 +342,10 @@ def _plan(
     """The new value of every parameter that changes, with every place that holds it;
     computed without touching the model. Raises :class:`SurgeryError` for a parameter no
     rule covers, or one whose shape contradicts the config."""
-    maps = _copy_maps(old, new, seed)
+    g = torch.Generator().manual_seed(seed)
+    maps = _copy_maps(old, new, g)
     tied = _tied_embedding(model)
     factor = new.hidden // old.hidden
-    g = torch.Generator().manual_seed(seed + 1)
     plan: Plan = []
     unknown: list[str] = []
     norm_found = False
