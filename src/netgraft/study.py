@@ -24,21 +24,32 @@ only into the output folder it is given.
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import json
 import logging
 import os
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
 from torch import nn
+from torch.utils.data import default_collate
 
 from .errors import NetgraftError
+from .experiments.results import (
+    errorbars,
+    mean_std,
+    results_table,
+    rows_csv,
+    seeded_row,
+    write_results,
+)
+from .freeze import freeze, unfreeze
+from .heads import find_head, replace_head
+from .layers import blocks, head_block_index, layers
+from .reinit import reinit
+from .train import evaluate, fit
 
 __all__ = ["MODES", "StudyResult", "study"]
 
@@ -83,22 +94,11 @@ class StudyResult:
 
     def to_csv(self) -> str:
         """The rows as CSV text, per-seed accuracies joined by ``;``."""
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=_CSV_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in self.rows:
-            out = {c: row.get(c) for c in _CSV_COLUMNS}
-            out["accs"] = ";".join(f"{a:.4f}" for a in row["accs"])
-            out["reused_up_to"] = row["reused_up_to"] or ""
-            writer.writerow(out)
-        return buf.getvalue()
+        return rows_csv(self.rows, _CSV_COLUMNS)
 
-    def rich_table(self, title: str | None = None):
+    def rich_table(self, title: str | None = None) -> Table:
         """The rows as a rich table, the recommended row marked with ★."""
-        from rich.table import Table
-
-        table = Table(title=title or f"how many {self.unit}s to reuse")
-        for col, justify in [
+        columns = [
             ("model", "left"),
             ("mode", "left"),
             ("k", "right"),
@@ -107,49 +107,36 @@ class StudyResult:
             ("trained params", "right"),
             ("s/run", "right"),
             ("", "left"),
-        ]:
-            table.add_column(col, justify=justify)
-        for row in self.rows:
-            star = "★" if self.recommended and _same_run(row, self.recommended) else ""
-            table.add_row(
+        ]
+        cells = [
+            [
                 row["model"],
                 row["mode"],
                 str(row["k"]),
                 row["reused_up_to"] and f"… {row['reused_up_to']}" or "none",
-                f"{row['acc_mean']:.4f} ± {row['acc_std']:.4f}",
+                mean_std(row, 4),
                 f"{row['trained_params']:,}",
                 f"{row['seconds']:.2f}",
-                star,
-            )
-        if self.recommended:
-            table.caption = f"★ recommended: {self.recommended['reason']}"
-        return table
+                "★" if self.recommended and _same_run(row, self.recommended) else "",
+            ]
+            for row in self.rows
+        ]
+        caption = f"★ recommended: {self.recommended['reason']}" if self.recommended else None
+        return results_table(title or f"how many {self.unit}s to reuse", columns, cells, caption)
 
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write ``study.json``, ``study.csv`` and ``study.png`` into ``out_dir`` (atomically);
         return their paths."""
-        from .atomic import atomic_write
+        return write_results(
+            out_dir,
+            "study",
+            self.to_dict(),
+            csv_text=self.to_csv(),
+            plot=self._draw,
+            figsize=(6.8, 4.4),
+        )
 
-        out = Path(out_dir)
-        paths = {
-            "json": out / "study.json",
-            "csv": out / "study.csv",
-            "png": out / "study.png",
-        }
-        text = json.dumps(self.to_dict(), indent=2)
-        atomic_write(paths["json"], lambda p: p.write_text(text))
-        atomic_write(paths["csv"], lambda p: p.write_text(self.to_csv()))
-        atomic_write(paths["png"], self._plot)
-        return paths
-
-    def _plot(self, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.8, 4.4))
-        ks = sorted({r["k"] for r in self.rows})
+    def _draw(self, ax) -> None:
         for row in self.rows:
             if row["mode"] == "scratch":
                 lo, hi = row["acc_mean"] - row["acc_std"], row["acc_mean"] + row["acc_std"]
@@ -161,17 +148,9 @@ class StudyResult:
                     (r for r in self.rows if r["model"] == model and r["mode"] == mode),
                     key=lambda r: r["k"],
                 )
-                if not rows:
-                    continue
-                ax.errorbar(
-                    [r["k"] for r in rows],
-                    [r["acc_mean"] for r in rows],
-                    yerr=[r["acc_std"] for r in rows],
-                    marker="o",
-                    capsize=3,
-                    linestyle="-" if model == "source" else "--",
-                    label=f"{model} · {mode}",
-                )
+                if rows:
+                    style = "-" if model == "source" else "--"
+                    errorbars(ax, rows, "k", linestyle=style, label=f"{model} · {mode}")
         if self.recommended:
             ax.plot(
                 [self.recommended["k"]],
@@ -183,15 +162,12 @@ class StudyResult:
                 linestyle="none",
                 label="recommended",
             )
-        ax.set_xticks(ks)
+        ax.set_xticks(sorted({r["k"] for r in self.rows}))
         ax.set_xlabel(f"{self.unit}s reused (k)")
         ax.set_ylabel("validation accuracy (mean ± std over seeds)")
         ax.set_title(f"How many {self.unit}s to reuse")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-        fig.tight_layout()
-        fig.savefig(path, format="png", dpi=110)
-        plt.close(fig)
 
 
 def _same_run(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -200,27 +176,13 @@ def _same_run(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 def _units(model: nn.Module, unit: str, example: Any) -> list[list[str]]:
     """The module names each unit holds, in order (blocks, or single layers)."""
-    from .layers import blocks, layers
-
     if unit == "block":
         return [[n for n in b.layer_names if n] for b in blocks(model)]
     return [[row.name] for row in layers(model, example)]
 
 
 def _unit_names(model: nn.Module, unit: str, units: list[list[str]]) -> list[str]:
-    from .layers import blocks
-
     return [b.name for b in blocks(model)] if unit == "block" else [n[0] for n in units]
-
-
-def _head_index(units: list[list[str]], head: str) -> int:
-    """Index of the first unit holding (part of) the head: units from there on are never
-    reused, since the target task needs its own head."""
-    for i, names in enumerate(units):
-        for n in names:
-            if n == head or n.startswith(head + ".") or head.startswith(n + "."):
-                return i
-    return len(units) - 1
 
 
 def _labels(data: Any) -> torch.Tensor | None:
@@ -248,8 +210,6 @@ def _num_classes(data: Any) -> int:
 
 
 def _head_outputs(model: nn.Module) -> int | None:
-    from .heads import find_head
-
     _, head = find_head(model)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     return linears[-1].out_features if linears else None
@@ -282,45 +242,52 @@ def _check_reuse(reuse: Iterable[int], limit: int, unit: str, names: list[str]) 
 
 
 def _example(data: Any) -> Any:
-    from torch.utils.data import default_collate
-
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return torch.as_tensor(data[0][:1])
     return default_collate([data[0][0]])
 
 
-def _run(
-    base: nn.Module,
-    units: list[list[str]],
-    k: int,
-    mode: str,
-    seed: int,
-    num_classes: int,
-    train: Any,
-    val: Any,
-    budget: dict[str, Any],
-    quiet: bool,
-) -> tuple[float, int]:
-    """Train one copy of ``base`` reusing its first ``k`` units; return (val acc, trained
-    parameters)."""
-    from .freeze import freeze, unfreeze
-    from .heads import replace_head
-    from .reinit import reinit
-    from .train import evaluate, fit
+@dataclass
+class _Sweep:
+    """What every run of one study shares: the units, the target data, the budget, the seeds."""
 
-    model = copy.deepcopy(base)
-    unfreeze(model)
-    if _head_outputs(model) not in (None, num_classes):
-        replace_head(model, num_classes)
-    later = [n for names in units[k:] for n in names]
-    if later:
-        reinit(model, later, seed=seed)
-    if mode == "frozen" and k > 0:
-        freeze(model, [n for names in units[:k] for n in names])
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    fit(model, train, seed=seed, cache="auto", quiet=quiet, **budget)
-    acc = float(evaluate(model, val, batch_size=max(64, 2 * budget["batch_size"]))["acc"])
-    return acc, trained
+    units: list[list[str]]
+    unit_names: list[str]
+    num_classes: int
+    train: Any
+    val: Any
+    budget: dict[str, Any]
+    seeds: int
+    quiet: bool
+
+    def row(self, name: str, base: nn.Module, mode: str, k: int) -> dict[str, Any]:
+        """The row of ``base`` (called ``name``) reusing its first ``k`` units in ``mode``,
+        over every seed; from scratch (``k = 0``) trains everything."""
+        run_mode = "fine-tuned" if mode == "scratch" else mode
+        key = {
+            "model": name,
+            "mode": mode,
+            "k": k,
+            "reused_up_to": self.unit_names[k - 1] if k > 0 else None,
+        }
+        return seeded_row(key, lambda seed: self.run(base, k, run_mode, seed), range(self.seeds))
+
+    def run(self, base: nn.Module, k: int, mode: str, seed: int) -> tuple[float, int]:
+        """Train one copy of ``base`` reusing its first ``k`` units; return (val acc, trained
+        parameters)."""
+        model = copy.deepcopy(base)
+        unfreeze(model)
+        if _head_outputs(model) not in (None, self.num_classes):
+            replace_head(model, self.num_classes)
+        later = [n for names in self.units[k:] for n in names]
+        if later:
+            reinit(model, later, seed=seed)
+        if mode == "frozen" and k > 0:
+            freeze(model, [n for names in self.units[:k] for n in names])
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        fit(model, self.train, seed=seed, cache="auto", quiet=self.quiet, **self.budget)
+        batch_size = max(64, 2 * self.budget["batch_size"])
+        return float(evaluate(model, self.val, batch_size=batch_size)["acc"]), trained
 
 
 def _recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -350,6 +317,59 @@ def _recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         **{k: pick[k] for k in ("model", "mode", "k", "reused_up_to", "acc_mean")},
         "reason": reason,
     }
+
+
+def _check_choices(modes: Sequence[str], unit: str, seeds: int) -> None:
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise NetgraftError(f"modes must be some of {', '.join(MODES)}; found {list(modes)}")
+    if unit not in UNITS:
+        raise NetgraftError(f"unit must be one of {', '.join(UNITS)}; found {unit!r}")
+    if not isinstance(seeds, int) or seeds < 1:
+        raise NetgraftError(f"seeds must be a positive integer; found {seeds!r}")
+
+
+def _check_control(control: nn.Module | None, unit: str, n_units: int) -> None:
+    if control is not None and len(_units(control, unit, None)) != n_units:
+        raise NetgraftError(
+            f"the control model must have the source's architecture: {n_units} {unit}s "
+            f"expected, found {len(_units(control, unit, None))}"
+        )
+
+
+def _plan(
+    source: nn.Module,
+    control: nn.Module | None,
+    modes: Sequence[str],
+    ks: list[int],
+    baseline: bool,
+) -> list[tuple[str, nn.Module, str, int]]:
+    """The settings to run, in table order: ``(model name, model, mode, k)``; from scratch
+    first (with ``baseline`` or when ``k = 0`` is asked for), then the source, then the
+    control, each per mode and ``k``."""
+    plan: list[tuple[str, nn.Module, str, int]] = []
+    if baseline or 0 in ks:
+        plan.append(("scratch", source, "scratch", 0))
+    for name, model in (("source", source), ("control", control)):
+        if model is None:
+            continue
+        plan += [(name, model, mode, k) for mode in modes for k in ks if k > 0]
+    return plan
+
+
+def _sweep_rows(
+    sweep: _Sweep, plan: list[tuple[str, nn.Module, str, int]], say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """One row per planned setting, each said to ``say`` once its seeds are done."""
+    rows = []
+    for name, model, mode, k in plan:
+        row = sweep.row(name, model, mode, k)
+        rows.append(row)
+        say(
+            f"{name:<7} {mode:<10} k={k:<2} acc {row['acc_mean']:.4f} ± {row['acc_std']:.4f} "
+            f"· {row['trained_params']:,} trained · {row['seconds']:.2f}s/run"
+        )
+    return rows
 
 
 def study(
@@ -382,70 +402,17 @@ def study(
     Data are ``(x, y)`` tensors or datasets. With ``out_dir`` the JSON, CSV and PNG are
     written there.
     """
-    unknown = [m for m in modes if m not in MODES]
-    if unknown or not modes:
-        raise NetgraftError(f"modes must be some of {', '.join(MODES)}; found {list(modes)}")
-    if unit not in UNITS:
-        raise NetgraftError(f"unit must be one of {', '.join(UNITS)}; found {unit!r}")
-    if not isinstance(seeds, int) or seeds < 1:
-        raise NetgraftError(f"seeds must be a positive integer; found {seeds!r}")
-    from .heads import find_head
-
+    _check_choices(modes, unit, seeds)
     settings = _budget(budget)
-    say = progress or (lambda line: log.info(line))
     num_classes = num_classes or _num_classes(target_train)
     units = _units(source_model, unit, _example(target_train))
     unit_names = _unit_names(source_model, unit, units)
-    limit = _head_index(units, find_head(source_model)[0])
+    limit = head_block_index(units, find_head(source_model)[0])
     ks = _check_reuse(range(1, limit + 1) if reuse is None else reuse, limit, unit, unit_names)
-    if control is not None and len(_units(control, unit, None)) != len(units):
-        raise NetgraftError(
-            f"the control model must have the source's architecture: {len(units)} {unit}s "
-            f"expected, found {len(_units(control, unit, None))}"
-        )
-    plan: list[tuple[str, nn.Module, str, int]] = []
-    if baseline or 0 in ks:
-        plan.append(("scratch", source_model, "scratch", 0))
-    for name, model in (("source", source_model), ("control", control)):
-        if model is None:
-            continue
-        plan += [(name, model, mode, k) for mode in modes for k in ks if k > 0]
-    rows = []
-    for name, model, mode, k in plan:
-        accs, trained, seconds = [], 0, []
-        for seed in range(seeds):
-            started = time.perf_counter()
-            acc, trained = _run(
-                model,
-                units,
-                k,
-                "fine-tuned" if mode == "scratch" else mode,
-                seed,
-                num_classes,
-                target_train,
-                target_val,
-                settings,
-                quiet,
-            )
-            accs.append(acc)
-            seconds.append(time.perf_counter() - started)
-        values = torch.tensor(accs, dtype=torch.float64)
-        row = {
-            "model": name,
-            "mode": mode,
-            "k": k,
-            "reused_up_to": unit_names[k - 1] if k > 0 else None,
-            "acc_mean": round(float(values.mean()), 4),
-            "acc_std": round(float(values.std(unbiased=False)), 4),
-            "accs": [round(a, 4) for a in accs],
-            "trained_params": trained,
-            "seconds": round(sum(seconds) / len(seconds), 3),
-        }
-        rows.append(row)
-        say(
-            f"{name:<7} {mode:<10} k={k:<2} acc {row['acc_mean']:.4f} ± {row['acc_std']:.4f} "
-            f"· {trained:,} trained · {row['seconds']:.2f}s/run"
-        )
+    _check_control(control, unit, len(units))
+    sweep = _Sweep(units, unit_names, num_classes, target_train, target_val, settings, seeds, quiet)
+    plan = _plan(source_model, control, modes, ks, baseline)
+    rows = _sweep_rows(sweep, plan, progress or (lambda line: log.info(line)))
     result = StudyResult(
         rows=rows,
         unit=unit,

@@ -25,7 +25,7 @@ This module never downloads anything and writes only into the output folder it i
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import logging
 import math
 import os
@@ -37,7 +37,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.table import Table
 from torch import nn
+
+from ..data import load_mnist5k
+from ..errors import DataError, NetgraftError
+from ..freeze import freeze
+from ..grow import deepen
+from ..reinit import reinit
+from ..train import evaluate, fine_tune, fit
+from .results import errorbars, mean_std, results_table, seeded_row, write_results
 
 __all__ = [
     "METHODS",
@@ -121,8 +130,6 @@ def split_digits(
 ) -> DigitSplit:
     """Split MNIST images (normalised here) into the demo's source, target pools and test set,
     with a fixed shuffle so the split is the same on every run."""
-    from .errors import DataError
-
     x = (x - _MNIST_MEAN) / _MNIST_STD
     g = torch.Generator().manual_seed(0)
     source_idx, pools, test_x, test_y = [], [], [], []
@@ -159,59 +166,32 @@ class DemoResult:
         """The row of ``method`` at ``per_class`` images per class."""
         return next(r for r in self.rows if r["method"] == method and r["per_class"] == per_class)
 
-    def rich_table(self):
+    def rich_table(self) -> Table:
         """The results as a rich table: accuracy mean ± std per method and images per class."""
-        from rich.table import Table
-
-        table = Table(
-            title=(
-                f"digits 5–9 from few images · source: digits 0–4 (acc {self.source_acc:.3f}) "
-                f"· {self.config.seeds} seeds · {self.config.steps} steps"
-            )
+        title = (
+            f"digits 5–9 from few images · source: digits 0–4 (acc {self.source_acc:.3f}) "
+            f"· {self.config.seeds} seeds · {self.config.steps} steps"
         )
-        table.add_column("method")
-        for n in self.config.per_class:
-            table.add_column(f"{n}/class", justify="right")
-        table.add_column("s/run", justify="right")
+        columns = [("method", "left")]
+        columns += [(f"{n}/class", "right") for n in self.config.per_class]
+        columns.append(("s/run", "right"))
+        cells = []
         for method in self.config.methods:
-            cells = []
-            for n in self.config.per_class:
-                r = self.row(method, n)
-                cells.append(f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f}")
-            secs = [self.row(method, n)["seconds"] for n in self.config.per_class]
-            table.add_row(method, *cells, f"{sum(secs) / len(secs):.2f}")
-        table.caption = "; ".join(c["text"] for c in self.claims)
-        return table
+            rows = [self.row(method, n) for n in self.config.per_class]
+            seconds = sum(r["seconds"] for r in rows) / len(rows)
+            cells.append([method, *(mean_std(r, 3) for r in rows), f"{seconds:.2f}"])
+        return results_table(title, columns, cells, "; ".join(c["text"] for c in self.claims))
 
     def save(self, out_dir: str | os.PathLike) -> dict[str, Path]:
         """Write ``results.json`` (the list of rows) and ``results.png`` into ``out_dir``."""
-        from .atomic import atomic_write
+        return write_results(out_dir, "results", self.rows, plot=self._draw, figsize=(6.4, 4.4))
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {"json": out / "results.json", "png": out / "results.png"}
-        atomic_write(paths["json"], lambda p: p.write_text(json.dumps(self.rows, indent=2)))
-        atomic_write(paths["png"], self._plot)
-        return paths
-
-    def _plot(self, path: Path) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    def _draw(self, ax) -> None:
         for method in self.config.methods:
             rows = [self.row(method, n) for n in self.config.per_class]
-            ax.errorbar(
-                [r["per_class"] for r in rows],
-                [r["acc_mean"] for r in rows],
-                yerr=[r["acc_std"] for r in rows],
-                marker="o",
-                capsize=3,
-                linestyle="--" if method == "frozen (no cache)" else "-",  # same as cached
-                label=method,
-            )
+            # frozen without the cache trains the same model as with it: dashed, so both show
+            style = "--" if method == "frozen (no cache)" else "-"
+            errorbars(ax, rows, "per_class", linestyle=style, label=method)
         ax.set_xscale("log")
         ax.set_xticks(list(self.config.per_class), [str(n) for n in self.config.per_class])
         ax.set_xlabel("training images per class (digits 5–9)")
@@ -219,9 +199,6 @@ class DemoResult:
         ax.set_title("Reusing a digits 0–4 network for digits 5–9")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, format="png", dpi=110)
-        plt.close(fig)
 
 
 def _epochs_for(n: int, config: DemoConfig) -> int:
@@ -231,8 +208,6 @@ def _epochs_for(n: int, config: DemoConfig) -> int:
 
 def _reused(source: nn.Module, seed: int) -> nn.Module:
     """A copy of the source network with a freshly initialised classifier."""
-    from .reinit import reinit
-
     model = copy.deepcopy(source)
     reinit(model, "classifier", seed=seed)
     return model
@@ -245,10 +220,7 @@ def _train_target(
     seed: int,
     config: DemoConfig,
 ) -> nn.Module:
-    from .freeze import freeze
-    from .grow import deepen
-    from .train import fine_tune, fit
-
+    """Train one target network by ``method`` on ``train``, seeded with ``seed``."""
     epochs = _epochs_for(len(train[0]), config)
     common = {"batch_size": config.batch_size, "seed": seed, "quiet": True}
     if method == "from scratch":
@@ -280,15 +252,11 @@ def _train_target(
         deepen(model, "features.pool2", example_input=train[0][:2])
         fit(model, train, epochs=epochs, lr=config.lr, cache=True, **common)
     else:
-        from .errors import NetgraftError
-
         raise NetgraftError(f"unknown demo method {method!r}; use one of {', '.join(METHODS)}")
     return model
 
 
 def _accuracy(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float:
-    from .train import evaluate
-
     return float(evaluate(model, test, batch_size=500)["acc"])
 
 
@@ -324,11 +292,62 @@ def _claims(rows: list[dict[str, Any]], config: DemoConfig) -> list[dict[str, An
     return out
 
 
+def _train_source(split: DigitSplit, config: DemoConfig, say: Callable[[str], None]):
+    """The source network, trained on digits 0–4 with seed 0, and its training accuracy."""
+    torch.manual_seed(0)
+    source = demo_model()
+    started = time.perf_counter()
+    fit(source, split.source, epochs=config.source_epochs, lr=config.lr, batch_size=64,
+        seed=0, cache=False, quiet=True)  # fmt: skip
+    source_acc = _accuracy(source, split.source)
+    seconds = time.perf_counter() - started
+    say(f"source network: digits 0–4, train acc {source_acc:.3f}, {seconds:.1f}s")
+    return source, source_acc
+
+
+def _method_row(
+    method: str,
+    per_class: int,
+    samples: list[tuple[torch.Tensor, torch.Tensor]],
+    source: nn.Module,
+    split: DigitSplit,
+    config: DemoConfig,
+) -> dict[str, Any]:
+    """The row of ``method`` at ``per_class`` images per class: seed ``i`` trains on
+    ``samples[i]``."""
+
+    def run(seed: int) -> tuple[float, int]:
+        model = _train_target(method, source, samples[seed], seed, config)
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return _accuracy(model, split.test), trained
+
+    return seeded_row({"method": method, "per_class": per_class}, run, range(len(samples)))
+
+
+def _target_rows(
+    source: nn.Module, split: DigitSplit, config: DemoConfig, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """One row per images-per-class and method, over ``config.seeds`` seeds; a seed draws the
+    same training images for every method."""
+    rows = []
+    for n in config.per_class:
+        samples = [split.sample(n, seed) for seed in range(config.seeds)]
+        for method in config.methods:
+            row = _method_row(method, n, samples, source, split, config)
+            rows.append(row)
+            say(
+                f"{n:>3}/class · {method:<18} acc {row['acc_mean']:.3f} ± {row['acc_std']:.3f}"
+                f" · {row['seconds']:.2f}s/run"
+            )
+    return rows
+
+
 def run_demo(
     out_dir: str | os.PathLike | None = None,
     *,
     quick: bool = False,
     config: DemoConfig | None = None,
+    threads: int | None = None,
     data: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> DemoResult:
@@ -336,15 +355,15 @@ def run_demo(
     ``out_dir``, also write ``results.json`` and ``results.png`` there.
 
     ``quick`` runs a reduced configuration (one images-per-class, two seeds, fewer steps) for
-    tests; ``config`` sets every knob; ``data`` replaces the MNIST images and labels;
+    tests; ``config`` sets every knob; ``threads`` overrides its CPU threads for torch (the
+    caller's setting is restored afterwards); ``data`` replaces the MNIST images and labels;
     ``progress`` receives one line per finished method and images-per-class.
     """
-    from .data import load_mnist5k
-    from .train import fit
-
     config = config or (QUICK if quick else DemoConfig())
+    if threads is not None:
+        config = dataclasses.replace(config, threads=threads)
     say = progress or (lambda line: log.info(line))
-    threads = torch.get_num_threads()
+    caller_threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.perf_counter()
@@ -353,42 +372,10 @@ def run_demo(
         split = split_digits(
             x, y, pool_per_class=config.pool_per_class, test_per_class=config.test_per_class
         )
-        torch.manual_seed(0)
-        source = demo_model()
-        t0 = time.perf_counter()
-        fit(source, split.source, epochs=config.source_epochs, lr=config.lr, batch_size=64,
-            seed=0, cache=False, quiet=True)  # fmt: skip
-        source_acc = _accuracy(source, split.source)
-        say(
-            f"source network: digits 0–4, train acc {source_acc:.3f}, {time.perf_counter() - t0:.1f}s"
-        )
-        rows = []
-        for n in config.per_class:
-            samples = [split.sample(n, seed) for seed in range(config.seeds)]
-            for method in config.methods:
-                accs, secs = [], []
-                for seed, train in enumerate(samples):
-                    t = time.perf_counter()
-                    model = _train_target(method, source, train, seed, config)
-                    accs.append(_accuracy(model, split.test))
-                    secs.append(time.perf_counter() - t)
-                acc = torch.tensor(accs, dtype=torch.float64)
-                row = {
-                    "method": method,
-                    "per_class": n,
-                    "acc_mean": round(float(acc.mean()), 4),
-                    "acc_std": round(float(acc.std(unbiased=False)), 4),
-                    "seconds": round(sum(secs) / len(secs), 3),
-                    "accs": [round(a, 4) for a in accs],
-                    "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                }
-                rows.append(row)
-                say(
-                    f"{n:>3}/class · {method:<18} acc {row['acc_mean']:.3f} ± {row['acc_std']:.3f}"
-                    f" · {row['seconds']:.2f}s/run"
-                )
+        source, source_acc = _train_source(split, config, say)
+        rows = _target_rows(source, split, config, say)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(caller_threads)
     result = DemoResult(rows, config, round(source_acc, 4), round(time.perf_counter() - started, 1))
     result.claims = _claims(rows, config)
     if out_dir is not None:
