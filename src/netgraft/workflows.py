@@ -1,0 +1,282 @@
+"""End-to-end workflows, one library function per ``netgraft`` command that needs more than
+one step: look inside a model spec, study how many layers of a model to reuse on an image
+folder, fine-tune a model on an image folder into a servable folder, and score or predict
+image files with such a folder.
+
+Each function does exactly what its command does, so a script and the command line give the
+same model, files and numbers; the command line only parses arguments and prints what these
+return. A *servable folder* is a saved netgraft model (``weights.safetensors`` and its
+recipe, :func:`netgraft.save`) with ``history.json``/``.png`` and ``data.json`` (class names
+and input config), everything :func:`evaluate_folder` and :func:`predict_files` need.
+
+Example::
+
+    >>> result = finetune_folder("torchvision:mobilenet_v2", "photos/", "out/", epochs=2)
+    >>> result.summary()
+    'fine-tuned 3 epochs, val_acc 0.9200; saved to out'
+    >>> predict_files("out/", ["cat.png"], k=1)
+    {'cat.png': [{'class': 'cat', 'prob': 0.97}]}
+
+This module never prints, never parses command-line text and writes only into the output
+folders it is given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+from torch import nn
+
+from .data import (
+    image_folder,
+    image_transform,
+    labelled_images,
+    load_image,
+    read_data_info,
+    write_data_info,
+)
+from .errors import DataError, NetgraftError
+from .heads import replace_head
+from .layers import Block, LayerTable, blocks, layers
+from .saved import save
+from .study import MODES, StudyResult, study
+from .train import History, evaluate, fine_tune, predict
+from .zoo import input_for, load_model, load_saved
+
+__all__ = [
+    "FinetuneResult",
+    "Inspection",
+    "blocks_table",
+    "evaluate_folder",
+    "finetune_folder",
+    "inspect_model",
+    "predict_files",
+    "study_folder",
+]
+
+
+def blocks_table(rows: Sequence[Block], title: str) -> Table:
+    """The blocks as a rich table: index, name, parameters and the first six modules each
+    holds (``…`` when there are more)."""
+    table = Table(title=title)
+    for col in ("#", "block", "params", "modules"):
+        table.add_column(col)
+    for b in rows:
+        mods = ", ".join(b.modules[:6]) + (" …" if len(b.modules) > 6 else "")
+        table.add_row(str(b.index), b.name, f"{b.params:,}", mods)
+    return table
+
+
+@dataclass
+class Inspection:
+    """What ``netgraft inspect`` shows of a model spec: its layer table and, when asked for,
+    its blocks instead."""
+
+    spec: str
+    layers: LayerTable
+    blocks: list[Block] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The blocks (``{"spec", "blocks"}``) when asked for, else the layer table with the
+        spec, as plain data."""
+        if self.blocks is not None:
+            return {"spec": self.spec, "blocks": [b.to_dict() for b in self.blocks]}
+        return {"spec": self.spec, **self.layers.to_dict()}
+
+    def rich_table(self) -> Table:
+        """The blocks or the layer table as a rich table titled with the spec."""
+        if self.blocks is not None:
+            return blocks_table(self.blocks, f"{self.spec} · {len(self.blocks)} blocks")
+        return self.layers.rich_table(title=self.spec)
+
+
+def inspect_model(
+    spec: str,
+    *,
+    input_shape: Sequence[int] | None = None,
+    weights: str | os.PathLike | None = None,
+    task: str | None = None,
+    trust_pickle: bool = False,
+    show_blocks: bool = False,
+) -> Inspection:
+    """Load ``spec`` (:func:`netgraft.load_model`) and return its layer table, traced in
+    execution order with output shapes when ``input_shape`` (one example's shape) is given;
+    with ``show_blocks`` the :func:`netgraft.blocks` too, which the inspection then shows."""
+    model = load_model(spec, weights=weights, trust_pickle=trust_pickle, task=task)
+    example = input_for(model, tuple(input_shape)) if input_shape is not None else None
+    table = layers(model, example)
+    return Inspection(spec, table, blocks(model) if show_blocks else None)
+
+
+def study_folder(
+    model: str | nn.Module,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    weights: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+    control: str | nn.Module | None = None,
+    size: int | None = None,
+    reuse: Iterable[int] | None = None,
+    modes: Sequence[str] = MODES,
+    baseline: bool = True,
+    seeds: int = 3,
+    budget: int | Mapping[str, Any] = 5,
+    unit: str = "block",
+    progress: Callable[[str], None] | None = None,
+) -> StudyResult:
+    """:func:`netgraft.study` of ``model`` (a spec for :func:`netgraft.load_model`, with
+    ``weights``, or a module) on the images in ``data_dir`` (``DIR/CLASS/*`` split per class,
+    or ``DIR/train`` and ``DIR/val``), resized as the model expects or to ``size``, with
+    ``control`` (a spec or a module) reused the same way; the results are written to
+    ``out_dir``. A folder giving no validation images is a :class:`NetgraftError`."""
+    if isinstance(model, str):
+        model = load_model(model, weights=weights, trust_pickle=trust_pickle)
+    split = image_folder(data_dir, model, size=size)
+    if split.val is None:
+        raise NetgraftError(
+            f"{data_dir} gives no validation images; add DIR/val or more images per class"
+        )
+    if isinstance(control, str):
+        control = load_model(control, trust_pickle=trust_pickle)
+    return study(
+        model,
+        split.train,
+        split.val,
+        reuse=reuse,
+        modes=modes,
+        baseline=baseline,
+        control=control,
+        seeds=seeds,
+        budget=budget,
+        unit=unit,
+        num_classes=len(split.classes),
+        out_dir=out_dir,
+        progress=progress,
+    )
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune_folder` made: the saved folder, the training history and the
+    class names (in label order)."""
+
+    folder: Path
+    history: History
+    classes: list[str]
+
+    def summary(self) -> str:
+        """One line: epochs trained, the last validation (else training) accuracy, where."""
+        last = self.history.last
+        score = (
+            f"val_acc {last['val_acc']:.4f}"
+            if "val_acc" in last
+            else f"acc {last.get('acc', 0):.4f}"
+        )
+        return f"fine-tuned {len(self.history)} epochs, {score}; saved to {self.folder}"
+
+
+def finetune_folder(
+    model: str | nn.Module,
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    weights: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+    num_classes: int | None = None,
+    keep_frozen: Any = None,
+    epochs: int = 3,
+    head_epochs: int = 1,
+    lr: float = 1e-3,
+    head_lr: float | None = None,
+    lr_mult: float = 100.0,
+    unfreeze: str = "all",
+    augment: bool = False,
+    size: int | None = None,
+    batch_size: int = 32,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    cache: bool | str = "auto",
+    quiet: bool = False,
+) -> FinetuneResult:
+    """Fine-tune ``model`` (a spec for :func:`netgraft.load_model`, or a module) on the
+    class-per-folder images in ``data_dir`` and save it, servable, to ``out``.
+
+    ``seed`` seeds everything, the initial weights of the new head and of random layers
+    included, so one seed gives one model. The images are split per class (``val_fraction``
+    held out unless ``data_dir`` has ``train``/``val``), the head is replaced by one with
+    ``num_classes`` outputs (default: one per class folder; another number is a
+    :class:`DataError`), then :func:`netgraft.fine_tune` trains the head for ``head_epochs``
+    and unfreezes (``unfreeze``: ``"all"`` or ``"gradual"``, never ``keep_frozen``) for
+    ``epochs`` at ``lr`` with ``lr_mult`` between top and bottom rates. ``out`` gets the
+    weights and recipe, ``history.json``/``.png`` and ``data.json``.
+    """
+    torch.manual_seed(seed)
+    if isinstance(model, str):
+        model = load_model(model, weights=weights, trust_pickle=trust_pickle)
+    split = image_folder(
+        data_dir, model, size=size, augment=augment, val_fraction=val_fraction, seed=seed
+    )
+    n = num_classes if num_classes is not None else len(split.classes)
+    if n != len(split.classes):
+        raise DataError(
+            f"--num-classes {n} does not match the {len(split.classes)} class folders in {data_dir}"
+        )
+    replace_head(model, n)
+    history = fine_tune(
+        model,
+        split.train,
+        split.val,
+        epochs=epochs,
+        head_epochs=head_epochs,
+        head_lr=head_lr,
+        base_lr=lr,
+        lr_mult=lr_mult,
+        unfreeze=unfreeze,
+        keep_frozen=keep_frozen,
+        batch_size=batch_size,
+        seed=seed,
+        cache=cache,
+        quiet=quiet,
+    )
+    folder = save(model, out)
+    history.save(folder)
+    write_data_info(folder, split.classes, split.config)
+    return FinetuneResult(folder, history, list(split.classes))
+
+
+def evaluate_folder(
+    folder: str | os.PathLike, data_dir: str | os.PathLike, *, batch_size: int = 64
+) -> dict[str, Any]:
+    """Loss, accuracy and count (``{"loss", "acc", "n"}``, :func:`netgraft.evaluate`) of the
+    model in a servable ``folder`` on every image of the class-per-folder ``data_dir``; a
+    class folder the model was not trained on is a :class:`DataError`."""
+    classes, config = read_data_info(folder)
+    model = load_saved(folder)
+    return evaluate(model, labelled_images(data_dir, config, classes), batch_size=batch_size)
+
+
+def predict_files(
+    folder: str | os.PathLike, images: Sequence[str | os.PathLike], *, k: int = 3
+) -> dict[str, list[dict[str, Any]]]:
+    """The top-``k`` classes of the model in a servable ``folder`` for each image file, read
+    and transformed as at training time: ``{path: [{"class": name, "prob": p}, ...]}`` in the
+    order of ``images``, most probable first, probabilities rounded to 6 digits."""
+    classes, config = read_data_info(folder)
+    model = load_saved(folder)
+    tf = image_transform(config)
+    batch = torch.stack([tf(load_image(p, config.input_size[0])) for p in images])
+    probs, indices = predict(model, batch, k=k)
+    return {
+        str(p): [
+            {"class": classes[i], "prob": round(float(q), 6)}
+            for q, i in zip(pr.tolist(), ix.tolist(), strict=True)
+        ]
+        for p, pr, ix in zip(images, probs, indices, strict=True)
+    }
