@@ -222,3 +222,28 @@ def test_frozen_state_round_trips_to_a_fresh_model():
 def test_bad_norm_policy_is_a_clear_error():
     with pytest.raises(netgraft.NetgraftError, match="bn must be one of"):
         netgraft.freeze(keras_tutorial_cnn(), bn="off")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["torchvision:vit_b_16", "timm:vit_tiny_patch16_224"])
+def test_train_only_head_on_vision_transformers_freezes_the_root_tokens(source):
+    from netgraft.zoo import load_model
+
+    torch.manual_seed(0)
+    model = load_model(source)
+    head = "heads" if source.startswith("torchvision") else "head"
+    netgraft.train_only(model, head)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith(head + ".") for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(n in frozen for n in ("class_token", "cls_token"))
+    opt = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=0.1
+    )
+    x, y = torch.randn(2, 3, 224, 224), torch.tensor([1, 2])
+    model.train()
+    for _ in range(10):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)

@@ -116,8 +116,14 @@ def freeze(model: nn.Module, selector: Selector = None, bn: str = "eval") -> nn.
     :class:`SelectionError` when the selector matches nothing.
     """
     _check_policy(bn)
+    _freeze_layers(model, select(model, selector), bn)
+    return model
+
+
+def _freeze_layers(model: nn.Module, names: list[str], bn: str) -> None:
+    """Freeze the layers named (the root, ``""``, included: a ViT's root owns its tokens)."""
     modules = dict(model.named_modules())
-    for name in select(model, selector):
+    for name in names:
         module = modules[name]
         if is_norm(module):
             if bn == "train":
@@ -125,7 +131,15 @@ def freeze(model: nn.Module, selector: Selector = None, bn: str = "eval") -> nn.
             _hold_norm(module, bn)
         for p in _own_params(module):
             p.requires_grad_(False)
-    return model
+
+
+def _unfreeze_layers(model: nn.Module, names: list[str]) -> None:
+    modules = dict(model.named_modules())
+    for name in names:
+        module = modules[name]
+        _release_norm(module, model.training)
+        for p in _own_params(module):
+            p.requires_grad_(True)
 
 
 def unfreeze(model: nn.Module, selector: Selector = None) -> nn.Module:
@@ -134,12 +148,7 @@ def unfreeze(model: nn.Module, selector: Selector = None) -> nn.Module:
     Parameters require gradients again; norm layers are released from their frozen policy
     and follow the model's current train/eval mode.
     """
-    modules = dict(model.named_modules())
-    for name in select(model, selector):
-        module = modules[name]
-        _release_norm(module, model.training)
-        for p in _own_params(module):
-            p.requires_grad_(True)
+    _unfreeze_layers(model, select(model, selector))
     return model
 
 
@@ -151,10 +160,10 @@ def train_only(model: nn.Module, selector: Selector, bn: str = "eval") -> nn.Mod
     _check_policy(bn)
     keep = set(select(model, selector))
     rest = [n for n in select(model, None) if n not in keep]
-    if keep:
-        unfreeze(model, sorted(keep))
-    if rest:
-        freeze(model, rest, bn=bn)
+    # names, not selectors: "everything else" may include the root, which owns parameters
+    # in Vision Transformers (class token, position embedding) and has no selector
+    _unfreeze_layers(model, sorted(keep))
+    _freeze_layers(model, rest, bn)
     return model
 
 
