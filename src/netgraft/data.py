@@ -33,7 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .errors import DataError
+from .recipe import get_recipe
 
 __all__ = [
     "AUGMENTATIONS",
@@ -260,7 +262,6 @@ def data_config(model: torch.nn.Module | None = None, *, size: int | None = None
 
 
 def _torchvision_config(model: torch.nn.Module) -> DataConfig | None:
-    from .recipe import get_recipe
 
     base = get_recipe(model).base or {}
     spec = str(base.get("spec", ""))
@@ -468,7 +469,6 @@ def _split_per_class(
 
 def write_data_info(folder: str | Path, classes: Sequence[str], config: DataConfig) -> Path:
     """Write ``data.json`` (class names and input config) next to a saved model, atomically."""
-    from .atomic import atomic_write
 
     text = json.dumps({"classes": list(classes), "config": config.to_dict()}, indent=2)
     return atomic_write(Path(folder) / "data.json", lambda p: p.write_text(text))

@@ -28,7 +28,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import NetgraftError
-from .select import Selector
+from .heads import find_head
+from .layers import ordered_layer_modules, trace_order
+from .select import Selector, select
 
 __all__ = ["pretrain_layerwise"]
 
@@ -128,7 +130,6 @@ def _decode(decoder: nn.Module, code: torch.Tensor, like: torch.Tensor) -> torch
 
 def _following_activations(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
     """For each module, the activation module that runs right after it (if any)."""
-    from .layers import trace_order
 
     order, _ = trace_order(model, example)
     modules = dict(model.named_modules())
@@ -141,8 +142,6 @@ def _following_activations(model: nn.Module, example: torch.Tensor) -> dict[str,
 
 
 def _default_layers(model: nn.Module) -> list[str]:
-    from .heads import find_head
-    from .layers import ordered_layer_modules
 
     try:
         head = find_head(model)[0]
@@ -179,7 +178,6 @@ def pretrain_layerwise(
     input with Gaussian noise of that std (a denoising autoencoder). Returns one record per
     layer: its name and the reconstruction loss of its first and last epoch.
     """
-    from .select import select
 
     if not isinstance(epochs_per_layer, int) or epochs_per_layer < 1:
         raise NetgraftError(
