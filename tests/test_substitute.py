@@ -122,3 +122,11 @@ def test_a_module_called_twice_is_no_cut_point():
 
     with pytest.raises(SurgeryError, match="calls it 2 times"):
         cut_by_substitution(Twice(), "shared", torch.randn(3, 4))
+
+
+def test_cut_falls_back_to_substitution_when_fx_cannot_trace(minilm_classifier, sentences):
+    with pytest.raises(SurgeryError, match="example_input"):
+        netgraft.cut(minilm_classifier, at="bert")
+    prefix, suffix = netgraft.cut(minilm_classifier, at="bert", example_input=sentences)
+    with torch.no_grad():
+        assert torch.equal(suffix(prefix(sentences)).logits, minilm_classifier(**sentences).logits)

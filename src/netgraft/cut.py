@@ -10,6 +10,9 @@ stores, and :func:`netgraft.truncate` keeps only the prefix.
   halves take one input each). Where more than that one value would have to cross the
   cut (a skip connection around it, a model input or an attention mask used later) or the
   forward cannot be traced, :class:`SurgeryError` says so rather than cutting wrongly.
+- A forward fx cannot trace (Hugging Face models, timm models with value-dependent
+  control flow) is cut by substitution when an example input is given
+  (:mod:`netgraft.substitute`), checked on that input.
 
 Both halves hold the *original* parameter and buffer objects (never copies), under their
 original dotted names, so freezing or caching the prefix refers to the real weights.
@@ -40,6 +43,7 @@ from . import marks
 from .errors import SurgeryError
 from .layers import display_name
 from .select import Selector, resolve_module
+from .substitute import cut_by_substitution
 
 __all__ = ["cut", "cut_point"]
 
@@ -49,11 +53,17 @@ def cut_point(module: nn.Module) -> str | None:
     return marks.CUT_AT.get(module)
 
 
-def cut(model: nn.Module, at: Selector) -> tuple[nn.Module, nn.Module]:
+def cut(
+    model: nn.Module, at: Selector, *, example_input: Any = None
+) -> tuple[nn.Module, nn.Module]:
     """Split ``model`` after the module ``at`` picks (exactly one): returns ``(prefix,
     suffix)`` with ``suffix(prefix(x))`` equal to ``model(x)`` and ``prefix(x)`` the output of
     that module. Both share the model's own parameters. Raises :class:`SurgeryError` where
-    more than one tensor would cross the cut or the model cannot be traced."""
+    more than one tensor would cross the cut or the model cannot be traced.
+
+    Where torch.fx cannot trace the forward and ``example_input`` is given, the model is cut
+    by substitution instead (:mod:`netgraft.substitute`): ``prefix(x)`` is then the pair
+    ``(inputs, output of the module)`` and the cut is checked on ``example_input``."""
     name, _ = resolve_module(model, at, what="cut point")
     if not name:
         raise SurgeryError(
@@ -62,7 +72,12 @@ def cut(model: nn.Module, at: Selector) -> tuple[nn.Module, nn.Module]:
         )
     halves = _split_sequential(model, name.split("."))
     if halves is None:
-        halves = _split_fx(model, name)
+        try:
+            halves = _split_fx(model, name)
+        except _Untraceable:
+            if example_input is None:
+                raise
+            halves = cut_by_substitution(model, name, example_input)
     for half in halves:
         marks.CUT_AT.set(half, name)
     return halves
@@ -131,10 +146,15 @@ def _trace(model: nn.Module, name: str) -> torch.fx.Graph:
             if hasattr(model, "config") and hasattr(model, "main_input_name")
             else "models with data-dependent control flow can only be cut inside nn.Sequential"
         )
-        raise SurgeryError(
+        raise _Untraceable(
             f"cannot cut {type(model).__name__} at {name!r}: its forward cannot be traced with "
-            f"torch.fx ({type(exc).__name__}: {first[:200]}); {why}"
+            f"torch.fx ({type(exc).__name__}: {first[:200]}); {why} (pass example_input= to "
+            "cut by substitution instead)"
         ) from exc
+
+
+class _Untraceable(SurgeryError):
+    """torch.fx could not trace the forward (a cut by substitution may still work)."""
 
 
 def _split_fx(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
