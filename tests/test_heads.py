@@ -179,3 +179,29 @@ def test_new_layers_follow_the_model_mode_and_a_stack_can_still_be_cut():
     assert torch.equal(_run(model, x), _run(model, x))  # eval: no dropout noise
     prefix, suffix = netgraft.cut(model, at="base.layer3")
     assert torch.equal(_run(suffix, _run(prefix, x)), _run(model, x))
+
+
+def test_squeezenet_convolutional_classifier_gets_a_working_ten_class_head(tmp_path, digits):
+    torch.manual_seed(0)
+    model = load_model("torchvision:squeezenet1_1")
+    netgraft.replace_head(model, 10)
+    assert model.classifier[1].out_channels == 10 and model.num_classes == 10
+    netgraft.train_only(model, "classifier")
+    x, y = digits
+    x = x[:32].repeat(1, 3, 8, 8)
+    y = y[:32]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    model.train()
+    for _ in range(15):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    netgraft.save(model, tmp_path / "sq")
+    again = netgraft.load(tmp_path / "sq").eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))

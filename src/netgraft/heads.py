@@ -96,6 +96,43 @@ def _final_linear(name: str, head: nn.Module) -> tuple[str, nn.Linear]:
     return f"{name}.{sub}", linear
 
 
+def _final_pointwise_conv(name: str, head: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """The last 1×1 convolution of a head that holds no Linear (SqueezeNet classifies with
+    one, then pools), or None."""
+    if any(isinstance(m, nn.Linear) for m in head.modules()):
+        return None
+    convs = [
+        (f"{name}.{n}" if n else name, m)
+        for n, m in head.named_modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1
+    ]
+    return convs[-1] if convs else None
+
+
+def _replace_conv_classifier(
+    model: nn.Module,
+    target: str,
+    old: nn.Conv2d,
+    num_classes: int,
+    hidden: int | list[int] | None,
+    dropout: float,
+) -> nn.Module:
+    if hidden is not None or dropout:
+        raise SurgeryError(
+            f"the head {target!r} classifies with a 1×1 convolution; replace_head swaps it for "
+            "a new one and takes no hidden= or dropout= there"
+        )
+    new = nn.Conv2d(old.in_channels, num_classes, 1, bias=old.bias is not None)
+    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    new.train(old.training)
+    model.set_submodule(target, new)
+    if isinstance(getattr(model, "num_classes", None), int):
+        model.num_classes = num_classes
+    _sync_num_classes(model, num_classes)
+    log.info("replaced %s (%d -> %d) with a 1×1 Conv2d", target, old.in_channels, num_classes)
+    return model
+
+
 def _new_head(
     in_features: int,
     num_classes: int,
@@ -151,6 +188,9 @@ def replace_head(
             log.info("reset the timm classifier to %d classes", num_classes)
             return model
     name, head = find_head(model)
+    conv = _final_pointwise_conv(name, head)
+    if conv is not None:
+        return _replace_conv_classifier(model, *conv, num_classes, hidden, dropout)
     target, old = _final_linear(name, head)
     new = _new_head(old.in_features, num_classes, hidden, float(dropout), old)
     new.train(old.training)  # a model in eval mode stays deterministic
