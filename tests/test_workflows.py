@@ -19,9 +19,11 @@ from netgraft.study import StudyResult
 from netgraft.workflows import (
     evaluate_folder,
     finetune_folder,
+    grow_folder,
     inspect_model,
     predict_files,
     study_folder,
+    transfer_folder,
 )
 
 NET = (
@@ -169,3 +171,23 @@ def test_study_folder_needs_validation_images(image_tree, tmp_path):
             extra.unlink()
     with pytest.raises(NetgraftError, match="gives no validation images"):
         study_folder(spec, root, tmp_path / "out", size=8)
+
+
+def test_grow_folder_saves_the_verified_operation_and_needs_exactly_one(image_tree, tmp_path):
+    _, spec = image_tree
+    result = grow_folder(spec, tmp_path / "grown", widen=("3", 24), input_shape=(3, 8, 8))
+    assert result.operation["op"] == "widen" and result.operation["args"]["width"] == 24
+    assert result.summary() == (
+        f"widen(layer='3', width=24, next_layer='5', norm=None) verified; saved to {result.folder}"
+    )
+    assert (result.folder / "weights.safetensors").is_file()
+    with pytest.raises(NetgraftError, match="exactly one of deepen, widen, expand_every"):
+        grow_folder(spec, tmp_path / "none")
+
+
+def test_transfer_folder_reports_every_tensor_writes_the_report_and_saves(image_tree, tmp_path):
+    _, spec = image_tree
+    result = transfer_folder(spec, spec, tmp_path / "dst", report_path=tmp_path / "report.json")
+    assert result.report.summary().startswith("transfer from module Sequential: 6 copied")
+    assert json.loads((tmp_path / "report.json").read_text())
+    assert (result.folder / "weights.safetensors").is_file()

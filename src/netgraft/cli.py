@@ -24,20 +24,15 @@ from rich.console import Console
 
 from .errors import NetgraftError
 from .experiments.demo import run_demo
-from .grow import deepen as deepen_op
-from .grow import expand_blocks
-from .grow import widen as widen_op
-from .recipe import get_recipe
-from .saved import save
-from .transfer import transfer
 from .workflows import (
     evaluate_folder,
     finetune_folder,
+    grow_folder,
     inspect_model,
     predict_files,
     study_folder,
+    transfer_folder,
 )
-from .zoo import input_for, load_model
 
 try:  # recent typer vendors its own click; its exceptions are the ones raised
     from typer import _click as click
@@ -80,10 +75,6 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
         )
     shape = tuple(int(p) for p in re.split("[,x]", text))
     return shape
-
-
-def _load(spec: str, weights: Path | None, trust_pickle: bool, task: str | None = None):
-    return load_model(spec, weights=weights, trust_pickle=trust_pickle, task=task)
 
 
 @app.command()
@@ -158,22 +149,26 @@ def grow(
             f"grow needs exactly one of --deepen, --widen, --expand-every; found "
             f"{', '.join(chosen) or 'none'}"
         )
-    model = _load(spec, weights, trust_pickle, task)
-    shape = parse_shape(input_shape)
-    example = input_for(model, shape, batch=2) if shape is not None else None
-    if deepen is not None:
-        deepen_op(model, deepen, mode=mode, activation=activation, example_input=example)
-    elif widen is not None:
+    widen_to = None
+    if widen is not None:
         layer, _, width = widen.rpartition(":")
         if not layer or not width.strip().isdigit():
             raise NetgraftError(f"--widen takes LAYER:WIDTH, e.g. fc1:64; found {widen!r}")
-        widen_op(model, layer, int(width), example_input=example)
-    else:
-        expand_blocks(model, every=expand_every, example_input=example)
-    op = get_recipe(model).operations[-1]
-    folder = save(model, out)
-    args = ", ".join(f"{k}={v!r}" for k, v in op["args"].items() if k != "output_shapes")
-    _console().print(f"{op['op']}({args}) verified; saved to {folder}", markup=False)
+        widen_to = (layer, int(width))
+    result = grow_folder(
+        spec,
+        out,
+        deepen=deepen,
+        widen=widen_to,
+        expand_every=expand_every,
+        mode=mode,
+        activation=activation,
+        input_shape=parse_shape(input_shape),
+        weights=weights,
+        task=task,
+        trust_pickle=trust_pickle,
+    )
+    _console().print(result.summary(), markup=False)
 
 
 @app.command("transfer")
@@ -221,30 +216,26 @@ def transfer_cmd(
             picked = [int(c) for c in classes.split(",") if c.strip()]
         except ValueError:
             raise NetgraftError(f"--classes takes integers like 3,7,9; found {classes!r}") from None
-    source = src if Path(src).is_file() else _load(src, None, trust_pickle)
-    model = _load(dst_spec, None, trust_pickle)
-    shape = parse_shape(input_shape)
-    report = transfer(
-        source,
-        model,
+    result = transfer_folder(
+        src,
+        dst_spec,
+        out,
         include=include or None,
         exclude=exclude or None,
         mapping=mapping or None,
         on_mismatch=on_mismatch,
-        example_input=input_for(model, shape) if shape is not None else None,
         classes=picked,
+        input_shape=parse_shape(input_shape),
         adopt_epsilon=adopt_epsilon,
         trust_pickle=trust_pickle,
+        report_path=report_path,
     )
     console = _console()
     if quiet:
-        console.print(report.summary(), markup=False)
+        console.print(result.report.summary(), markup=False)
     else:
-        console.print(report.table())
-    if report_path is not None:
-        report.to_json(report_path)
-    folder = save(model, out)
-    console.print(f"saved to {folder}", markup=False)
+        console.print(result.report.table())
+    console.print(f"saved to {result.folder}", markup=False)
 
 
 def _int_list(text: str | None, flag: str) -> list[int] | None:

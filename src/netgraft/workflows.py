@@ -1,7 +1,7 @@
 """End-to-end workflows, one library function per ``netgraft`` command that needs more than
-one step: look inside a model spec, study how many layers of a model to reuse on an image
-folder, fine-tune a model on an image folder into a servable folder, and score or predict
-image files with such a folder.
+one step: look inside a model spec, grow a model or transfer weights into one and save it,
+study how many layers of a model to reuse on an image folder, fine-tune a model on an image
+folder into a servable folder, and score or predict image files with such a folder.
 
 Each function does exactly what its command does, so a script and the command line give the
 same model, files and numbers; the command line only parses arguments and prints what these
@@ -42,22 +42,31 @@ from .data import (
     write_data_info,
 )
 from .errors import DataError, NetgraftError
+from .grow import deepen as deepen_op
+from .grow import expand_blocks
+from .grow import widen as widen_op
 from .heads import replace_head
 from .layers import Block, LayerTable, blocks, layers
+from .recipe import get_recipe
 from .saved import save
 from .study import MODES, StudyResult, study
 from .train import History, evaluate, fine_tune, predict
+from .transfer import TransferReport, transfer
 from .zoo import input_for, load_model, load_saved
 
 __all__ = [
     "FinetuneResult",
+    "GrowResult",
     "Inspection",
+    "TransferResult",
     "blocks_table",
     "evaluate_folder",
     "finetune_folder",
+    "grow_folder",
     "inspect_model",
     "predict_files",
     "study_folder",
+    "transfer_folder",
 ]
 
 
@@ -160,6 +169,113 @@ def study_folder(
         out_dir=out_dir,
         progress=progress,
     )
+
+
+@dataclass
+class GrowResult:
+    """What :func:`grow_folder` did: the recorded operation (``{"op", "args"}``, as in the
+    recipe) and the folder the grown model was saved to."""
+
+    operation: dict[str, Any]
+    folder: Path
+
+    def summary(self) -> str:
+        """One line: the operation with its recorded arguments, verified, and where it went."""
+        args = ", ".join(
+            f"{k}={v!r}" for k, v in self.operation["args"].items() if k != "output_shapes"
+        )
+        return f"{self.operation['op']}({args}) verified; saved to {self.folder}"
+
+
+def grow_folder(
+    model: str | nn.Module,
+    out: str | os.PathLike,
+    *,
+    deepen: Any = None,
+    widen: tuple[str, int] | None = None,
+    expand_every: int | None = None,
+    mode: str = "auto",
+    activation: str | None = None,
+    input_shape: Sequence[int] | None = None,
+    weights: str | os.PathLike | None = None,
+    task: str | None = None,
+    trust_pickle: bool = False,
+) -> GrowResult:
+    """Grow ``model`` (a spec for :func:`netgraft.load_model`, or a module) by exactly one of:
+    :func:`netgraft.deepen` after the ``deepen`` selector (``mode``, ``activation``),
+    :func:`netgraft.widen` of ``widen = (layer, width)``, or
+    :func:`netgraft.expand_blocks` copying every ``expand_every``-th block; each verifies
+    that the function is unchanged (on a batch of two examples of ``input_shape`` when
+    given). The grown model is saved to ``out``."""
+    chosen = [
+        name
+        for name, v in (("deepen", deepen), ("widen", widen), ("expand_every", expand_every))
+        if v is not None
+    ]
+    if len(chosen) != 1:
+        raise NetgraftError(
+            f"grow needs exactly one of deepen, widen, expand_every; found "
+            f"{', '.join(chosen) or 'none'}"
+        )
+    if isinstance(model, str):
+        model = load_model(model, weights=weights, trust_pickle=trust_pickle, task=task)
+    example = input_for(model, tuple(input_shape), batch=2) if input_shape is not None else None
+    if deepen is not None:
+        deepen_op(model, deepen, mode=mode, activation=activation, example_input=example)
+    elif widen is not None:
+        widen_op(model, widen[0], widen[1], example_input=example)
+    else:
+        expand_blocks(model, every=expand_every, example_input=example)
+    operation = get_recipe(model).operations[-1]
+    return GrowResult(operation, save(model, out))
+
+
+@dataclass
+class TransferResult:
+    """What :func:`transfer_folder` did: the transfer report and where the model went."""
+
+    report: TransferReport
+    folder: Path
+
+
+def transfer_folder(
+    src: str | os.PathLike | nn.Module,
+    dst: str | nn.Module,
+    out: str | os.PathLike,
+    *,
+    include: Any = None,
+    exclude: Any = None,
+    mapping: Mapping[str, str] | None = None,
+    on_mismatch: str = "error",
+    classes: Sequence[int] | None = None,
+    input_shape: Sequence[int] | None = None,
+    adopt_epsilon: bool = False,
+    trust_pickle: bool = False,
+    report_path: str | os.PathLike | None = None,
+) -> TransferResult:
+    """:func:`netgraft.transfer` from ``src`` (a weights file, a model spec or a module) into
+    ``dst`` (a spec or a module), whose execution order is traced on one example of
+    ``input_shape`` when given; the report is also written to ``report_path`` as JSON, then
+    the destination is saved to ``out``."""
+    if isinstance(src, (str, os.PathLike)) and not Path(src).is_file():
+        src = load_model(str(src), trust_pickle=trust_pickle)
+    if isinstance(dst, str):
+        dst = load_model(dst, trust_pickle=trust_pickle)
+    report = transfer(
+        src,
+        dst,
+        include=include,
+        exclude=exclude,
+        mapping=mapping,
+        on_mismatch=on_mismatch,
+        example_input=input_for(dst, tuple(input_shape)) if input_shape is not None else None,
+        classes=classes,
+        adopt_epsilon=adopt_epsilon,
+        trust_pickle=trust_pickle,
+    )
+    if report_path is not None:
+        report.to_json(report_path)
+    return TransferResult(report, save(dst, out))
 
 
 @dataclass
