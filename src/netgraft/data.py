@@ -141,7 +141,7 @@ def minilm_path() -> Path:
 
 PARTIES = ("democrat", "republican")
 _SPEAKER_TAG = re.compile(r"^[A-Z][A-Z .,'\-]+:\s*", re.MULTILINE)
-_STAGE_NOTE = re.compile(r"\([^()]*\)")
+_STAGE_NOTE = re.compile(r"\([^()]*\)|\((?:cheers|applause|laughter|boos)[^.)]*[.)]", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
