@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -212,3 +213,48 @@ def test_cli_study_reports_a_missing_data_folder_in_one_line(tmp_path, cli):
     code, _, err = cli("study", "torchvision:resnet18", "--data", str(tmp_path / "nowhere"))
     assert code == 1
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_surgical_mode_tunes_only_unit_k_and_keeps_every_other_units_weights(tasks, monkeypatch):
+    source, train, val = tasks
+    seen: list[dict[str, bool]] = []
+    study_module = sys.modules["netgraft.study"]
+    original = study_module.fit
+
+    def spy(model, *args, **kwargs):
+        seen.append({n: p.requires_grad for n, p in model.named_parameters()})
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        out = original(model, *args, **kwargs)
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]) != p.requires_grad, n
+        return out
+
+    monkeypatch.setattr(study_module, "fit", spy)
+    budget = {"epochs": 6, "lr": 3e-3}
+    result = study(source, train, val, modes=("surgical",), baseline=False, seeds=1, budget=budget)
+    assert [(r["mode"], r["k"], r["reused_up_to"]) for r in result.rows] == [
+        ("surgical", k, name) for k, name in enumerate(["conv1", "conv2", "fc1", "fc"], 1)
+    ]
+    assert [r["trained_params"] for r in result.rows] == [160, 4640, 32832, 325]
+    assert [sorted({n.split(".")[0] for n, g in s.items() if g}) for s in seen] == [
+        ["conv1"],
+        ["conv2"],
+        ["fc1"],
+        ["fc"],
+    ]
+    # tuning one unit of the source is enough to beat chance (0.2) on the new digits
+    assert max(r["acc_mean"] for r in result.rows) > 0.35
+    assert result.recommended["mode"] == "surgical"
+    assert "only conv1 tuned" in str(result.rich_table().columns[3]._cells)
+
+
+def test_surgical_mode_trains_a_replaced_head_with_the_unit_tuned(tasks):
+    source, (x, y), (vx, vy) = tasks
+    keep, vkeep = y < 3, vy < 3
+    result = study(
+        source, (x[keep], y[keep]), (vx[vkeep], vy[vkeep]),
+        reuse=[1], modes=("surgical",), baseline=False, seeds=1, budget=1,
+    )  # fmt: skip
+    assert result.rows[0]["trained_params"] == 160 + 64 * 3 + 3
+    with pytest.raises(NetgraftError, match=r"between 0 and 4 \(the blocks one of which is tuned"):
+        study(source, (x, y), (vx, vy), reuse=[5], modes=("surgical",))

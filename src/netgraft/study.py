@@ -2,7 +2,9 @@
 
 :func:`study` copies the first ``k`` units (blocks by default, or layers) of a trained source
 model, re-initialises the rest, trains on the target data with the copied units frozen
-(``"frozen"``) or trainable (``"fine-tuned"``), and records validation accuracy (mean and std
+(``"frozen"``) or trainable (``"fine-tuned"``) — or keeps every unit and tunes only unit ``k`` (``"surgical"``, Lee et al.
+2023, "Surgical fine-tuning improves adaptation to distribution shifts") — and records
+validation accuracy (mean and std
 over seeds), the number of trained parameters and the time, for every ``k`` asked for. A
 from-scratch baseline (``k = 0``) and a *selffer* control (a model trained on the target task
 itself, reused the same way; Yosinski et al. 2014, "How transferable are features in deep
@@ -45,17 +47,19 @@ from .experiments.results import (
     seeded_row,
     write_results,
 )
-from .freeze import freeze, unfreeze
+from .freeze import freeze, train_only, unfreeze
 from .heads import find_head, replace_head
 from .layers import blocks, head_block_index, layers
 from .reinit import reinit
 from .train import evaluate, fit
 
-__all__ = ["MODES", "StudyResult", "study"]
+__all__ = ["MODES", "STUDY_MODES", "StudyResult", "study"]
 
 log = logging.getLogger(__name__)
 
-MODES = ("frozen", "fine-tuned")
+MODES = ("frozen", "fine-tuned")  # the default sweep
+# "surgical" (Lee et al., ICLR 2023): tune only unit k, every other unit frozen
+STUDY_MODES = (*MODES, "surgical")
 UNITS = ("block", "layer")
 _BUDGET_DEFAULTS: dict[str, Any] = {"epochs": 5, "lr": 1e-3, "batch_size": 32}
 _CSV_COLUMNS = (
@@ -113,7 +117,7 @@ class StudyResult:
                 row["model"],
                 row["mode"],
                 str(row["k"]),
-                row["reused_up_to"] and f"… {row['reused_up_to']}" or "none",
+                _reused_cell(row),
                 mean_std(row, 4),
                 f"{row['trained_params']:,}",
                 f"{row['seconds']:.2f}",
@@ -143,7 +147,7 @@ class StudyResult:
                 ax.axhspan(lo, hi, color="grey", alpha=0.15)
                 ax.axhline(row["acc_mean"], color="grey", linestyle=":", label="from scratch")
         for model in ("source", "control"):
-            for mode in MODES:
+            for mode in STUDY_MODES:
                 rows = sorted(
                     (r for r in self.rows if r["model"] == model and r["mode"] == mode),
                     key=lambda r: r["k"],
@@ -168,6 +172,12 @@ class StudyResult:
         ax.set_title(f"How many {self.unit}s to reuse")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+
+
+def _reused_cell(row: Mapping[str, Any]) -> str:
+    if row["mode"] == "surgical":
+        return f"only {row['reused_up_to']} tuned"
+    return row["reused_up_to"] and f"… {row['reused_up_to']}" or "none"
 
 
 def _same_run(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
@@ -230,15 +240,38 @@ def _budget(budget: int | Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_reuse(reuse: Iterable[int], limit: int, unit: str, names: list[str]) -> list[int]:
+def _check_reuse(
+    reuse: Iterable[int], limit: int, unit: str, names: list[str], what: str = "before the head"
+) -> list[int]:
     ks = sorted({int(k) for k in reuse})
     bad = [k for k in ks if k < 0 or k > limit]
     if bad:
         raise NetgraftError(
-            f"reuse counts must be between 0 and {limit} (the {unit}s before the head: "
+            f"reuse counts must be between 0 and {limit} (the {unit}s {what}: "
             f"{', '.join(names[:limit]) or 'none'}); found {bad}"
         )
     return ks
+
+
+def _mode_ks(
+    model: nn.Module,
+    units: list[list[str]],
+    unit: str,
+    unit_names: list[str],
+    modes: Sequence[str],
+    reuse: Iterable[int] | None,
+) -> dict[str, list[int]]:
+    """The counts ``k`` each mode runs: units reused before the head (frozen, fine-tuned),
+    or the unit tuned, the head's units included (surgical)."""
+    limit = head_block_index(units, find_head(model)[0])
+    out = {}
+    for mode in modes:
+        surgical = mode == "surgical"
+        top = len(units) if surgical else limit
+        asked = range(1, top + 1) if reuse is None else reuse
+        what = "one of which is tuned" if surgical else "before the head"
+        out[mode] = _check_reuse(asked, top, unit, unit_names, what)
+    return out
 
 
 def _example(data: Any) -> Any:
@@ -273,17 +306,23 @@ class _Sweep:
         return seeded_row(key, lambda seed: self.run(base, k, run_mode, seed), range(self.seeds))
 
     def run(self, base: nn.Module, k: int, mode: str, seed: int) -> tuple[float, int]:
-        """Train one copy of ``base`` reusing its first ``k`` units; return (val acc, trained
-        parameters)."""
+        """Train one copy of ``base`` reusing its first ``k`` units (``"surgical"``: every
+        unit, tuning only unit ``k``); return (val acc, trained parameters)."""
         model = copy.deepcopy(base)
         unfreeze(model)
-        if _head_outputs(model) not in (None, self.num_classes):
+        new_head = _head_outputs(model) not in (None, self.num_classes)
+        if new_head:
             replace_head(model, self.num_classes)
-        later = [n for names in self.units[k:] for n in names]
-        if later:
-            reinit(model, later, seed=seed)
-        if mode == "frozen" and k > 0:
-            freeze(model, [n for names in self.units[:k] for n in names])
+        if mode == "surgical":
+            # a new head has nothing to keep: it is trained with the unit tuned
+            tuned = self.units[k - 1] + ([find_head(model)[0]] if new_head else [])
+            train_only(model, tuned)
+        else:
+            later = [n for names in self.units[k:] for n in names]
+            if later:
+                reinit(model, later, seed=seed)
+            if mode == "frozen" and k > 0:
+                freeze(model, [n for names in self.units[:k] for n in names])
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         fit(model, self.train, seed=seed, cache="auto", quiet=self.quiet, **self.budget)
         batch_size = max(64, 2 * self.budget["batch_size"])
@@ -305,7 +344,11 @@ def _recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
             f"(acc {pick['acc_mean']:.4f} ± {pick['acc_std']:.4f})"
         )
     else:
-        what = f"reuse {pick['k']} unit(s) up to {pick['reused_up_to']} {pick['mode']}"
+        what = (
+            f"tune only unit {pick['k']} ({pick['reused_up_to']}), keeping every other"
+            if pick["mode"] == "surgical"
+            else f"reuse {pick['k']} unit(s) up to {pick['reused_up_to']} {pick['mode']}"
+        )
         reason = f"{what} (acc {pick['acc_mean']:.4f} ± {pick['acc_std']:.4f}"
         reason += (
             f", {pick['trained_params']:,} trained parameters; best {best['mode']} k={best['k']} "
@@ -320,9 +363,9 @@ def _recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def _check_choices(modes: Sequence[str], unit: str, seeds: int) -> None:
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in STUDY_MODES]
     if unknown or not modes:
-        raise NetgraftError(f"modes must be some of {', '.join(MODES)}; found {list(modes)}")
+        raise NetgraftError(f"modes must be some of {', '.join(STUDY_MODES)}; found {list(modes)}")
     if unit not in UNITS:
         raise NetgraftError(f"unit must be one of {', '.join(UNITS)}; found {unit!r}")
     if not isinstance(seeds, int) or seeds < 1:
@@ -341,19 +384,19 @@ def _plan(
     source: nn.Module,
     control: nn.Module | None,
     modes: Sequence[str],
-    ks: list[int],
+    ks: Mapping[str, list[int]],
     baseline: bool,
 ) -> list[tuple[str, nn.Module, str, int]]:
     """The settings to run, in table order: ``(model name, model, mode, k)``; from scratch
     first (with ``baseline`` or when ``k = 0`` is asked for), then the source, then the
-    control, each per mode and ``k``."""
+    control, each per mode and its ``ks``."""
     plan: list[tuple[str, nn.Module, str, int]] = []
-    if baseline or 0 in ks:
+    if baseline or any(0 in counts for counts in ks.values()):
         plan.append(("scratch", source, "scratch", 0))
     for name, model in (("source", source), ("control", control)):
         if model is None:
             continue
-        plan += [(name, model, mode, k) for mode in modes for k in ks if k > 0]
+        plan += [(name, model, mode, k) for mode in modes for k in ks[mode] if k > 0]
     return plan
 
 
@@ -393,9 +436,13 @@ def study(
     whose first ``k`` units (``unit="block"``: :func:`netgraft.blocks`; ``"layer"``: the layer
     table) keep their weights and the rest is re-initialised, frozen (``"frozen"``) or not
     (``"fine-tuned"``), and measure accuracy on ``target_val``; return a :class:`StudyResult`.
+    Mode ``"surgical"`` keeps every unit's weights and tunes only unit ``k`` (1-based, the
+    head's units included), every other unit frozen; a head replaced for another number of
+    classes is trained with it.
 
     ``reuse`` defaults to every count from 1 to the unit before the head (the head is always
-    new; it is replaced when the target has another number of classes). ``baseline`` adds
+    new; it is replaced when the target has another number of classes), and for
+    ``"surgical"`` to every unit. ``baseline`` adds
     ``k = 0`` (from scratch); ``control`` (a model trained on the target task itself) is
     reused the same way. ``budget`` is the epochs of every run, or a dict of
     :func:`netgraft.fit` arguments (``epochs``, ``lr``, ``batch_size``, ``optimizer``, ...).
@@ -407,8 +454,7 @@ def study(
     num_classes = num_classes or _num_classes(target_train)
     units = _units(source_model, unit, _example(target_train))
     unit_names = _unit_names(source_model, unit, units)
-    limit = head_block_index(units, find_head(source_model)[0])
-    ks = _check_reuse(range(1, limit + 1) if reuse is None else reuse, limit, unit, unit_names)
+    ks = _mode_ks(source_model, units, unit, unit_names, modes, reuse)
     _check_control(control, unit, len(units))
     sweep = _Sweep(units, unit_names, num_classes, target_train, target_val, settings, seeds, quiet)
     plan = _plan(source_model, control, modes, ks, baseline)
