@@ -218,7 +218,7 @@ def test_cli_study_reports_a_missing_data_folder_in_one_line(tmp_path, cli):
 def test_surgical_mode_tunes_only_unit_k_and_keeps_every_other_units_weights(tasks, monkeypatch):
     source, train, val = tasks
     seen: list[dict[str, bool]] = []
-    study_module = sys.modules["netgraft.study"]
+    study_module = sys.modules["netgraft.study.trials"]
     original = study_module.fit
 
     def spy(model, *args, **kwargs):

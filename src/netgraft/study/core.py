@@ -1,0 +1,390 @@
+"""The study's steps: check the arguments, plan the settings and their trials, read back
+the trials an earlier run finished, share one frozen pass among the frozen trials, run the
+rest (here, in worker processes or on Ray) with a progress bar, and gather the rows.
+
+:func:`study` is the public entry point (see :mod:`netgraft.study`). This module never
+changes the source or control model and writes only into ``out_dir`` (results, trial
+files, shared features) or the ``cache_dir`` it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from torch import nn
+from torch.utils.data import default_collate
+
+from ..errors import NetgraftError
+from ..experiments.results import seeded_row
+from ..heads import find_head
+from ..layers import blocks, head_block_index, layers
+from .result import StudyResult, recommend
+from .resume import TrialStore, study_key
+from .runners import connect_ray, run_trials
+from .shared import share_frozen_pass
+from .trials import MODES, STUDY_MODES, Trial, TrialContext, TrialResult
+
+__all__ = ["BACKENDS", "study"]
+
+log = logging.getLogger("netgraft.study")
+
+UNITS = ("block", "layer")
+BACKENDS = ("local", "ray")
+_BUDGET_DEFAULTS: dict[str, Any] = {"epochs": 5, "lr": 1e-3, "batch_size": 32}
+Setting = tuple[str, str, int]
+
+
+def _units(model: nn.Module, unit: str, example: Any) -> list[list[str]]:
+    """The module names each unit holds, in order (blocks, or single layers)."""
+    if unit == "block":
+        return [[n for n in b.layer_names if n] for b in blocks(model)]
+    return [[row.name] for row in layers(model, example)]
+
+
+def _unit_names(model: nn.Module, unit: str, units: list[list[str]]) -> list[str]:
+    return [b.name for b in blocks(model)] if unit == "block" else [n[0] for n in units]
+
+
+def _labels(data: Any) -> torch.Tensor | None:
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return torch.as_tensor(data[1])
+    targets = getattr(data, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets)
+    samples = getattr(data, "samples", None)
+    if samples is not None:
+        return torch.as_tensor([label for _, label in samples])
+    return None
+
+
+def _num_classes(data: Any) -> int:
+    classes = getattr(data, "classes", None)
+    if classes is not None:
+        return len(classes)
+    labels = _labels(data)
+    if labels is None:
+        labels = torch.as_tensor([int(item[1]) for item in data])
+    if labels.numel() == 0:
+        raise NetgraftError("the target training data is empty; the study needs examples")
+    return int(labels.max()) + 1
+
+
+def _budget(budget: int | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(budget, bool) or not isinstance(budget, (int, Mapping)):
+        raise NetgraftError(
+            f"budget must be a number of epochs or a dict of fit arguments; found {budget!r}"
+        )
+    out = dict(_BUDGET_DEFAULTS)
+    out.update({"epochs": budget} if isinstance(budget, int) else dict(budget))
+    reserved = {"seed", "cache", "quiet", "resume"} & set(out)
+    if reserved:
+        raise NetgraftError(f"budget cannot set {sorted(reserved)}: the study sets them per run")
+    if not isinstance(out["epochs"], int) or out["epochs"] < 1:
+        raise NetgraftError(f"the budget needs at least one epoch; found {out['epochs']!r}")
+    return out
+
+
+def _check_reuse(
+    reuse: Iterable[int], limit: int, unit: str, names: list[str], what: str = "before the head"
+) -> list[int]:
+    ks = sorted({int(k) for k in reuse})
+    bad = [k for k in ks if k < 0 or k > limit]
+    if bad:
+        raise NetgraftError(
+            f"reuse counts must be between 0 and {limit} (the {unit}s {what}: "
+            f"{', '.join(names[:limit]) or 'none'}); found {bad}"
+        )
+    return ks
+
+
+def _mode_ks(
+    model: nn.Module,
+    units: list[list[str]],
+    unit: str,
+    unit_names: list[str],
+    modes: Sequence[str],
+    reuse: Iterable[int] | None,
+) -> dict[str, list[int]]:
+    """The counts ``k`` each mode runs: units reused before the head (frozen, fine-tuned),
+    or the unit tuned, the head's units included (surgical)."""
+    limit = head_block_index(units, find_head(model)[0])
+    out = {}
+    for mode in modes:
+        surgical = mode == "surgical"
+        top = len(units) if surgical else limit
+        asked = range(1, top + 1) if reuse is None else reuse
+        what = "one of which is tuned" if surgical else "before the head"
+        out[mode] = _check_reuse(asked, top, unit, unit_names, what)
+    return out
+
+
+def _example(data: Any) -> Any:
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return torch.as_tensor(data[0][:1])
+    return default_collate([data[0][0]])
+
+
+def _check_choices(modes: Sequence[str], unit: str, seeds: int) -> None:
+    unknown = [m for m in modes if m not in STUDY_MODES]
+    if unknown or not modes:
+        raise NetgraftError(f"modes must be some of {', '.join(STUDY_MODES)}; found {list(modes)}")
+    if unit not in UNITS:
+        raise NetgraftError(f"unit must be one of {', '.join(UNITS)}; found {unit!r}")
+    if not isinstance(seeds, int) or seeds < 1:
+        raise NetgraftError(f"seeds must be a positive integer; found {seeds!r}")
+
+
+def _check_control(control: nn.Module | None, unit: str, n_units: int) -> None:
+    if control is not None and len(_units(control, unit, None)) != n_units:
+        raise NetgraftError(
+            f"the control model must have the source's architecture: {n_units} {unit}s "
+            f"expected, found {len(_units(control, unit, None))}"
+        )
+
+
+def _check_backend(backend: str, workers: int | None, threads: int | None) -> None:
+    if backend not in BACKENDS:
+        raise NetgraftError(f"backend must be one of {', '.join(BACKENDS)}; found {backend!r}")
+    for name, value in (("workers", workers), ("threads", threads)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise NetgraftError(f"{name} must be a positive integer or None; found {value!r}")
+
+
+def _settings(
+    modes: Sequence[str], ks: Mapping[str, list[int]], baseline: bool, control: bool
+) -> list[Setting]:
+    """The settings to run, in table order: ``(model name, mode, k)``; from scratch first
+    (with ``baseline`` or when ``k = 0`` is asked for), then the source, then the control,
+    each per mode and its ``ks``."""
+    plan: list[Setting] = []
+    if baseline or any(0 in counts for counts in ks.values()):
+        plan.append(("scratch", "scratch", 0))
+    for name in ("source", "control") if control else ("source",):
+        plan += [(name, mode, k) for mode in modes for k in ks[mode] if k > 0]
+    return plan
+
+
+class _Tracker:
+    """Records finished trials: the trial file, the progress bar, and a line per row once
+    all its seeds are in."""
+
+    def __init__(self, results, store, seeds, progress_bar, say):
+        self.results: dict[Trial, TrialResult] = results
+        self.store: TrialStore | None = store
+        self.seeds, self.bar, self.say = seeds, progress_bar, say
+        self.task = progress_bar.add_task("study trials", total=None, info="")
+
+    def start(self, total: int) -> None:
+        self.bar.update(self.task, total=total, completed=0)
+
+    def __call__(self, trial: Trial, result: TrialResult) -> None:
+        self.results[trial] = result
+        if self.store is not None:
+            self.store.save(trial, result)
+        self.bar.update(self.task, advance=1, info=f"{trial.name} acc {result.acc:.4f}")
+        if all(Trial(*trial.setting, seed) in self.results for seed in range(self.seeds)):
+            row = _row(trial.setting, self.results, self.seeds, None)
+            self.say(
+                f"{trial.model:<7} {trial.mode:<10} k={trial.k:<2} acc {row['acc_mean']:.4f} ± "
+                f"{row['acc_std']:.4f} · {row['trained_params']:,} trained · "
+                f"{row['seconds']:.2f}s/run"
+            )
+
+
+def _row(
+    setting: Setting, results: Mapping[Trial, TrialResult], seeds: int, names: list[str] | None
+) -> dict[str, Any]:
+    model, mode, k = setting
+    key = {"model": model, "mode": mode, "k": k}
+    if names is not None:
+        key["reused_up_to"] = names[k - 1] if k > 0 else None
+    got = [results[Trial(*setting, seed)] for seed in range(seeds)]
+    row = seeded_row(key, lambda seed: (got[seed].acc, got[seed].trained_params), range(seeds))
+    row["seconds"] = round(sum(r.seconds for r in got) / seeds, 3)  # the trials' own times
+    return row
+
+
+@contextlib.contextmanager
+def _trial_bar(quiet: bool) -> Iterator[Progress]:
+    """A transient progress bar over trials with the time left (disabled when quiet)."""
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=Console(stderr=True, highlight=False),
+        transient=True,
+        disable=quiet,
+    )
+    with bar:
+        yield bar
+
+
+@contextlib.contextmanager
+def _features_dir(cache_dir: Any, out_dir: Any) -> Iterator[Path]:
+    """Where the shared features go: ``cache_dir``, else ``out_dir/features`` (kept for a
+    resumed run), else a temporary folder removed afterwards."""
+    if cache_dir is not None or out_dir is not None:
+        yield Path(cache_dir) if cache_dir is not None else Path(out_dir) / "features"
+        return
+    with tempfile.TemporaryDirectory(prefix="netgraft-study-") as tmp:
+        yield Path(tmp)
+
+
+def _share(ctx: TrialContext, todo: list[Trial], root: Path) -> None:
+    """Run the shared frozen pass for the trials still to run and record it in ``ctx``."""
+    if not any(t.mode in ("frozen", "surgical") for t in todo):
+        return
+    started = time.perf_counter()
+    shared = share_frozen_pass(ctx, todo, root)
+    ctx.features_dir, ctx.cuts, ctx.val_cached = str(root), shared.cuts, shared.val_cached
+    log.info(
+        "shared frozen pass: %d cut point(s) for %d setting(s) in %d pass(es), %.2fs",
+        len(set(shared.cuts.values())),
+        len(shared.cuts),
+        shared.passes,
+        time.perf_counter() - started,
+    )
+
+
+def _run(
+    ctx: TrialContext,
+    plan: list[Setting],
+    seeds: int,
+    key_settings: dict[str, Any],
+    options: dict[str, Any],
+    say: Callable[[str], None],
+) -> tuple[dict[Trial, TrialResult], int]:
+    """Every trial of ``plan``: read back from ``out_dir`` where an earlier run of the same
+    study finished it, else run (after the shared frozen pass); return the results and how
+    many were read back."""
+    trials = [Trial(*setting, seed) for setting in plan for seed in range(seeds)]
+    store, results = None, {}
+    if options["out_dir"] is not None:
+        key = study_key(ctx.models, ctx.train, ctx.val, key_settings)
+        store = TrialStore(options["out_dir"], key)
+        results = store.load(trials)
+        if results:
+            say(f"resuming: {len(results)} of {len(trials)} trials already done ({store.folder})")
+    reused = len(results)
+    todo = [t for t in trials if t not in results]
+    with _features_dir(options["cache_dir"], options["out_dir"]) as root:
+        if options["shared_pass"] and todo:
+            _share(ctx, todo, root)
+        with _trial_bar(options["quiet"]) as bar:
+            tracker = _Tracker(results, store, seeds, bar, say)
+            tracker.start(len(todo))
+            run_trials(
+                ctx, todo, tracker, workers=options["workers"], ray=options["ray"],
+                threads=options["threads"],
+            )  # fmt: skip
+    return results, reused
+
+
+def study(
+    source_model: nn.Module,
+    target_train: Any,
+    target_val: Any,
+    *,
+    reuse: Iterable[int] | None = None,
+    modes: Sequence[str] = MODES,
+    baseline: bool = True,
+    control: nn.Module | None = None,
+    seeds: int = 3,
+    budget: int | Mapping[str, Any] = 5,
+    unit: str = "block",
+    num_classes: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+    quiet: bool = False,
+    workers: int | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
+    threads: int | None = None,
+    shared_pass: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> StudyResult:
+    """For each ``k`` in ``reuse`` and each mode, train ``seeds`` copies of ``source_model``
+    whose first ``k`` units (``unit="block"``: :func:`netgraft.blocks`; ``"layer"``: the layer
+    table) keep their weights and the rest is re-initialised, frozen (``"frozen"``) or not
+    (``"fine-tuned"``), and measure accuracy on ``target_val``; return a :class:`StudyResult`.
+    Mode ``"surgical"`` keeps every unit's weights and tunes only unit ``k`` (1-based, the
+    head's units included), every other unit frozen; a head replaced for another number of
+    classes is trained with it.
+
+    ``reuse`` defaults to every count from 1 to the unit before the head (the head is always
+    new; it is replaced when the target has another number of classes), and for
+    ``"surgical"`` to every unit. ``baseline`` adds ``k = 0`` (from scratch); ``control``
+    (a model trained on the target task itself) is reused the same way. ``budget`` is the
+    epochs of every run, or a dict of :func:`netgraft.fit` arguments (``epochs``, ``lr``,
+    ``batch_size``, ``optimizer``, ...). Data are ``(x, y)`` tensors or datasets.
+
+    Frozen (and surgical) trials share one forward pass of the model over the data
+    (``shared_pass``; :mod:`netgraft.study.shared`), stored as feature caches under
+    ``cache_dir``, ``out_dir/features`` or a temporary folder. ``workers=N`` runs the trials
+    in N local processes; ``backend="ray"`` runs them as Ray tasks on the cluster at
+    ``ray_address`` (or ``RAY_ADDRESS``, else a local Ray), at most ``workers`` at once when
+    given. ``threads`` sets torch's CPU threads of every trial; with the same threads every
+    backend gives the same rows. With ``out_dir`` every trial is written as it finishes and a
+    rerun of the same study (same budget, unit, models and data) skips the finished ones;
+    the JSON, CSV and PNG are written there at the end. ``progress`` receives a line per row
+    once its seeds are done; ``quiet`` hides the progress bar over trials.
+    """
+    _check_choices(modes, unit, seeds)
+    _check_backend(backend, workers, threads)
+    settings = _budget(budget)
+    num_classes = num_classes or _num_classes(target_train)
+    units = _units(source_model, unit, _example(target_train))
+    unit_names = _unit_names(source_model, unit, units)
+    ks = _mode_ks(source_model, units, unit, unit_names, modes, reuse)
+    _check_control(control, unit, len(units))
+    plan = _settings(modes, ks, baseline, control is not None)
+    models = {"source": source_model, **({"control": control} if control is not None else {})}
+    ctx = TrialContext(models, units, num_classes, target_train, target_val, settings)
+    ray, started = connect_ray(ray_address) if backend == "ray" else (None, False)
+    options = {
+        "out_dir": out_dir, "cache_dir": cache_dir, "shared_pass": shared_pass, "quiet": quiet,
+        "workers": workers, "ray": ray, "threads": threads,
+    }  # fmt: skip
+    key_settings = {"budget": settings, "unit": unit, "num_classes": num_classes}
+    try:
+        say = progress or (lambda line: log.info(line))
+        results, reused = _run(ctx, plan, seeds, key_settings, options, say)
+    finally:
+        if started:
+            ray.shutdown()
+    rows = [_row(setting, results, seeds, unit_names) for setting in plan]
+    result = StudyResult(
+        rows=rows,
+        unit=unit,
+        units=unit_names,
+        recommended=recommend(rows),
+        settings={**settings, "seeds": seeds, "modes": list(modes), "num_classes": num_classes},
+        trials_run=len(plan) * seeds - reused,
+        trials_reused=reused,
+    )
+    if out_dir is not None:
+        result.save(out_dir)
+    return result

@@ -1,0 +1,171 @@
+"""One trial of a study: one copy of a model, one mode, one ``k``, one seed, trained and
+measured.
+
+A :class:`Trial` names what to run; a :class:`TrialContext` holds what every trial of one
+study shares (the models, units, data, budget and, where the shared frozen pass applies,
+the folder of its features and the cut point of each setting). :func:`run_trial` is a
+plain function of the two, so a trial gives the same numbers in the study's process, in a
+worker process or in a Ray task: everything random in it is seeded by the trial's seed.
+This module never changes the models in the context (every trial trains a copy) and never
+writes outside the shared features folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..cache import FeatureCache
+from ..cut import cut
+from ..data import as_dataset
+from ..freeze import freeze, train_only, unfreeze
+from ..heads import find_head, replace_head
+from ..reinit import reinit
+from ..train import evaluate, fit
+
+__all__ = [
+    "MODES",
+    "STUDY_MODES",
+    "Trial",
+    "TrialContext",
+    "TrialResult",
+    "build_trial_model",
+    "run_trial",
+    "set_threads",
+]
+
+MODES = ("frozen", "fine-tuned")  # the default sweep
+# "surgical" (Lee et al., ICLR 2023): tune only unit k, every other unit frozen
+STUDY_MODES = (*MODES, "surgical")
+
+
+@dataclass(frozen=True, order=True)
+class Trial:
+    """One training run: ``model`` (``"source"`` or ``"control"``; the from-scratch baseline
+    runs the source), ``mode`` (``"scratch"`` or one of :data:`STUDY_MODES`), ``k`` and the
+    ``seed``."""
+
+    model: str
+    mode: str
+    k: int
+    seed: int
+
+    @property
+    def setting(self) -> tuple[str, str, int]:
+        """The row this trial belongs to: ``(model name, mode, k)``."""
+        return (self.model, self.mode, self.k)
+
+    @property
+    def name(self) -> str:
+        """A file-safe name: ``source-frozen-k2-s0``."""
+        return f"{self.model}-{self.mode}-k{self.k}-s{self.seed}"
+
+    def base(self) -> str:
+        """The model it copies: the source for the from-scratch baseline."""
+        return "source" if self.model == "scratch" else self.model
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """What a trial measured: validation accuracy, trained parameters, seconds."""
+
+    acc: float
+    trained_params: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """As plain data (what a trial file holds)."""
+        return {"acc": self.acc, "trained_params": self.trained_params, "seconds": self.seconds}
+
+
+@dataclass
+class TrialContext:
+    """What every trial of one study shares. ``features_dir`` and ``cuts`` are set by the
+    shared frozen pass (:mod:`netgraft.study.shared`): the folder holding the features and,
+    per setting ``(model, mode, k)``, the cut point its frozen prefix ends at."""
+
+    models: Mapping[str, nn.Module]
+    units: list[list[str]]
+    num_classes: int
+    train: Any
+    val: Any
+    budget: dict[str, Any]
+    features_dir: str | None = None
+    cuts: dict[tuple[str, str, int], str] = field(default_factory=dict)
+    val_cached: bool = False
+
+
+def _head_outputs(model: nn.Module) -> int | None:
+    _, head = find_head(model)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def build_trial_model(ctx: TrialContext, trial: Trial) -> nn.Module:
+    """The model ``trial`` trains: a copy of its base with a head for the target's classes;
+    ``"surgical"`` keeps every unit and trains only unit ``k`` (and a replaced head, which has
+    nothing to keep); the other modes keep the first ``k`` units, re-initialise the rest with
+    the trial's seed and freeze the kept ones in ``"frozen"``."""
+    model = copy.deepcopy(ctx.models[trial.base()])
+    unfreeze(model)
+    new_head = _head_outputs(model) not in (None, ctx.num_classes)
+    if new_head:
+        replace_head(model, ctx.num_classes)
+    mode, k = trial.mode, trial.k
+    if mode == "surgical":
+        head = find_head(model)[0]
+        if new_head:
+            reinit(model, head, seed=trial.seed)  # seeded: never drawn from the global stream
+        train_only(model, ctx.units[k - 1] + ([head] if new_head else []))
+        return model
+    later = [n for names in ctx.units[k:] for n in names]
+    if later:
+        reinit(model, later, seed=trial.seed)
+    if mode == "frozen" and k > 0:
+        freeze(model, [n for names in ctx.units[:k] for n in names])
+    return model
+
+
+def _eval_batch(budget: Mapping[str, Any]) -> int:
+    return max(64, 2 * budget["batch_size"])
+
+
+def _accuracy(ctx: TrialContext, model: nn.Module, cut_at: str | None) -> float:
+    """Validation accuracy of the trained model; over the shared features of the validation
+    data when the setting has a cut point (the frozen prefix then never runs again)."""
+    batch_size = _eval_batch(ctx.budget)
+    if cut_at is None or not ctx.val_cached:
+        return float(evaluate(model, ctx.val, batch_size=batch_size)["acc"])
+    prefix, suffix = cut(model, at=cut_at)
+    val = FeatureCache(prefix, as_dataset(ctx.val), dir=ctx.features_dir, cut_point=cut_at)
+    return float(evaluate(suffix, val, batch_size=batch_size)["acc"])
+
+
+def run_trial(ctx: TrialContext, trial: Trial) -> TrialResult:
+    """Build, train and measure one trial. A setting with a cut point trains from the shared
+    features (``fit`` finds them under the cache's own key); any other trains as
+    :func:`netgraft.fit` does with ``cache="auto"``."""
+    started = time.perf_counter()
+    model = build_trial_model(ctx, trial)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cut_at = ctx.cuts.get(trial.setting) if ctx.features_dir else None
+    cache: dict[str, Any] = {"cache": "auto"}
+    if cut_at is not None:
+        cache = {"cache": True, "cache_options": {"dir": ctx.features_dir}}
+    fit(model, ctx.train, seed=trial.seed, quiet=True, **cache, **ctx.budget)
+    acc = _accuracy(ctx, model, cut_at)
+    return TrialResult(acc, trained, round(time.perf_counter() - started, 3))
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's CPU threads when given; return the number before."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    return before
