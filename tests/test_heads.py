@@ -205,3 +205,79 @@ def test_squeezenet_convolutional_classifier_gets_a_working_ten_class_head(tmp_p
     model.eval()
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
+
+
+def _deit_distilled():
+    return load_model("timm:deit_tiny_distilled_patch16_224", img_size=32)
+
+
+@pytest.mark.slow
+def test_deit_distilled_gets_two_new_heads_that_train_together(tmp_path, digits):
+    torch.manual_seed(0)
+    model = _deit_distilled()
+    heads = [name for name, _ in netgraft.find_heads(model)]
+    assert heads == ["head", "head_dist"] and netgraft.find_head(model)[0] == "head"
+    netgraft.replace_head(model, 10)
+    assert model.head.out_features == 10 and model.head_dist.out_features == 10
+    x, y = digits
+    x, y = x[:32].repeat(1, 3, 4, 4), y[:32]
+    model.eval()
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        average = (model.head(tokens[:, 0]) + model.head_dist(tokens[:, 1])) / 2
+        assert torch.allclose(model(x), average)
+    netgraft.train_only(model, heads)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = {n: getattr(model, n).weight.detach().clone() for n in heads}
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-2)
+    model.train()
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in frozen.items())
+    assert all(not torch.equal(getattr(model, n).weight, w) for n, w in before.items())
+    netgraft.save(model, tmp_path / "deit")
+    again = netgraft.load(tmp_path / "deit").eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_deit_distilled_hidden_head_is_built_for_both_heads():
+    torch.manual_seed(0)
+    model = _deit_distilled().eval()
+    netgraft.replace_head(model, 4, hidden=16, dropout=0.1)
+    for head in (model.head, model.head_dist):
+        assert [type(m) for m in head] == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+        assert head[0].in_features == 192 and head[-1].out_features == 4
+    assert _run(model, _image(32)).shape == (2, 4)
+
+
+def test_hugging_face_deit_with_teacher_replaces_both_classifiers():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.DeiTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=5,
+    )
+    model = transformers.DeiTForImageClassificationWithTeacher(config).eval()
+    names = [name for name, _ in netgraft.find_heads(model)]
+    assert names == ["cls_classifier", "distillation_classifier"]
+    netgraft.replace_head(model, 3)
+    assert model.config.num_labels == 3
+    out = _run(model, _image(32))
+    assert out.logits.shape == (2, 3)
+    assert torch.allclose(out.logits, (out.cls_logits + out.distillation_logits) / 2)

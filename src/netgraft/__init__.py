@@ -28,7 +28,7 @@ from .grow import (
     widen,
     widen_transformer,
 )
-from .heads import attach, find_head, replace_head, truncate
+from .heads import attach, find_head, find_heads, replace_head, truncate
 from .layers import Block, Layer, LayerTable, blocks, layers, summary
 from .optim import param_groups
 from .pretrain import pretrain_layerwise
@@ -61,6 +61,7 @@ __all__ = [
     "attach",
     "evaluate",
     "find_head",
+    "find_heads",
     "fine_tune",
     "fit",
     "load",

@@ -36,11 +36,14 @@ from .layers import ordered_layer_modules
 from .recipe import build_module, module_spec, recorded
 from .select import Selector, resolve_module
 
-__all__ = ["Stacked", "Truncated", "attach", "find_head", "replace_head", "truncate"]
+__all__ = ["Stacked", "Truncated", "attach", "find_head", "find_heads", "replace_head", "truncate"]
 
 log = logging.getLogger("netgraft.heads")
 
 HEAD_ATTRIBUTES = ("fc", "classifier", "score", "head", "heads")
+# models that classify twice and average at evaluation (timm's distilled models say so
+# through get_classifier(); these are the attribute pairs of those that do not)
+HEAD_PAIRS = (("head", "head_dist"), ("cls_classifier", "distillation_classifier"))
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str | None:
@@ -54,19 +57,52 @@ def _is_hf_pooler(module: nn.Module) -> bool:
     return isinstance(getattr(module, "dense", None), nn.Linear) and hasattr(module, "activation")
 
 
+def _timm_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules timm's ``get_classifier()`` returns, named: one, or the pair of a
+    distilled model (DeiT, LeViT, PiT, EfficientFormer: ``head`` and ``head_dist``)."""
+    get_classifier = getattr(model, "get_classifier", None)
+    if not callable(get_classifier):
+        return []
+    try:
+        found = get_classifier()
+    except Exception:  # a model's own method may not apply to its current state
+        return []
+    modules = list(found) if isinstance(found, tuple) else [found]
+    named = [(_name_of(model, m), m) for m in modules if isinstance(m, nn.Module)]
+    if not named or len(named) != len(modules) or not all(name for name, _ in named):
+        return []
+    return named  # type: ignore[return-value]
+
+
+def find_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every head of the model as ``(dotted name, module)`` pairs: the one of
+    :func:`find_head`, or both heads of a model that classifies twice and averages the two
+    at evaluation (DeiT distilled: ``head`` on the class token and ``head_dist`` on the
+    distillation token; timm's ``get_classifier()`` returns such pairs, as do LeViT and PiT
+    distilled; Hugging Face's ``cls_classifier`` and ``distillation_classifier``). Training
+    "the head" means training all of them: ``train_only(model, [n for n, _ in
+    find_heads(model)])``; a frozen second head would keep adding its old logits."""
+    timm_heads = _timm_heads(model)
+    if len(timm_heads) > 1:
+        return timm_heads
+    for pair in HEAD_PAIRS:
+        children = [model._modules.get(attr) for attr in pair]
+        if all(isinstance(c, nn.Module) for c in children):
+            return list(zip(pair, children, strict=True))  # type: ignore[arg-type]
+    return [find_head(model)]
+
+
 def find_head(model: nn.Module) -> tuple[str, nn.Module]:
     """The model's head as ``(dotted name, module)``: timm's ``get_classifier()``, else the
     first of the child attributes ``fc``, ``classifier``, ``score``, ``head``, ``heads``, else a
-    Hugging Face base model's ``pooler``, else the last Linear in execution order."""
-    get_classifier = getattr(model, "get_classifier", None)
-    if callable(get_classifier):
-        try:
-            found = get_classifier()
-        except Exception:  # a model's own method may not apply to its current state
-            found = None
-        name = _name_of(model, found) if isinstance(found, nn.Module) else None
-        if name:
-            return name, found
+    Hugging Face base model's ``pooler``, else the last Linear in execution order. A model
+    with two heads (DeiT distilled) gives its first; :func:`find_heads` gives both."""
+    timm_heads = _timm_heads(model)
+    if timm_heads:
+        return timm_heads[0]
+    pair = next((p for p in HEAD_PAIRS if all(a in model._modules for a in p)), None)
+    if pair is not None and isinstance(model._modules[pair[0]], nn.Module):
+        return pair[0], model._modules[pair[0]]  # type: ignore[return-value]
     for attr in HEAD_ATTRIBUTES:
         child = model._modules.get(attr)
         if isinstance(child, nn.Module):
@@ -176,7 +212,9 @@ def replace_head(
     """Replace the final Linear of the head (see :func:`find_head`) with a fresh classifier
     for ``num_classes``: ``[Linear, ReLU] * hidden, Dropout(dropout), Linear``. The rest of the
     model is untouched; for a Hugging Face base model the pooler then outputs the logits (its
-    tanh is dropped). Returns ``model``, changed in place."""
+    tanh is dropped). A model with two heads (DeiT distilled, see :func:`find_heads`) gets two
+    new ones, so the average it outputs has ``num_classes`` logits. Returns ``model``,
+    changed in place."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise SurgeryError(f"num_classes must be a positive integer; found {num_classes!r}")
     if not 0.0 <= float(dropout) < 1.0:
@@ -187,12 +225,25 @@ def replace_head(
         if hidden is None and not dropout:
             log.info("reset the timm classifier to %d classes", num_classes)
             return model
-    name, head = find_head(model)
+    for name, head in find_heads(model):
+        _replace_one(model, name, head, num_classes, hidden, float(dropout))
+    return model
+
+
+def _replace_one(
+    model: nn.Module,
+    name: str,
+    head: nn.Module,
+    num_classes: int,
+    hidden: int | list[int] | None,
+    dropout: float,
+) -> nn.Module:
+    """Replace the final Linear (or 1×1 convolution) of the head ``name``."""
     conv = _final_pointwise_conv(name, head)
     if conv is not None:
         return _replace_conv_classifier(model, *conv, num_classes, hidden, dropout)
     target, old = _final_linear(name, head)
-    new = _new_head(old.in_features, num_classes, hidden, float(dropout), old)
+    new = _new_head(old.in_features, num_classes, hidden, dropout, old)
     new.train(old.training)  # a model in eval mode stays deterministic
     model.set_submodule(target, new)
     if name == "pooler" and _is_hf_pooler(head) and isinstance(head.activation, nn.Tanh):
