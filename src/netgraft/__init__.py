@@ -21,6 +21,7 @@ from .errors import (
 )
 from .freeze import freeze, frozen_state, load_frozen_state, train_only, trainable_report, unfreeze
 from .grow import (
+    Grow,
     deepen,
     expand_blocks,
     grown_modules,
@@ -56,6 +57,7 @@ __all__ = [
     "Block",
     "Checkpoint",
     "EarlyStopping",
+    "Grow",
     "History",
     "ReduceLROnPlateau",
     "attach",

@@ -5,13 +5,15 @@
 - :func:`expand_blocks` copies transformer blocks (Hugging Face GPT-2, Llama-style, BERT);
 - :func:`widen_transformer` grows their hidden size, heads and MLP width;
 - :func:`verify_equivalence` measures how much two models' outputs differ;
-- :func:`grown_modules` lists what growth added, for ``train_only``.
+- :func:`grown_modules` lists what growth added, for ``train_only``;
+- :class:`Grow` grows a model during :func:`netgraft.fit`, carrying the optimizer's state.
 
 Every growth operation verifies itself on a probe batch by default and records itself in
 the model's recipe.
 """
 
 from .deepen import Deepened, Residual, deepen
+from .during import Grow, grow_with_optimizer
 from .expand import GatedBlock, expand_blocks
 from .grown import grown_modules
 from .transformer_width import widen_transformer
@@ -21,9 +23,11 @@ from .widen import widen
 __all__ = [
     "Deepened",
     "GatedBlock",
+    "Grow",
     "Residual",
     "deepen",
     "expand_blocks",
+    "grow_with_optimizer",
     "grown_modules",
     "verify_equivalence",
     "widen",

@@ -47,6 +47,7 @@ from torch import nn
 
 from ..errors import NetgraftError, SurgeryError
 from ..recipe import PROBE_ARGUMENTS, is_replaying, recorded
+from .carry import record_growth
 from .verify import check_growth, probe_input, snapshot
 
 __all__ = ["widen_transformer"]
@@ -273,18 +274,18 @@ def _copy_maps(old: _Sizes, new: _Sizes, g: torch.Generator) -> dict[str, tuple[
     }
 
 
-def _divide(
+def _shares(
     t: torch.Tensor, dim: int, index: torch.Tensor, old: int, noise: float, g: torch.Generator
 ) -> torch.Tensor:
-    """``t`` (copies along ``dim``) with each weight divided among the copies of its unit:
-    equally, or in random shares that sum to one."""
+    """The share of each weight of ``t`` (copies along ``dim``) when it is divided among the
+    copies of its unit: equal, or random shares that sum to one."""
     parts = torch.ones(t.shape, dtype=torch.float64)
     if noise > 0:
         parts = torch.exp(noise * torch.randn(t.shape, generator=g, dtype=torch.float64))
     shape = list(t.shape)
     shape[dim] = old
     total = torch.zeros(shape, dtype=torch.float64).index_add_(dim, index, parts)
-    return t * (parts / total.index_select(dim, index)).to(t.device)
+    return parts / total.index_select(dim, index)
 
 
 def _grown_tensor(
@@ -293,16 +294,22 @@ def _grown_tensor(
     maps: dict[str, tuple[torch.Tensor, int]],
     noise: float,
     g: torch.Generator,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grown value of ``p``, and for each of its elements the flat index of the old
+    element it copies and the factor that element was multiplied by."""
     out = p.detach().to(torch.float64)
+    index = torch.arange(p.numel()).reshape(p.shape)
     for dim, axis in enumerate(axes):
         if axis is not None:
             out = out.index_select(dim, maps[axis[0]][0].to(out.device))
+            index = index.index_select(dim, maps[axis[0]][0])
+    factor = torch.ones(out.shape, dtype=torch.float64)
     for dim, axis in enumerate(axes):
         if axis is not None and axis[1]:
-            index, old = maps[axis[0]]
-            out = _divide(out, dim, index, old, noise, g)
-    return out
+            share = _shares(out, dim, *maps[axis[0]], noise, g)
+            out = out * share.to(out.device)
+            factor = factor * share
+    return out, index, factor
 
 
 def _axes(family: _Family, name: str) -> tuple[Axis, ...] | None:
@@ -333,7 +340,8 @@ def _shared_parameters(model: nn.Module) -> dict[int, list[tuple[nn.Module, str,
     return owners
 
 
-Plan = list[tuple[list[tuple[nn.Module, str, str]], torch.Tensor]]
+# (every place a parameter is held, its new value, the old element and factor of each value)
+Plan = list[tuple[list[tuple[nn.Module, str, str]], torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _plan(
@@ -364,11 +372,11 @@ def _plan(
                 f"widen_transformer cannot grow together"
             )
         _check_shape(name, p, axes, maps)
-        value = _grown_tensor(p, axes, maps, noise, g)
+        value, index, scale = _grown_tensor(p, axes, maps, noise, g)
         if tied is not None and _suffix(family.final_norm + r"\.(weight|bias)", name):
-            value, norm_found = value / factor, True
+            value, scale, norm_found = value / factor, scale / factor, True
         if any(a is not None for a in axes):
-            plan.append((owners, value))
+            plan.append((owners, value, index, scale))
     if unknown:
         raise SurgeryError(
             f"widen_transformer has no {family.name} rule for {len(unknown)} parameter(s) "
@@ -423,12 +431,13 @@ def _apply(
         for m in model.modules()
     ]
     old_config = {f: getattr(config, f, None) for f in family.fields.values()}
-    for owners, value in plan:
+    for owners, value, index, scale in plan:
         module, attr, _ = owners[0]
         old = module._parameters[attr]
         param = nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad)
         for module, attr, _ in owners:
             module._parameters[attr] = param
+        record_growth(param, old, lambda t, index=index: t.flatten()[index], factor=scale)
     _sync_sizes(model, family, new)
     sizes = dataclasses.asdict(new)
     for size, field in family.fields.items():

@@ -31,6 +31,7 @@ from ..errors import NetgraftError, SurgeryError
 from ..layers import layers
 from ..recipe import PROBE_ARGUMENTS, Resolved, is_replaying, recorded
 from ..select import Selector, resolve_module
+from .carry import record_growth
 from .verify import check_growth, probe_input, snapshot
 
 __all__ = ["widen"]
@@ -266,9 +267,9 @@ def widen(
     mapping = torch.cat([torch.arange(n), extra])
     fractions = _split_fractions(mapping, n, noise, generator)
     with torch.no_grad():
-        _widen_outputs(target, mapping)
+        _widen_outputs(target, mapping, fractions)
         if bn is not None:
-            _widen_norm(bn, mapping)
+            _widen_norm(bn, mapping, fractions)
         _split_inputs(consumer, mapping, fractions, block)
     log.info("widen: %r from %d to %d outputs, carried into %r", name, n, width, next_layer)
 
@@ -360,22 +361,34 @@ def _checked_consumer(
     )
 
 
-def _widen_outputs(target: nn.Module, mapping: torch.Tensor) -> None:
+def _copy_units(
+    module: nn.Module, attr: str, mapping: torch.Tensor, fractions: torch.Tensor
+) -> None:
+    """Replace ``module.attr`` by its units copied through ``mapping``. A copy's gradient is
+    its consumer's fraction of the original's (recorded for :class:`netgraft.Grow`)."""
+    old = getattr(module, attr)
+    _replace(module, attr, old[mapping])
+    if isinstance(old, nn.Parameter):
+        grad = fractions.view(-1, *(1,) * (old.dim() - 1))
+        record_growth(getattr(module, attr), old, lambda t: t[mapping], grad=grad)
+
+
+def _widen_outputs(target: nn.Module, mapping: torch.Tensor, fractions: torch.Tensor) -> None:
     """Give ``target`` one output unit per entry of ``mapping``, copying that unit."""
-    _replace(target, "weight", target.weight[mapping])
+    _copy_units(target, "weight", mapping, fractions)
     if target.bias is not None:
-        _replace(target, "bias", target.bias[mapping])
+        _copy_units(target, "bias", mapping, fractions)
     if isinstance(target, nn.Linear):
         target.out_features = len(mapping)
     else:
         target.out_channels = len(mapping)
 
 
-def _widen_norm(bn: nn.Module, mapping: torch.Tensor) -> None:
+def _widen_norm(bn: nn.Module, mapping: torch.Tensor, fractions: torch.Tensor) -> None:
     """Copy a BatchNorm's affine parameters and running statistics through ``mapping``."""
     for attr in ("weight", "bias", "running_mean", "running_var"):
         if getattr(bn, attr, None) is not None:
-            _replace(bn, attr, getattr(bn, attr)[mapping])
+            _copy_units(bn, attr, mapping, fractions)
     bn.num_features = len(mapping)
 
 
@@ -387,11 +400,19 @@ def _split_inputs(
     w = consumer.weight
     width = len(mapping)
     if isinstance(consumer, nn.Conv2d):
-        scaled = w[:, mapping].to(torch.float64) * fractions.view(1, -1, 1, 1)
+        factor = fractions.view(1, -1, 1, 1)
+
+        def select(t: torch.Tensor) -> torch.Tensor:
+            return t[:, mapping]
+
         consumer.in_channels = width
     else:
         n = w.shape[1] // block
-        blocks = w.reshape(w.shape[0], n, block)[:, mapping].to(torch.float64)
-        scaled = (blocks * fractions.view(1, -1, 1)).reshape(w.shape[0], width * block)
+        factor = fractions.view(1, -1, 1).expand(w.shape[0], width, block).reshape(w.shape[0], -1)
+
+        def select(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(t.shape[0], n, block)[:, mapping].reshape(t.shape[0], width * block)
+
         consumer.in_features = width * block
-    _replace(consumer, "weight", scaled)
+    _replace(consumer, "weight", select(w).to(torch.float64) * factor)
+    record_growth(consumer.weight, w, select, factor=factor)

@@ -30,6 +30,7 @@ from torch import nn
 from ..atomic import atomic_write
 from ..errors import NetgraftError
 from ..freeze import frozen_state, load_frozen_state
+from ..recipe import get_recipe, replay
 from ..rng import rng_state, set_rng_state
 from .history import History
 
@@ -77,6 +78,7 @@ def checkpoint_payload(state: Any) -> dict[str, Any]:
         "rng": rng_state(),
         "frozen": frozen_state(state.model),
         "history": state.history.to_dict(),
+        "recipe": _recipe_operations(state.model),
         "callbacks": [
             {"type": type(cb).__name__, "state": cb.state_dict()}
             for cb in state.callbacks
@@ -116,9 +118,33 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
+def _recipe_operations(model: nn.Module) -> list[dict[str, Any]] | None:
+    """The surgery recorded on ``model`` as plain data (None when it cannot be replayed)."""
+    recipe = get_recipe(model)
+    return None if recipe.not_replayable else recipe.to_dict()["operations"]
+
+
+def _replay_growth(payload: dict[str, Any], model: nn.Module) -> None:
+    """Replay on ``model`` the recorded operations the checkpointed model had on top of
+    ``model``'s own (a growth during the run, :class:`netgraft.Grow`), so the weights fit."""
+    saved, done = payload.get("recipe") or [], get_recipe(model).operations
+    if len(saved) <= len(done) or saved[: len(done)] != done:
+        return
+    rest = saved[len(done) :]
+    if replay(model, rest) is not model:
+        raise NetgraftError(
+            f"cannot resume: the checkpoint's model was changed by {rest[0]['op']}, which "
+            f"builds a new module, so the model given to fit cannot become it in place"
+        )
+    done.extend(rest)
+    log.info("resume: replayed %s on the model", ", ".join(op["op"] for op in rest))
+
+
 def restore_model(payload: dict[str, Any], model: nn.Module) -> None:
-    """Give ``model`` the checkpoint's frozen state (which parameters train, norm policies)
-    and weights."""
+    """Give ``model`` the surgery the checkpointed model had on top of its own (recorded
+    growth during the run is replayed), its frozen state (which parameters train, norm
+    policies) and weights."""
+    _replay_growth(payload, model)
     load_frozen_state(model, payload["frozen"])
     model.load_state_dict(payload["model"])
 
