@@ -281,3 +281,15 @@ def test_hugging_face_deit_with_teacher_replaces_both_classifiers():
     out = _run(model, _image(32))
     assert out.logits.shape == (2, 3)
     assert torch.allclose(out.logits, (out.cls_logits + out.distillation_logits) / 2)
+
+
+def test_googlenet_auxiliary_classifiers_follow_the_new_head_in_training():
+    torch.manual_seed(0)
+    model = load_model("torchvision:googlenet", init_weights=False)
+    netgraft.replace_head(model, 10)
+    assert netgraft.find_head(model)[0] == "fc"
+    model.train()
+    logits, aux2, aux1 = model(_image(96))
+    assert logits.shape == aux2.shape == aux1.shape == (2, 10)
+    model.eval()
+    assert _run(model, _image(96)).shape == (2, 10)

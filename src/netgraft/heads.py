@@ -44,6 +44,9 @@ HEAD_ATTRIBUTES = ("fc", "classifier", "score", "head", "heads")
 # models that classify twice and average at evaluation (timm's distilled models say so
 # through get_classifier(); these are the attribute pairs of those that do not)
 HEAD_PAIRS = (("head", "head_dist"), ("cls_classifier", "distillation_classifier"))
+# auxiliary classifiers: only used in training (torchvision Inception v3, GoogLeNet); not the
+# head, but replace_head resizes them so every training output has num_classes logits
+AUX_HEADS = ("AuxLogits", "aux1", "aux2")
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str | None:
@@ -213,7 +216,8 @@ def replace_head(
     for ``num_classes``: ``[Linear, ReLU] * hidden, Dropout(dropout), Linear``. The rest of the
     model is untouched; for a Hugging Face base model the pooler then outputs the logits (its
     tanh is dropped). A model with two heads (DeiT distilled, see :func:`find_heads`) gets two
-    new ones, so the average it outputs has ``num_classes`` logits. Returns ``model``,
+    new ones, so the average it outputs has ``num_classes`` logits; auxiliary classifiers
+    used in training (Inception v3, GoogLeNet) get a new final Linear too. Returns ``model``,
     changed in place."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise SurgeryError(f"num_classes must be a positive integer; found {num_classes!r}")
@@ -227,7 +231,17 @@ def replace_head(
             return model
     for name, head in find_heads(model):
         _replace_one(model, name, head, num_classes, hidden, float(dropout))
+    _replace_auxiliary(model, num_classes)
     return model
+
+
+def _replace_auxiliary(model: nn.Module, num_classes: int) -> None:
+    """Give the auxiliary classifiers (Inception v3's ``AuxLogits``, GoogLeNet's ``aux1`` and
+    ``aux2``) a new final Linear for ``num_classes``, as the main head got."""
+    for attr in AUX_HEADS:
+        aux = model._modules.get(attr)
+        if isinstance(aux, nn.Module) and any(isinstance(m, nn.Linear) for m in aux.modules()):
+            _replace_one(model, attr, aux, num_classes, None, 0.0)
 
 
 def _replace_one(
