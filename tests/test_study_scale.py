@@ -202,3 +202,30 @@ def test_an_unreachable_ray_address_is_one_clear_error_before_any_trial(task, mo
         study(source, train, val, backend="dask", **STUDY)
     with pytest.raises(NetgraftError, match="workers must be a positive integer"):
         study(source, train, val, workers=0, **STUDY)
+
+
+def test_cli_study_with_ray_at_an_unreachable_address_fails_in_one_line(task, tmp_path, cli):
+    pytest.importorskip("ray")
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    source, (x, y), _ = task
+    for i, (img, label) in enumerate(zip(x[:20], y[:20], strict=True)):
+        folder = tmp_path / "digits" / f"digit{int(label) + 5}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = (img[0] * 255).clamp(0, 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    code_file = tmp_path / "net.py"
+    code_file.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                         "from test_study_scale import build\n")  # fmt: skip
+    weights = tmp_path / "source.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    out = tmp_path / "out"
+    code, _, err = cli(
+        "study", f"{code_file}:build", "--weights", str(weights), "--data",
+        str(tmp_path / "digits"), "--size", "8", "--out", str(out), "--ray", "127.0.0.1:9",
+        "--workers", "2",
+    )  # fmt: skip
+    assert code == 1
+    assert "cannot reach the Ray cluster at '127.0.0.1:9'" in err and "Traceback" not in err
+    assert not (out / "trials").exists()

@@ -273,9 +273,20 @@ def study_cmd(
     weights: Path | None = _WEIGHTS_OPTION,
     trust_pickle: bool = _TRUST_PICKLE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the table"),
+    workers: int | None = typer.Option(
+        None, "--workers", help="run the trials in N local processes (default: one by one)"
+    ),
+    ray: str | None = typer.Option(
+        None,
+        "--ray",
+        metavar="ADDRESS",
+        help="run the trials as Ray tasks: 'local' (a local Ray, or RAY_ADDRESS when set), "
+        "'auto' (the running cluster) or HOST:PORT / ray://HOST:PORT",
+    ),
 ) -> None:
     """How many layers to reuse: train copies of SPEC reusing its first k blocks (frozen or
-    fine-tuned) on the images in --data; print the table, write study.json/.csv/.png."""
+    fine-tuned) on the images in --data; print the table, write study.json/.csv/.png.
+    Finished trials are kept in --out: running the same study again resumes it."""
     err = Console(stderr=True, highlight=False)
     result = study_folder(
         spec,
@@ -292,6 +303,10 @@ def study_cmd(
         budget={"epochs": epochs, "lr": lr, "batch_size": batch_size},
         unit=unit,
         progress=None if quiet else (lambda line: err.print(line, markup=False)),
+        quiet=quiet,
+        workers=workers,
+        backend="ray" if ray is not None else "local",
+        ray_address=None if ray in (None, "local") else ray,
     )
     console = _console()
     console.print(result.rich_table(title=f"{spec} → {data}"))

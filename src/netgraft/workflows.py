@@ -139,12 +139,15 @@ def study_folder(
     budget: int | Mapping[str, Any] = 5,
     unit: str = "block",
     progress: Callable[[str], None] | None = None,
+    **scale: Any,
 ) -> StudyResult:
     """:func:`netgraft.study` of ``model`` (a spec for :func:`netgraft.load_model`, with
     ``weights``, or a module) on the images in ``data_dir`` (``DIR/CLASS/*`` split per class,
     or ``DIR/train`` and ``DIR/val``), resized as the model expects or to ``size``, with
-    ``control`` (a spec or a module) reused the same way; the results are written to
-    ``out_dir``. A folder giving no validation images is a :class:`NetgraftError`."""
+    ``control`` (a spec or a module) reused the same way; the results (and every finished
+    trial, so a rerun resumes) are written to ``out_dir``. ``scale`` goes to
+    :func:`netgraft.study` as it is (``workers``, ``backend``, ``ray_address``, ``threads``,
+    ``quiet``, ...). A folder giving no validation images is a :class:`NetgraftError`."""
     if isinstance(model, str):
         model = load_model(model, weights=weights, trust_pickle=trust_pickle)
     split = image_folder(data_dir, model, size=size)
@@ -168,6 +171,7 @@ def study_folder(
         num_classes=len(split.classes),
         out_dir=out_dir,
         progress=progress,
+        **scale,
     )
 
 
