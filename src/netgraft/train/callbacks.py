@@ -85,6 +85,13 @@ def monitored_value(logs: dict[str, Any], monitor: str) -> tuple[str, float]:
     )
 
 
+def _wait(state: Any) -> None:
+    """Let every rank of a data-parallel run wait until rank 0 has written a checkpoint."""
+    barrier = getattr(state, "barrier", None)
+    if barrier is not None:
+        barrier()
+
+
 def _improved(value: float, best: float | None, mode: str, delta: float = 0.0) -> bool:
     if best is None or math.isnan(best):
         return not math.isnan(value)
@@ -130,18 +137,27 @@ class Checkpoint(Callback):
         return self.folder / "best.pt"
 
     def on_train_begin(self, state: Any) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(self.folder)
+        if getattr(state, "rank", 0) == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(self.folder)
 
     def on_batch_end(self, state: Any) -> None:
         if self.every_steps and state.global_step % self.every_steps == 0 and not state.epoch_done:
-            save_checkpoint(self.last_path, checkpoint_payload(state))
+            if getattr(state, "rank", 0) == 0:
+                save_checkpoint(self.last_path, checkpoint_payload(state))
+            _wait(state)
 
     def on_epoch_end(self, state: Any) -> None:
         key, value = monitored_value(state.logs, self.monitor)
         is_best = _improved(value, self.best, self.mode)
         if is_best:
             self.best = value
+        # under a launch every rank holds the same state; rank 0 alone writes it
+        if getattr(state, "rank", 0) == 0:
+            self._save(state, key, value, is_best)
+        _wait(state)
+
+    def _save(self, state: Any, key: str, value: float, is_best: bool) -> None:
         # the payload is taken after best is updated so a resumed run knows the best so far
         payload = checkpoint_payload(state)
         save_checkpoint(self.last_path, payload)

@@ -79,6 +79,8 @@ def checkpoint_payload(state: Any) -> dict[str, Any]:
         "frozen": frozen_state(state.model),
         "history": state.history.to_dict(),
         "recipe": _recipe_operations(state.model),
+        # batches are global, so any number of processes can continue it; kept for the record
+        "world_size": getattr(state, "world_size", 1),
         "callbacks": [
             {"type": type(cb).__name__, "state": cb.state_dict()}
             for cb in state.callbacks

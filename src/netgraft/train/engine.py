@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,7 +28,6 @@ from ..optim import group_lrs
 from .batches import (
     Metric,
     accumulate,
-    evaluate,
     loss_fn,
     make_loader,
     means,
@@ -37,6 +36,7 @@ from .batches import (
     split_batch,
 )
 from .checkpoint import checkpoint_payload
+from .distributed import Parallel, Share, ShareBatches, evaluate_shared, share_bounds, take_rows
 from .history import History
 from .report import epoch_line
 
@@ -75,7 +75,9 @@ class EpochSampler(Sampler[int]):
 class TrainState:
     """What callbacks see: the model and optimizer being trained, where the loop is
     (``epoch`` is 0-based, ``step`` counts optimizer steps within it), the epoch's ``logs``
-    once it ends, and ``stop_training`` which a callback sets to end the run."""
+    once it ends, and ``stop_training`` which a callback sets to end the run. Under a
+    data-parallel launch ``rank``/``world_size`` say which process this is of how many
+    (rank 0 writes checkpoints) and ``barrier`` waits for all of them."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -93,6 +95,9 @@ class TrainState:
     stop_training: bool = False
     epoch_done: bool = False
     stage: str | None = None
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] = field(default=lambda: None, repr=False)
 
     def checkpoint(self) -> dict[str, Any]:
         """The full training state as a plain dict of tensors and numbers (loadable with
@@ -115,21 +120,52 @@ class Feed:
 @dataclass
 class Batches:
     """How the training data is read: the loader, its :class:`EpochSampler` (None for a
-    caller's DataLoader, read as it is), the batches in a full epoch and the batch size."""
+    caller's DataLoader, read as it is), the batches in a full epoch and the (global) batch
+    size; under a launch, which ``rank`` of ``world`` reads its share of every batch."""
 
     loader: DataLoader
     sampler: EpochSampler | None
     steps_per_epoch: int
     batch_size: int
+    rank: int = 0
+    world: int = 1
 
     @classmethod
-    def over(cls, data: Dataset | DataLoader, batch_size: int, seed: int, shuffle: bool) -> Batches:
-        """Batches of ``data`` in the seeded order of each epoch."""
+    def over(
+        cls,
+        data: Dataset | DataLoader,
+        batch_size: int,
+        seed: int,
+        shuffle: bool,
+        parallel: Parallel | None = None,
+    ) -> Batches:
+        """Batches of ``data`` in the seeded order of each epoch; under a launch, this
+        rank's share of each (:class:`~netgraft.train.distributed.ShareBatches`)."""
+        rank, world = (0, 1) if parallel is None else (parallel.rank, parallel.world_size)
         if isinstance(data, DataLoader):
-            return cls(data, None, len(data), batch_size)
+            return cls(data, None, len(data), batch_size, rank, world)
         sampler = EpochSampler(len(data), seed, shuffle)  # type: ignore[arg-type]
-        loader = make_loader(data, batch_size, sampler)
-        return cls(loader, sampler, math.ceil(len(data) / batch_size), batch_size)  # type: ignore[arg-type]
+        steps = math.ceil(len(data) / batch_size)  # type: ignore[arg-type]
+        if world == 1:
+            return cls(make_loader(data, batch_size, sampler), sampler, steps, batch_size)
+        shares = ShareBatches(sampler, batch_size, rank, world)
+        loader = DataLoader(data, batch_sampler=shares, generator=torch.Generator().manual_seed(0))
+        return cls(loader, sampler, steps, batch_size, rank, world)
+
+    def share(self, step: int, batch: Any) -> tuple[Any, Share | None]:
+        """This rank's part of the epoch's batch ``step`` with its :class:`Share` (None in
+        one process). A caller's DataLoader is read whole by every rank, which keeps its
+        share of each batch."""
+        if self.world == 1:
+            return batch, None
+        if self.sampler is None:
+            total = int(split_batch(batch)[1].shape[0])
+            start, stop = share_bounds(total, self.rank, self.world)
+            part = take_rows(batch, start, stop) if stop > start else take_rows(batch, 0, 1)
+            return part, Share(stop - start, total, self.world)
+        total = min(self.batch_size, self.sampler.n - step * self.batch_size)
+        start, stop = share_bounds(total, self.rank, self.world)
+        return batch, Share(stop - start, total, self.world)
 
     def start_epoch(self, epoch: int, skip_steps: int) -> None:
         """Read ``epoch``'s order from its batch ``skip_steps`` on (a resumed epoch)."""
@@ -164,7 +200,11 @@ class Engine:
         metrics: Sequence[Metric],
         device: torch.device,
         max_grad_norm: float | None,
+        parallel: Parallel | None = None,
     ):
+        self.parallel = parallel if parallel is not None else Parallel(device)
+        # wrapped after freezing, so frozen parameters get no gradient bucket
+        train = replace(train, module=self.parallel.prepare(train.module, state.optimizer))
         self.state, self.train, self.val, self.batches = state, train, val, batches
         self.metrics, self.device, self.max_grad_norm = metrics, device, max_grad_norm
         self.fns, self.loss = metric_fns(metrics), loss_fn(loss)
@@ -180,7 +220,10 @@ class Engine:
 
     def run(self) -> History:
         """Train to the end and return the history."""
-        self.with_events("train", self._epochs)
+        try:
+            self.with_events("train", self._epochs)
+        finally:
+            self.parallel.finish()
         return self.state.history
 
     def _epochs(self) -> None:
@@ -220,6 +263,7 @@ class Engine:
 
     def _batch(self, batch: Any) -> None:
         state = self.state
+        batch, share = self.batches.share(state.step, batch)
         x, y = split_batch(to_device(batch, self.device, non_blocking=True))
         out = predictions(self.train.module, x)
         loss = self.loss(out, y)
@@ -228,8 +272,9 @@ class Engine:
                 f"the loss became {float(loss)} at epoch {state.epoch + 1}, step "
                 f"{state.step + 1}; lower the learning rate"
             )
-        self._step(loss)
-        accumulate(state.sums, loss, out, y, self.fns)
+        # a rank's mean weighted by its share: DDP's average of gradients is the global mean's
+        self._step(loss if share is None else loss * share.weight)
+        self._count(loss, out, y, share)
         state.step += 1
         state.global_step += 1
         self.progress.update(
@@ -239,16 +284,33 @@ class Engine:
     def _step(self, loss: torch.Tensor) -> None:
         optimizer, scheduler = self.state.optimizer, self.state.scheduler
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.parallel.backward(loss)
         if self.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(
+            self.parallel.clip_grad_norm_(
                 [p for g in optimizer.param_groups for p in g["params"]], self.max_grad_norm
             )
         # the rates this step uses: the epoch line shows what the last step trained with
         self.lrs_used = group_lrs(optimizer)
-        optimizer.step()
+        self.parallel.step()
         if scheduler is not None:
             scheduler.step()
+
+    def _count(
+        self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor, share: Share | None
+    ) -> None:
+        """Add the batch to the epoch's running sums; under a launch, the whole global
+        batch's (all-reduced), so every rank holds the global means."""
+        sums = self.state.sums
+        if share is None:
+            accumulate(sums, loss, out, y, self.fns)
+            return
+        mine: dict[str, float] = {}
+        if share.rows:
+            accumulate(mine, loss, out, y, self.fns)
+        total = self.parallel.reduce_sums(mine, ["n", "loss", *self.fns])
+        sums["n"] = sums.get("n", 0) + round(total.pop("n"))
+        for name, value in total.items():
+            sums[name] = sums.get(name, 0.0) + value
 
     def _end_epoch(self, started: float) -> None:
         """The epoch's row: training means, validation scores, rates and time; one line."""
@@ -258,7 +320,8 @@ class Engine:
             logs["stage"] = state.stage
         logs.update(means(state.sums))
         if self.val is not None:
-            scores = evaluate(
+            scores = evaluate_shared(
+                self.parallel,
                 self.val.module,
                 self.val.data,
                 loss=self.loss,

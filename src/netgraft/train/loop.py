@@ -39,6 +39,7 @@ from .batches import Metric, evaluate, predict, resolve_device, to_data
 from .cached import CachePlan, plan
 from .callbacks import Checkpoint
 from .checkpoint import load_checkpoint, restore_model, restore_training
+from .distributed import Parallel, parallel_for
 from .engine import Batches, Engine, EpochSampler, Feed, TrainState
 from .history import History
 from .optimizers import make_optimizer, make_scheduler
@@ -72,6 +73,7 @@ def fit(
     cache_options: dict[str, Any] | None = None,
     quiet: bool = False,
     stage: str | None = None,
+    precision: str | None = None,
 ) -> History:
     """Train ``model`` in place for ``epochs`` epochs and return the :class:`History`.
 
@@ -87,22 +89,34 @@ def fit(
     (``dir`` keeps the features on disk for later runs, ``dtype``, ``augment_copies`` caches
     that many augmented passes, read in turn by epoch). ``quiet`` hides the progress bar and
     the epoch lines (they still go to the ``netgraft.train`` logger).
+
+    ``batch_size`` is the global batch. Started with ``torchrun`` or ``accelerate launch``,
+    fit runs data parallel through Accelerate (:mod:`netgraft.train.distributed`): each
+    process trains on its share of every global batch, so N processes make the same
+    updates as one; rank 0 alone shows progress and writes checkpoints, metrics are over
+    all processes, and a checkpoint resumes on any number of processes. ``precision``
+    (``"bf16"``, ``"fp16"``) trains in mixed precision, also in one process.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise NetgraftError(f"epochs must be a non-negative integer; found {epochs!r}")
-    device = resolve_device(device)
+    parallel = parallel_for(resolve_device(device), precision)
+    device = parallel.device
     callbacks = _firing_order(callbacks)
     saved = load_checkpoint(resume) if resume is not None else None
-    seed = _prepare_model(model, device, seed, saved)
-    report = Reporter(quiet)
+    seed = _prepare_model(model, device, parallel.same_seed(seed), saved)
+    parallel.sync_weights(model)
+    report = Reporter(quiet, main=parallel.is_main)
     train_feed, val_feed = _feeds(model, train, val, cache, cache_options, report)
-    batches = Batches.over(train_feed.data, batch_size, seed, shuffle)
+    batches = Batches.over(train_feed.data, batch_size, seed, shuffle, parallel)
     opt = make_optimizer(model, optimizer, lr, lr_mult, layer_decay, weight_decay)
     sched = make_scheduler(scheduler, opt, epochs * batches.steps_per_epoch)
     state = TrainState(model, opt, sched, History(), epochs, seed, callbacks, report, stage=stage)
+    state.rank, state.world_size = parallel.rank, parallel.world_size
+    state.barrier = parallel.barrier
     if saved is not None:
         restore_training(saved, state)
-        report(f"resuming from {resume}: epoch {state.epoch + 1}, step {state.step}")
+        where = f"epoch {state.epoch + 1}, step {state.step}{_world(saved, parallel)}"
+        report(f"resuming from {resume}: {where}")
     engine = Engine(
         state,
         train_feed,
@@ -112,8 +126,18 @@ def fit(
         metrics=metrics,
         device=device,
         max_grad_norm=max_grad_norm,
+        parallel=parallel,
     )
     return engine.run()
+
+
+def _world(saved: dict[str, Any], parallel: Parallel) -> str:
+    """What a resumed run should know about the processes that wrote its checkpoint."""
+    wrote = int(saved.get("world_size", 1))
+    if wrote == parallel.world_size:
+        return ""
+    # batches are global and every process holds the whole state: any world size continues it
+    return f" (written by {wrote} process(es), continued on {parallel.world_size})"
 
 
 def _firing_order(callbacks: Sequence[Any]) -> list[Any]:

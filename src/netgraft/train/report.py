@@ -21,14 +21,18 @@ _NOT_SHOWN = ("epoch", "stage", "lr", "time")
 
 class Reporter:
     """One line per event to the ``netgraft.train`` logger and, unless quiet, to a rich
-    console on stderr (above the progress bar)."""
+    console on stderr (above the progress bar). Only the main process of a data-parallel
+    run (``main``) reports; the others stay silent."""
 
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
+    def __init__(self, quiet: bool, main: bool = True):
+        self.quiet = quiet or not main
+        self.main = main
         self.console = Console(stderr=True, highlight=False)
         self.progress: Any = None
 
     def __call__(self, line: str) -> None:
+        if not self.main:
+            return
         log.info(line)
         if not self.quiet:
             target = self.progress.console if self.progress is not None else self.console
