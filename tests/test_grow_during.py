@@ -217,3 +217,66 @@ def test_grow_refuses_unknown_operations_arguments_and_optimizer_state(text):
     with pytest.raises(netgraft.SurgeryError, match="sum"):
         grow_with_optimizer(model, opt, "expand_blocks", every=1)
     assert dict(model.named_parameters()) == before and model.config.n_layer == 2
+
+
+def test_widen_and_deepen_during_fit_put_new_parameters_in_their_blocks_groups():
+    x, y = load_digits()
+    x = torch.as_tensor(x, dtype=torch.float32).reshape(len(x), -1)[:256]
+    y = torch.as_tensor(y)[:256]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10))
+    probe = (x[:32], y[:32])
+    grows = [
+        netgraft.Grow(at_epoch=1, op="widen", layer="0", width=40, noise=0.2, probe=probe),
+        netgraft.Grow(at_epoch=1, op="deepen", after="1", mode="residual", probe=probe),
+    ]
+    seen = {}
+
+    class Look(netgraft.train.callbacks.Callback):
+        def on_epoch_end(self, state) -> None:
+            seen["groups"] = {
+                id(p): g["name"] for g in state.optimizer.param_groups for p in g["params"]
+            }
+
+    netgraft.fit(model, (x, y), epochs=2, lr=1e-2, lr_mult=10, weight_decay=0.01,
+                 batch_size=64, callbacks=[*grows, Look()], seed=0, quiet=True,
+                 device="cpu")  # fmt: skip
+    for grow in grows:
+        event = grow.events[0]
+        assert abs(event.loss_after - event.loss_before) < 1e-5  # float32
+    assert grows[1].events[0].new == 4  # the residual branch: two Linear layers
+    expected = netgraft.param_groups(model, 1.0, lr_mult=10, weight_decay=0.01)
+    want = {id(p): g["name"] for g in expected for p in g["params"]}
+    assert set(seen["groups"]) == set(want)
+    # the new block '1' has no group of its own (a ReLU had no parameters): its parameters
+    # join their neighbour's group of the same decay kind, so the scheduler keeps its groups
+    for pid, name in want.items():
+        got = seen["groups"][pid]
+        assert got == name if not name.startswith("1") else got == "0" + name[1:]
+
+
+def test_resume_after_a_growth_with_a_new_block_continues_its_optimizer_groups(tmp_path):
+    x, y = load_digits()
+    x = torch.as_tensor(x, dtype=torch.float32).reshape(len(x), -1)[:256]
+    y = torch.as_tensor(y)[:256]
+    args = dict(epochs=3, lr=1e-2, lr_mult=10, weight_decay=0.01, batch_size=64, seed=0,
+                scheduler="onecycle", quiet=True, device="cpu")  # fmt: skip
+
+    def mlp() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10))
+
+    def grow() -> netgraft.Grow:
+        return netgraft.Grow(at_epoch=1, op="deepen", after="1", mode="residual")
+
+    def ckpt() -> netgraft.Checkpoint:
+        return netgraft.Checkpoint(tmp_path / "run", monitor="loss", mode="min")
+
+    whole = mlp()
+    full = netgraft.fit(whole, (x, y), callbacks=[grow()], **args)
+    netgraft.fit(mlp(), (x, y), callbacks=[grow(), StopAfter(1), ckpt()], **args)
+    fresh = mlp()
+    again = netgraft.fit(fresh, (x, y), callbacks=[grow(), ckpt()], resume=tmp_path / "run", **args)
+    assert [r["loss"] for r in again.rows] == [r["loss"] for r in full.rows]
+    for (name, a), b in zip(whole.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -153,18 +153,19 @@ def _mapped_state(state: dict[str, Any], growth: ParamGrowth) -> dict[str, Any]:
     return out
 
 
-def _groups_by_block(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, int]:
-    """For each trainable parameter name, the optimizer group named like the group
-    :func:`netgraft.param_groups` puts it in (how ``fit`` builds its optimizer); empty
-    when the optimizer's groups are not named that way."""
-    names = [g.get("name") for g in optimizer.param_groups]
-    if any(n is None for n in names):
+_NO_DECAY = " (no decay)"
+
+
+def _groups_by_block(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict[str, str]:
+    """For each trainable parameter name, the name of the group :func:`netgraft.param_groups`
+    puts it in (how ``fit`` builds its optimizer); empty when the optimizer's groups are not
+    named that way."""
+    names = {g.get("name") for g in optimizer.param_groups}
+    if None in names:
         return {}
-    for decay in (1.0, 0.0):
-        groups = param_groups(model, 1.0, weight_decay=decay)
-        if all(g["name"] in names for g in groups):
-            return {pn: names.index(g["name"]) for g in groups for pn in g["param_names"]}
-    return {}
+    decay = any(str(n).endswith(_NO_DECAY) for n in names)
+    groups = param_groups(model, 1.0, weight_decay=1.0 if decay else 0.0)
+    return {pn: g["name"] for g in groups for pn in g["param_names"]}
 
 
 def _carry(
@@ -183,21 +184,23 @@ def _carry(
         mapped.add(id(growth.new))
         if states.get(id(growth.old)):
             states[id(growth.new)] = _mapped_state(states[id(growth.old)], growth)
-    by_block = _groups_by_block(optimizer, model)
+    wanted = _groups_by_block(optimizer, model)
+    index = {g.get("name"): gi for gi, g in enumerate(optimizer.param_groups)}
     members: list[list[tuple[str, nn.Parameter]]] = [[] for _ in optimizer.param_groups]
-    previous = 0
+    previous = {False: 0, True: 0}  # the group of the last parameter of each decay kind
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        kind = wanted.get(name, "").endswith(_NO_DECAY)
         gi = group_of.get(id(p))
-        if gi is None:
-            gi = by_block.get(name, previous)
+        if gi is None:  # new: its block's group, else (a block without one) its neighbour's
+            gi = index.get(wanted.get(name), previous[kind])
             event.new += 1
         elif id(p) in old_ids:
             event.kept += 1
         elif id(p) in mapped:
             event.mapped += 1
-        previous = gi
+        previous[kind] = gi
         members[gi].append((name, p))
     present = {id(p) for group in members for _, p in group}
     event.dropped = len(old_ids - present - {id(r.old) for r in records})

@@ -155,6 +155,7 @@ def restore_training(payload: dict[str, Any], state: Any) -> None:
     """Put everything but the model back into the loop's ``state``: the optimizer's and
     scheduler's states, the history, the position (epoch, step, running sums), each
     callback's state and, last, every global random stream."""
+    _align_groups(state.optimizer, payload["optimizer"])
     state.optimizer.load_state_dict(payload["optimizer"])
     if state.scheduler is not None and payload.get("scheduler") is not None:
         state.scheduler.load_state_dict(payload["scheduler"])
@@ -163,6 +164,27 @@ def restore_training(payload: dict[str, Any], state: Any) -> None:
     state.global_step, state.sums = payload["global_step"], dict(payload["sums"])
     _restore_callbacks(state.callbacks, payload.get("callbacks", []))
     set_rng_state(payload["rng"])
+
+
+def _align_groups(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Group ``optimizer``'s parameters, by name, as the saved optimizer grouped them when
+    that differs (:class:`netgraft.Grow` puts a new block's parameters into existing groups,
+    which a fresh optimizer over the grown model would not)."""
+    groups, current = saved.get("param_groups") or [], optimizer.param_groups
+    if not all("param_names" in g for g in [*groups, *current]):
+        return
+    if [g["param_names"] for g in groups] == [g["param_names"] for g in current]:
+        return
+    by_name = {n: p for g in current for n, p in zip(g["param_names"], g["params"], strict=True)}
+    if sorted(by_name) != sorted(n for g in groups for n in g["param_names"]):
+        return  # another model: load_state_dict says what does not fit
+    optimizer.param_groups[:] = [
+        {
+            **{k: v for k, v in g.items() if k != "params"},
+            "params": [by_name[n] for n in g["param_names"]],
+        }
+        for g in groups
+    ]
 
 
 def _restore_callbacks(callbacks: list[Any], saved: list[dict[str, Any]]) -> None:
