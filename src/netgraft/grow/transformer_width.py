@@ -487,7 +487,8 @@ def widen_transformer(
 ) -> nn.Module:
     """Widen a Hugging Face GPT-2, BERT-style or Llama-style model so it computes exactly
     what it computed before; return the model, changed in place (parameters are replaced:
-    build the optimizer after growing).
+    build the optimizer after growing, or grow with :class:`netgraft.Grow` /
+    :func:`netgraft.grow.grow_with_optimizer`, which carry its state).
 
     ``hidden_size`` must be a multiple of the current one (each hidden vector becomes k
     copies of itself); ``num_heads`` a multiple of the current count (whole heads are

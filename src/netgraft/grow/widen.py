@@ -240,7 +240,9 @@ def widen(
 ) -> Resolved[nn.Module]:
     """Widen the Linear or Conv2d ``layer`` picks to ``width`` output units (Net2WiderNet)
     so the model computes exactly what it computed before; return the model, changed in
-    place (parameters are replaced: build the optimizer after growing).
+    place (parameters are replaced: build the optimizer after growing, or grow with
+    :class:`netgraft.Grow` / :func:`netgraft.grow.grow_with_optimizer`, which carry its
+    state).
 
     New units copy randomly chosen existing ones (``seed``); a BatchNorm right after is
     widened with the same map; the next Linear/Conv2d (through activations, pooling and a
