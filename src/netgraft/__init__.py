@@ -5,7 +5,9 @@ The public API, re-exported from the modules that own each idea.
 
 import importlib.metadata
 
+from .auxiliary import AuxiliaryResult, pretrain_auxiliary
 from .cache import FeatureCache
+from .choose import AutoRGN, Suggestion, suggest
 from .cut import cut
 from .errors import (
     CacheError,
@@ -54,6 +56,11 @@ from .zoo import load_saved as load
 __version__ = importlib.metadata.version("netgraft")
 
 __all__ = [
+    "AutoRGN",
+    "AuxiliaryResult",
+    "Suggestion",
+    "pretrain_auxiliary",
+    "suggest",
     "Block",
     "Checkpoint",
     "EarlyStopping",
