@@ -153,6 +153,20 @@ def test_adam_moments_of_old_blocks_are_kept_and_new_blocks_start_fresh(text):
     )
 
 
+def test_a_growth_function_composing_operations_carries_moments_through_both(text):
+    x, y = text
+    batches = [(x[:8], y[:8]), (x[8:16], y[8:16])]
+
+    def wider_and_deeper(model: nn.Module) -> nn.Module:
+        netgraft.widen_transformer(model, hidden_size=64)
+        return netgraft.expand_blocks(model, every=2)
+
+    model = gpt2()
+    _assert_moments_match_the_grown_gradients(model, wider_and_deeper, {}, batches, lm_loss)
+    ops = [op["op"] for op in netgraft.get_recipe(model).operations]
+    assert ops == ["widen_transformer", "expand_blocks"]  # what a resume replays
+
+
 def test_adam_moments_of_a_net2wider_mlp_with_noise_are_those_of_its_gradients():
     x, y = load_digits()
     x = torch.as_tensor(x, dtype=torch.float64).reshape(len(x), -1)[:128]
