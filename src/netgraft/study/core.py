@@ -364,10 +364,8 @@ def study(
     models = {"source": source_model, **({"control": control} if control is not None else {})}
     ctx = TrialContext(models, units, num_classes, target_train, target_val, settings)
     ray, started = connect_ray(ray_address) if backend == "ray" else (None, False)
-    options = {
-        "out_dir": out_dir, "cache_dir": cache_dir, "shared_pass": shared_pass, "quiet": quiet,
-        "workers": workers, "ray": ray, "threads": threads,
-    }  # fmt: skip
+    options = dict(out_dir=out_dir, cache_dir=cache_dir, shared_pass=shared_pass, quiet=quiet,
+                   workers=workers, ray=ray, threads=threads)  # fmt: skip
     key_settings = {"budget": settings, "unit": unit, "num_classes": num_classes}
     try:
         say = progress or (lambda line: log.info(line))
@@ -375,16 +373,28 @@ def study(
     finally:
         if started:
             ray.shutdown()
+    result = _gather(plan, results, seeds, unit, unit_names, reused)
+    result.settings = {**settings, "seeds": seeds, "modes": list(modes), "num_classes": num_classes}
+    if out_dir is not None:
+        result.save(out_dir)
+    return result
+
+
+def _gather(
+    plan: list[Setting],
+    results: Mapping[Trial, TrialResult],
+    seeds: int,
+    unit: str,
+    unit_names: list[str],
+    reused: int,
+) -> StudyResult:
+    """The study's result from its trials: one row per setting, in plan order."""
     rows = [_row(setting, results, seeds, unit_names) for setting in plan]
-    result = StudyResult(
+    return StudyResult(
         rows=rows,
         unit=unit,
         units=unit_names,
         recommended=recommend(rows),
-        settings={**settings, "seeds": seeds, "modes": list(modes), "num_classes": num_classes},
         trials_run=len(plan) * seeds - reused,
         trials_reused=reused,
     )
-    if out_dir is not None:
-        result.save(out_dir)
-    return result

@@ -22,6 +22,7 @@ into the features folder it is given.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -37,7 +38,7 @@ from ..errors import NetgraftError
 from ..layers import call_model, evaluating
 from ..rng import forked
 from ..train.cached import plan
-from .trials import Trial, TrialContext, build_trial_model
+from .trials import Trial, TrialContext, set_trainable
 
 __all__ = ["FrozenPass", "share_frozen_pass"]
 
@@ -119,12 +120,14 @@ def _replaying(prefix: nn.Module, batches: list[torch.Tensor]) -> Iterator[nn.Mo
 
 
 def _probe_cut(
-    ctx: TrialContext, setting: tuple[str, str, int], probe: Dataset
+    ctx: TrialContext, setting: tuple[str, str, int], probe: Dataset, model: nn.Module
 ) -> tuple[str, nn.Module] | None:
-    """The cut point and frozen prefix the cache plan picks for ``setting``, checked against
-    the source model's hooked output on one example; None (logged) when it cannot be shared."""
+    """The cut point and frozen prefix the cache plan picks for ``setting`` (on ``model``, a
+    copy of the setting's base made trainable as the setting trains it; the cut depends on
+    that, not on the weights the trial re-initialises), checked against the base model's
+    hooked output on one example; None (logged) when it cannot be shared."""
     trial = Trial(*setting, seed=0)
-    model = build_trial_model(ctx, trial)
+    set_trainable(model, ctx.units, trial.mode, trial.k)
     try:
         cached = plan(model, probe, cache=True)
         assert cached is not None
@@ -192,11 +195,15 @@ def share_frozen_pass(ctx: TrialContext, trials: Iterable[Trial], root: str | Pa
     train = as_dataset(ctx.train)
     probe = Subset(train, [0])
     wanted: dict[str, dict[str, nn.Module]] = {}
+    copies: dict[str, nn.Module] = {}
     for setting in sorted({t.setting for t in trials if t.mode in _SHARED_MODES}):
-        found = _probe_cut(ctx, setting, probe)
+        base = Trial(*setting, seed=0).base()
+        if base not in copies:  # one copy per model: its prefixes hold the model's weights
+            copies[base] = copy.deepcopy(ctx.models[base])
+        found = _probe_cut(ctx, setting, probe, copies[base])
         if found is not None:
             result.cuts[setting] = found[0]
-            wanted.setdefault(Trial(*setting, seed=0).base(), {})[found[0]] = found[1]
+            wanted.setdefault(base, {})[found[0]] = found[1]
     datasets = {"train": train}
     with contextlib.suppress(NetgraftError):
         datasets["val"] = as_dataset(ctx.val)

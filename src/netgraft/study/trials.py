@@ -38,6 +38,7 @@ __all__ = [
     "build_trial_model",
     "run_trial",
     "set_threads",
+    "set_trainable",
 ]
 
 MODES = ("frozen", "fine-tuned")  # the default sweep
@@ -107,6 +108,19 @@ def _head_outputs(model: nn.Module) -> int | None:
     return linears[-1].out_features if linears else None
 
 
+def set_trainable(
+    model: nn.Module, units: list[list[str]], mode: str, k: int, also: list[str] | None = None
+) -> None:
+    """Make trainable what ``mode`` trains: unit ``k`` only (and ``also``) in
+    ``"surgical"``, everything after the first ``k`` units in ``"frozen"``, everything
+    otherwise."""
+    unfreeze(model)
+    if mode == "surgical":
+        train_only(model, units[k - 1] + (also or []))
+    elif mode == "frozen" and k > 0:
+        freeze(model, [n for names in units[:k] for n in names])
+
+
 def build_trial_model(ctx: TrialContext, trial: Trial) -> nn.Module:
     """The model ``trial`` trains: a copy of its base with a head for the target's classes;
     ``"surgical"`` keeps every unit and trains only unit ``k`` (and a replaced head, which has
@@ -117,49 +131,55 @@ def build_trial_model(ctx: TrialContext, trial: Trial) -> nn.Module:
     new_head = _head_outputs(model) not in (None, ctx.num_classes)
     if new_head:
         replace_head(model, ctx.num_classes)
-    mode, k = trial.mode, trial.k
-    if mode == "surgical":
-        head = find_head(model)[0]
+    head = find_head(model)[0]
+    if trial.mode == "surgical":
         if new_head:
             reinit(model, head, seed=trial.seed)  # seeded: never drawn from the global stream
-        train_only(model, ctx.units[k - 1] + ([head] if new_head else []))
-        return model
-    later = [n for names in ctx.units[k:] for n in names]
-    if later:
-        reinit(model, later, seed=trial.seed)
-    if mode == "frozen" and k > 0:
-        freeze(model, [n for names in ctx.units[:k] for n in names])
+    else:
+        later = [n for names in ctx.units[trial.k :] for n in names]
+        if later:
+            reinit(model, later, seed=trial.seed)
+    set_trainable(model, ctx.units, trial.mode, trial.k, [head] if new_head else None)
     return model
 
 
-def _eval_batch(budget: Mapping[str, Any]) -> int:
-    return max(64, 2 * budget["batch_size"])
-
-
-def _accuracy(ctx: TrialContext, model: nn.Module, cut_at: str | None) -> float:
-    """Validation accuracy of the trained model; over the shared features of the validation
-    data when the setting has a cut point (the frozen prefix then never runs again)."""
-    batch_size = _eval_batch(ctx.budget)
-    if cut_at is None or not ctx.val_cached:
-        return float(evaluate(model, ctx.val, batch_size=batch_size)["acc"])
+def _from_features(
+    ctx: TrialContext, model: nn.Module, trial: Trial, cut_at: str
+) -> tuple[nn.Module, FeatureCache, FeatureCache | None]:
+    """The trainable suffix after ``cut_at`` with the shared features of the training data
+    (and of the validation data when they were stored), found under the cache's own key."""
     prefix, suffix = cut(model, at=cut_at)
-    val = FeatureCache(prefix, as_dataset(ctx.val), dir=ctx.features_dir, cut_point=cut_at)
-    return float(evaluate(suffix, val, batch_size=batch_size)["acc"])
+    train = FeatureCache(prefix, as_dataset(ctx.train), dir=ctx.features_dir, cut_point=cut_at)
+    val = None
+    if ctx.val_cached:
+        val = FeatureCache(prefix, as_dataset(ctx.val), dir=ctx.features_dir, cut_point=cut_at)
+    return suffix, train, val
 
 
 def run_trial(ctx: TrialContext, trial: Trial) -> TrialResult:
-    """Build, train and measure one trial. A setting with a cut point trains from the shared
-    features (``fit`` finds them under the cache's own key); any other trains as
-    :func:`netgraft.fit` does with ``cache="auto"``."""
+    """Build, train and measure one trial. A setting with a cut point trains its suffix on
+    the shared features, as :func:`netgraft.fit` would from its own cache (the optimizer
+    sees the same parameters; under discriminative rates, which depend on the whole model's
+    blocks, ``fit`` itself runs on the whole model and finds the same features); any other
+    trains as :func:`netgraft.fit` does with ``cache="auto"``."""
     started = time.perf_counter()
     model = build_trial_model(ctx, trial)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cut_at = ctx.cuts.get(trial.setting) if ctx.features_dir else None
-    cache: dict[str, Any] = {"cache": "auto"}
-    if cut_at is not None:
-        cache = {"cache": True, "cache_options": {"dir": ctx.features_dir}}
-    fit(model, ctx.train, seed=trial.seed, quiet=True, **cache, **ctx.budget)
-    acc = _accuracy(ctx, model, cut_at)
+    batch_size = max(64, 2 * ctx.budget["batch_size"])
+    net, val = model, ctx.val
+    if cut_at is None:
+        fit(model, ctx.train, seed=trial.seed, quiet=True, cache="auto", **ctx.budget)
+    elif {"lr_mult", "layer_decay"} & set(ctx.budget):
+        options = {"dir": ctx.features_dir}
+        fit(model, ctx.train, seed=trial.seed, quiet=True, cache=True, cache_options=options,
+            **ctx.budget)  # fmt: skip
+    else:
+        suffix, features, val_features = _from_features(ctx, model, trial, cut_at)
+        fit(suffix, features, seed=trial.seed, quiet=True, cache=False, **ctx.budget)
+        if val_features is not None:
+            net, val = suffix, val_features
+    acc = float(evaluate(net, val, batch_size=batch_size)["acc"])
     return TrialResult(acc, trained, round(time.perf_counter() - started, 3))
 
 
