@@ -161,3 +161,60 @@ def test_bad_inputs_are_one_clear_error(digits):
         pretrain_auxiliary(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), torch.randn(20, 4),
                            task="corrupt", epochs=1)  # fmt: skip
     assert isinstance(model.head, nn.Linear)  # refusals leave the model as it was
+
+
+NET = (
+    "from torch import nn\n\n\n"
+    "def build():\n"
+    "    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),\n"
+    "                         nn.Linear(8 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 3))\n"
+)
+
+
+@pytest.fixture
+def image_tree(tmp_path, digits):
+    """Twelve real 8×8 digit images each of the classes zero, one and seven, and a model file."""
+    import numpy as np
+    from PIL import Image
+
+    x, y = digits
+    root = tmp_path / "data"
+    for c, name in ((0, "zero"), (1, "one"), (7, "seven")):
+        (root / name).mkdir(parents=True)
+        for i in (y == c).nonzero().flatten()[:12].tolist():
+            Image.fromarray((x[i, 0].numpy() * 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    (tmp_path / "net.py").write_text(NET)
+    return root, f"{tmp_path / 'net.py'}:build"
+
+
+@pytest.mark.parametrize("task", ["pairs", "corrupt", "layerwise"])
+def test_cli_pretrain_saves_a_model_that_finetune_takes(cli, image_tree, tmp_path, task):
+    import json
+
+    root, spec = image_tree
+    out = tmp_path / "pre"
+    code, stdout, err = cli("pretrain", spec, "--data", str(root), "--task", task, "-o", str(out),
+                            "--epochs", "1", "--size", "8", "--val-fraction", "0.25", "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert f"saved to {out}" in stdout
+    details = json.loads((out / "pretrain.json").read_text())
+    assert details["task"] == task
+    assert (out / "history.json").is_file() == (task != "layerwise")
+    model = netgraft.load(out)
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 3)
+    code, stdout, err = cli("finetune", str(out), "--data", str(root), "-o", str(tmp_path / "ft"),
+                            "--epochs", "1", "--size", "8", "--quiet")  # fmt: skip
+    assert code == 0, err
+
+
+def test_cli_pretrain_bad_task_or_one_folder_is_one_line(cli, image_tree, tmp_path):
+    root, spec = image_tree
+    code, _, err = cli(
+        "pretrain", spec, "--data", str(root), "--task", "jigsaw", "-o", str(tmp_path / "o")
+    )
+    assert code == 1 and err.strip() == (
+        "netgraft: error: task must be one of pairs, corrupt, layerwise; found 'jigsaw'"
+    )
+    code, _, err = cli("pretrain", spec, "--data", str(root / "zero"), "--task", "pairs",
+                       "-o", str(tmp_path / "o"), "--size", "8")  # fmt: skip
+    assert code == 1 and err.startswith("netgraft: error:") and "Traceback" not in err

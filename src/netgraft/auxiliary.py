@@ -483,8 +483,11 @@ def pretrain_auxiliary(
         train = _task_data(x, groups, corrupt=corrupt, seed=seed, **options)  # type: ignore[arg-type]
         val_set = None
         if val is not None:
-            vx, vg = _examples(val, task)
-            val_set = _task_data(vx, vg, corrupt=corrupt, seed=seed + 1, **options)  # type: ignore[arg-type]
+            try:
+                vx, vg = _examples(val, task)
+                val_set = _task_data(vx, vg, corrupt=corrupt, seed=seed + 1, **options)  # type: ignore[arg-type]
+            except DataError as exc:
+                raise DataError(f"the validation data: {exc}") from exc
         torch.manual_seed(seed)
         wrapper = _wrapper(body, x, aux_head, hidden)
         loss = _margin_loss(margin) if aux_head == "margin" else None

@@ -30,6 +30,7 @@ from .workflows import (
     grow_folder,
     inspect_model,
     predict_files,
+    pretrain_folder,
     study_folder,
     transfer_folder,
 )
@@ -398,6 +399,57 @@ def finetune(
         val_fraction=val_fraction,
         seed=seed,
         cache="auto" if cache is None else cache,
+        quiet=quiet,
+    )
+    _console().print(result.summary(), markup=False)
+
+
+@app.command()
+def pretrain(
+    spec: str = typer.Argument(
+        ..., help="torchvision:NAME, timm:NAME, hf:PATH, file.py:fn or a saved folder"
+    ),
+    data: Path = typer.Option(..., "--data", help="image folder DIR/CLASS/*.png"),
+    out: Path = typer.Option(..., "-o", "--out", help="folder to save the pretrained model to"),
+    task: str = typer.Option(
+        ...,
+        "--task",
+        help="pairs (same folder or not?), corrupt (real or patches shuffled?) or layerwise "
+        "(each layer as an autoencoder)",
+    ),
+    aux_head: str = typer.Option(
+        "auto", "--aux-head", help="pairs: distance or concat; corrupt: binary or margin"
+    ),
+    epochs: int = typer.Option(3, "--epochs", help="epochs (per layer for layerwise)"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    pairs: int | None = typer.Option(None, "--pairs", help="pairs to draw (default: 2 per image)"),
+    copies: int = typer.Option(1, "--copies", help="corrupted copies of each image"),
+    size: int | None = typer.Option(None, "--size", help="input side in pixels (default: model's)"),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="held out to measure the task"),
+    seed: int = typer.Option(0, "--seed"),
+    weights: Path | None = _WEIGHTS_OPTION,
+    trust_pickle: bool = _TRUST_PICKLE_OPTION,
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar or epoch lines"),
+) -> None:
+    """Pretrain a model's body on an auxiliary task from an image folder (the head is kept),
+    then save it to OUT, ready for netgraft finetune OUT."""
+    result = pretrain_folder(
+        spec,
+        data,
+        out,
+        task=task,
+        weights=weights,
+        trust_pickle=trust_pickle,
+        aux_head=aux_head,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        pairs=pairs,
+        copies=copies,
+        size=size,
+        val_fraction=val_fraction,
+        seed=seed,
         quiet=quiet,
     )
     _console().print(result.summary(), markup=False)

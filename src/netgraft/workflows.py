@@ -23,6 +23,7 @@ folders it is given.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from .atomic import atomic_write
+from .auxiliary import pretrain_auxiliary
 from .data import (
     image_folder,
     image_transform,
@@ -47,6 +50,7 @@ from .grow import expand_blocks
 from .grow import widen as widen_op
 from .heads import replace_head
 from .layers import Block, LayerTable, blocks, layers
+from .pretrain import pretrain_layerwise
 from .recipe import get_recipe
 from .saved import save
 from .study import MODES, StudyResult, study
@@ -58,6 +62,8 @@ __all__ = [
     "FinetuneResult",
     "GrowResult",
     "Inspection",
+    "PRETRAIN_TASKS",
+    "PretrainResult",
     "TransferResult",
     "blocks_table",
     "evaluate_folder",
@@ -65,6 +71,7 @@ __all__ = [
     "grow_folder",
     "inspect_model",
     "predict_files",
+    "pretrain_folder",
     "study_folder",
     "transfer_folder",
 ]
@@ -400,3 +407,89 @@ def predict_files(
         ]
         for p, pr, ix in zip(images, probs, indices, strict=True)
     }
+
+
+PRETRAIN_TASKS = ("pairs", "corrupt", "layerwise")
+
+
+@dataclass
+class PretrainResult:
+    """What :func:`pretrain_folder` made: the saved folder, the task and what it reached
+    (``details``: the auxiliary result's data, or the layer-wise records)."""
+
+    folder: Path
+    task: str
+    details: dict[str, Any]
+
+    def summary(self) -> str:
+        """One line: the task, its last scores, where the model was saved."""
+        if self.task == "layerwise":
+            layers_done = self.details["layers"]
+            what = f"layer-wise pretrained {len(layers_done)} layers"
+            if layers_done:
+                last = layers_done[-1]
+                what += f" (last {last['layer']}: loss {last['first_loss']:.4f} → {last['last_loss']:.4f})"
+        else:
+            last = self.details.get("last", {})
+            scores = ", ".join(f"{k} {last[k]:.4f}" for k in ("acc", "val_acc") if k in last)
+            what = (
+                f"auxiliary {self.task} ({self.details['aux_head']}) on "
+                f"{self.details['examples']:,} examples: {scores}"
+            )
+        return f"{what}; saved to {self.folder}"
+
+
+def pretrain_folder(
+    model: str | nn.Module,
+    data_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    task: str,
+    weights: str | os.PathLike | None = None,
+    trust_pickle: bool = False,
+    aux_head: str = "auto",
+    epochs: int = 3,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    pairs: int | None = None,
+    copies: int = 1,
+    size: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    quiet: bool = False,
+) -> PretrainResult:
+    """Pretrain ``model`` (a spec for :func:`netgraft.load_model`, or a module) on the images
+    of the class-per-folder ``data_dir`` and save it to ``out`` (weights and recipe, with
+    ``pretrain.json`` and, for auxiliary tasks, ``history.json``/``.png``).
+
+    ``task="pairs"``: the folders are the groups (same folder or not,
+    :func:`netgraft.pretrain_auxiliary`); ``"corrupt"``: folders are ignored, each image is
+    told from copies with shuffled patches; ``"layerwise"``: each layer as an autoencoder
+    (:func:`netgraft.pretrain_layerwise`, ``epochs`` per layer). ``val_fraction`` of each
+    folder is held out to measure the auxiliary task. The head is kept as it is, ready for
+    ``netgraft finetune OUT``.
+    """
+    if task not in PRETRAIN_TASKS:
+        raise NetgraftError(f"task must be one of {', '.join(PRETRAIN_TASKS)}; found {task!r}")
+    torch.manual_seed(seed)
+    if isinstance(model, str):
+        model = load_model(model, weights=weights, trust_pickle=trust_pickle)
+    split = image_folder(data_dir, model, size=size, val_fraction=val_fraction, seed=seed)
+    if task == "layerwise":
+        records = pretrain_layerwise(
+            model, split.train, epochs_per_layer=epochs, lr=lr, batch_size=batch_size, seed=seed
+        )
+        details: dict[str, Any] = {"task": task, "layers": records}
+        history = None
+    else:
+        result = pretrain_auxiliary(
+            model, split.train, split.val, task=task, aux_head=aux_head, epochs=epochs, lr=lr,
+            batch_size=batch_size, pairs=pairs, copies=copies, seed=seed, quiet=quiet,
+        )  # fmt: skip
+        details, history = result.to_dict(), result.history
+    folder = save(model, out)
+    if history is not None:
+        history.save(folder)
+    text = json.dumps(details, indent=2, default=str)
+    atomic_write(Path(folder) / "pretrain.json", lambda p: p.write_text(text))
+    return PretrainResult(Path(folder), task, details)
