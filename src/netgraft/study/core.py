@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -257,15 +256,16 @@ def _share(ctx: TrialContext, todo: list[Trial], root: Path) -> None:
     """Run the shared frozen pass for the trials still to run and record it in ``ctx``."""
     if not any(t.mode in ("frozen", "surgical") for t in todo):
         return
-    started = time.perf_counter()
     shared = share_frozen_pass(ctx, todo, root)
     ctx.features_dir, ctx.cuts, ctx.val_cached = str(root), shared.cuts, shared.val_cached
     log.info(
-        "shared frozen pass: %d cut point(s) for %d setting(s) in %d pass(es), %.2fs",
+        "shared frozen pass: %d cut point(s) for %d setting(s) in %d pass(es), %.2fs "
+        "(finding the cut points %.2fs)",
         len(set(shared.cuts.values())),
         len(shared.cuts),
         shared.passes,
-        time.perf_counter() - started,
+        shared.pass_seconds,
+        shared.probe_seconds,
     )
 
 

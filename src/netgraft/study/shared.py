@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ class FrozenPass:
 
     def __init__(self) -> None:
         self.cuts: dict[tuple[str, str, int], str] = {}
-        self.seconds = 0.0
+        self.probe_seconds = 0.0  # finding and checking each setting's cut point
+        self.pass_seconds = 0.0  # the passes over the data, and storing their features
         self.passes = 0
         self.val_cached = False
 
@@ -194,6 +196,7 @@ def share_frozen_pass(ctx: TrialContext, trials: Iterable[Trial], root: str | Pa
     root = Path(root)
     train = as_dataset(ctx.train)
     probe = Subset(train, [0])
+    started = time.perf_counter()
     wanted: dict[str, dict[str, nn.Module]] = {}
     copies: dict[str, nn.Module] = {}
     for setting in sorted({t.setting for t in trials if t.mode in _SHARED_MODES}):
@@ -204,6 +207,7 @@ def share_frozen_pass(ctx: TrialContext, trials: Iterable[Trial], root: str | Pa
         if found is not None:
             result.cuts[setting] = found[0]
             wanted.setdefault(base, {})[found[0]] = found[1]
+    result.probe_seconds = time.perf_counter() - started
     datasets = {"train": train}
     with contextlib.suppress(NetgraftError):
         datasets["val"] = as_dataset(ctx.val)
@@ -219,4 +223,5 @@ def share_frozen_pass(ctx: TrialContext, trials: Iterable[Trial], root: str | Pa
                 log.info("shared frozen pass: the validation data is not shared (%s)", exc)
                 del datasets[kind]
     result.val_cached = "val" in datasets and bool(result.cuts)
+    result.pass_seconds = time.perf_counter() - started - result.probe_seconds
     return result
