@@ -96,6 +96,23 @@ def test_corrupt_margin_ranks_real_passages_above_ones_with_a_word_replaced(pass
     assert not torch.equal(emb[2:], model.embed.weight[2:])
 
 
+def test_frozen_lower_layers_are_cached_where_the_cache_applies(digits, caplog):
+    x, y = digits
+    for task, options in (("corrupt", {"redraw": False}), ("pairs", {})):
+        model = _model()
+        netgraft.freeze(model, ["conv1", "conv2"])
+        conv2 = model.conv2.weight.detach().clone()
+        caplog.clear()
+        with caplog.at_level("INFO", logger="netgraft.train"):
+            result = pretrain_auxiliary(model, (x[:300], y[:300]), task=task, epochs=2,
+                                        device="cpu", **options)  # fmt: skip
+        cached = "feature cache: frozen prefix up to 'body.flatten'" in caplog.text
+        assert cached == (
+            task == "corrupt"
+        )  # a pair is two inputs: per-example features do not fit
+        assert torch.equal(conv2, model.conv2.weight) and result.history.last["acc"] > 0.5
+
+
 def test_a_user_corruption_replaces_the_built_in_one(digits):
     x, _ = digits
     seen = []

@@ -197,8 +197,10 @@ class _Stacked(Dataset):
         return torch.stack([self.x[self.i[k]], self.x[self.j[k]]]), self.y[k]
 
 
-def _features(body: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return predictions(body, x).flatten(1)
+def _features(body: nn.Module, x: torch.Tensor, plain: bool) -> torch.Tensor:
+    """The body's output for ``x``, one flat vector per example; ``plain`` bodies return a
+    tensor (called directly, so torch.fx can trace the wrapper for the feature cache)."""
+    return (body(x) if plain else predictions(body, x)).flatten(1)
 
 
 class _Siamese(nn.Module):
@@ -216,7 +218,7 @@ class _Siamese(nn.Module):
             )
 
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
-        f = _features(self.body, pair.flatten(0, 1)).view(len(pair), 2, -1)
+        f = _features(self.body, pair.flatten(0, 1), self.plain).view(len(pair), 2, -1)
         a, b = f[:, 0], f[:, 1]
         return self.compare((a - b).abs() if self.aux_head == "distance" else torch.cat([a, b], 1))
 
@@ -229,7 +231,7 @@ class _GoodBad(nn.Module):
         self.body, self.classify = body, nn.Linear(dim, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(_features(self.body, x))
+        return self.classify(_features(self.body, x, self.plain))
 
 
 class _Ranker(nn.Module):
@@ -241,7 +243,7 @@ class _Ranker(nn.Module):
         self.body, self.score = body, nn.Linear(dim, 1)
 
     def forward(self, pair: torch.Tensor) -> torch.Tensor:
-        s = self.score(_features(self.body, pair.flatten(0, 1))).view(len(pair), 2)
+        s = self.score(_features(self.body, pair.flatten(0, 1), self.plain)).view(len(pair), 2)
         return s.flip(1)
 
 
@@ -427,10 +429,15 @@ def _check_choices(task: str, aux_head: str, copies: int, epochs: int) -> str:
 
 def _wrapper(body: nn.Module, example: torch.Tensor, aux_head: str, hidden: int) -> nn.Module:
     with evaluating(body), torch.no_grad():
-        dim = _features(body, example[:1].to(next(body.parameters()).device)).shape[1]
+        out = body(example[:1].to(next(body.parameters()).device))
+        plain = isinstance(out, torch.Tensor)
+        dim = (out if plain else predictions(body, example[:1])).flatten(1).shape[1]
     if aux_head in AUX_HEADS["pairs"]:
-        return _Siamese(body, dim, aux_head, hidden)
-    return _GoodBad(body, dim) if aux_head == "binary" else _Ranker(body, dim)
+        wrapper: nn.Module = _Siamese(body, dim, aux_head, hidden)
+    else:
+        wrapper = _GoodBad(body, dim) if aux_head == "binary" else _Ranker(body, dim)
+    wrapper.plain = plain
+    return wrapper
 
 
 def pretrain_auxiliary(
@@ -468,7 +475,9 @@ def pretrain_auxiliary(
     then), else once; ``aux_head`` is ``"binary"`` (default) or ``"margin"`` (hinge loss with
     ``margin``). ``val`` is optional data of the same form, measured each epoch. Training is
     :func:`netgraft.fit` (``epochs``, ``lr``, ``batch_size``, ``seed`` and ``fit_kwargs``:
-    ``optimizer``, ``device``, ``callbacks``, ``cache``, ...). The model's head is untouched,
+    ``optimizer``, ``device``, ``callbacks``, ``cache``, ...); the feature cache can apply
+    only to ``"binary"`` with ``redraw=False`` (elsewhere the body sees two inputs per
+    example, or new inputs every epoch). The model's head is untouched,
     its frozen parameters stay frozen and its train/eval modes are restored.
     """
     aux_head = _check_choices(task, aux_head, copies, epochs)
@@ -494,6 +503,10 @@ def pretrain_auxiliary(
         if isinstance(train, _Corrupted) and redraw:
             # the inputs change every epoch, so no feature cache can hold them
             fit_kwargs["callbacks"] = [*fit_kwargs.get("callbacks", ()), _Redraw(train)]
+            fit_kwargs["cache"] = False
+        if aux_head != "binary":
+            # two inputs per example go through the body as one batch of twice the size: the
+            # cache's per-example features would not line up with the examples
             fit_kwargs["cache"] = False
         try:
             history = fit(wrapper, train, val_set, epochs=epochs, lr=lr, batch_size=batch_size,
