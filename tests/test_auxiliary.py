@@ -168,6 +168,12 @@ def test_bad_inputs_are_one_clear_error(digits):
         pretrain_auxiliary(model, (x[:1], y[:1]), task="pairs", epochs=1)
     with pytest.raises(DataError, match="groups of one example"):
         pretrain_auxiliary(model, (x[:5], torch.arange(5)), task="pairs", epochs=1)
+    with pytest.raises(DataError, match="number of pairs must be a positive integer; found 0"):
+        pretrain_auxiliary(model, (x[:50], y[:50]), task="pairs", pairs=0, epochs=1)
+    with pytest.raises(DataError, match="validation data: pairs need at least two groups"):
+        pretrain_auxiliary(
+            model, (x[:50], y[:50]), (x[50:60], torch.zeros(10)), task="pairs", epochs=1
+        )
     with pytest.raises(DataError, match="without groups"):
         pretrain_auxiliary(model, x[:50], task="pairs", epochs=1)
     with pytest.raises(NetgraftError, match="task must be one of pairs, corrupt"):

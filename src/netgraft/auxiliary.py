@@ -90,7 +90,7 @@ def patch_shuffle(grid: int = 2) -> Corruption:
         patches = inner.reshape(n, c, grid, ph, grid, pw).permute(0, 2, 4, 1, 3, 5)
         patches = patches.reshape(n, grid * grid, c, ph, pw)
         k = grid * grid
-        # a random non-identity permutation: rotate by 1..k-1 after a random shuffle's inverse
+        # every patch moves: order[i] = perm[(perm⁻¹[i] + shift) % k] != i for shift in 1..k-1
         perm = torch.argsort(torch.rand(n, k, generator=generator), dim=1)
         shift = torch.randint(1, k, (n, 1), generator=generator)
         order = perm.gather(1, (torch.argsort(perm, dim=1) + shift) % k)
@@ -147,6 +147,8 @@ def make_pairs(
     them (rounded up) two different examples of one group (``same = 1``), the rest two
     examples of different groups (``same = 0``). A single group, fewer than two examples or no
     group with two examples is a :class:`DataError`."""
+    if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or n_pairs < 1:
+        raise DataError(f"the number of pairs must be a positive integer; found {n_pairs!r}")
     groups = torch.as_tensor(groups).flatten()
     found, counts = groups.unique(return_counts=True)
     if len(groups) < 2:
@@ -392,7 +394,7 @@ def _task_data(
         if groups is None:
             raise DataError("pairs need (inputs, groups); found inputs without groups")
         g = torch.Generator().manual_seed(seed)
-        i, j, same = make_pairs(groups, n_pairs or 2 * len(x), g)
+        i, j, same = make_pairs(groups, 2 * len(x) if n_pairs is None else n_pairs, g)
         return _Stacked(x, i, j, same)
     assert corrupt is not None  # resolved by the caller for task="corrupt"
     return _Corrupted(x, corrupt, copies, seed, aux_head == "binary")
