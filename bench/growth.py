@@ -241,9 +241,14 @@ def summarize(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
     def stat(key: str) -> dict[str, Any]:
         values = [r[key] for r in rows if r[key] is not None]
         if not values:
-            return {"mean": None, "std": None, "n": 0}
+            return {"mean": None, "std": None, "median": None, "n": 0}
         std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+        return {
+            "mean": statistics.fmean(values),
+            "std": std,
+            "median": statistics.median(values),
+            "n": len(values),
+        }
 
     return {
         "per_seed": rows,
