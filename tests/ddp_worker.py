@@ -6,7 +6,7 @@ Scenarios, run in the order given, each writing ``OUT/<scenario>_rank<r>.pt``:
 
 - ``fit``: the digits MLP trained on real digits; records which examples each rank read.
 - ``cached``: the same with its first layer frozen and ``cache="auto"`` on disk; records how
-  many rows went through the frozen layer on each rank.
+  many rows went through the frozen layer on each rank (``cached_in_memory``: in memory).
 - ``crash``: trains with a checkpoint every 10 steps and exits the whole process (every rank,
   after the barrier) right after the first one is written.
 - ``resume``: continues the crashed run from its checkpoint to the end.
@@ -103,13 +103,17 @@ def scenario_fit(out: Path, rank: int) -> dict:
     return {"state": model.state_dict(), "history": history.rows, "reads": reads.epochs}
 
 
-def scenario_cached(out: Path, rank: int) -> dict:
+def scenario_cached(out: Path, rank: int, options: dict | None = None) -> dict:
     model = make_model(frozen_prefix=True)
     rows = []
     model[1].register_forward_hook(lambda m, i, o: rows.append(int(o.shape[0])))
-    options = {"dir": str(out / "cache")}
+    options = {"dir": str(out / "cache")} if options is None else options
     history = netgraft.fit(model, digits(), cache="auto", cache_options=options, **fit_args())
     return {"state": model.state_dict(), "history": history.rows, "prefix_rows": sum(rows)}
+
+
+def scenario_cached_in_memory(out: Path, rank: int) -> dict:
+    return scenario_cached(out, rank, options={})
 
 
 def scenario_crash(out: Path, rank: int) -> dict:

@@ -27,6 +27,7 @@ import ddp_worker as worker  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 N = 1797  # real digits
+CACHED = ("cached", "cached_in_memory")
 
 
 def _launch(out: Path, *scenarios: str) -> subprocess.CompletedProcess:
@@ -59,12 +60,12 @@ def _losses(rows: list[dict]) -> list[float]:
 
 @pytest.fixture(scope="module")
 def launched_runs(tmp_path_factory):
-    """One two-process launch: the plain and cached fits, then a run that dies after its
-    first checkpoint (so the launch itself fails, on purpose)."""
+    """One two-process launch: the plain fit, the cached ones (on disk, in memory), then a
+    run that dies after its first checkpoint (so the launch itself fails, on purpose)."""
     out = tmp_path_factory.mktemp("ddp")
-    done = _launch(out, "fit", "cached", "crash")
+    done = _launch(out, "fit", *CACHED, "crash")
     assert done.returncode != 0, "the crash scenario should have ended the launch"
-    assert (out / "cached_rank1.pt").is_file(), done.stderr[-4000:]
+    assert (out / "cached_in_memory_rank1.pt").is_file(), done.stderr[-4000:]
     return out
 
 
@@ -105,15 +106,15 @@ def test_two_processes_end_with_the_weights_and_losses_of_one_process(launched_r
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the split cache build lands in the next commit")
 def test_cache_is_built_once_split_between_ranks_and_losses_match_one_process(launched_runs):
     model = worker.make_model(frozen_prefix=True)
     rows = []
     model[1].register_forward_hook(lambda m, i, o: rows.append(int(o.shape[0])))
     history = netgraft.fit(model, worker.digits(), cache="auto", **worker.fit_args())
     traced = sum(rows) - N  # rows the plan runs to trace the model, on every process
-    results = [_result(launched_runs, "cached", r) for r in (0, 1)]
-    for rank, result in enumerate(results):
+    results = [_result(launched_runs, scenario, r) for scenario in CACHED for r in (0, 1)]
+    for index, result in enumerate(results):
+        rank = index % 2
         start, stop = share_bounds(N, rank, 2)
         assert result["prefix_rows"] == stop - start + traced  # its half, no more
         assert _losses(result["history"]) == pytest.approx(_losses(history.rows), rel=1e-9)
@@ -122,7 +123,9 @@ def test_cache_is_built_once_split_between_ranks_and_losses_match_one_process(la
     assert len(stores) == 1 and (stores[0] / "manifest.json").is_file()
     # the store the two processes wrote is the one a single process would have built
     prefix, _ = netgraft.cut(worker.make_model(frozen_prefix=True), at="2")
-    again = netgraft.FeatureCache(prefix, worker.digits(), dir=launched_runs / "cache")
+    again = netgraft.FeatureCache(
+        prefix, worker.digits(), dir=launched_runs / "cache", cut_point="2"
+    )
     assert again.status == "reused"
 
 

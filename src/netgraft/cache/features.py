@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from rich.progress import track
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..atomic import atomic_folder
 from ..data import as_dataset, input_of, to_device
@@ -81,7 +81,14 @@ class FeatureCache(KeyedDataset):
     returned in the prefix's own dtype. ``augment_copies=K`` allows random transforms by
     caching K passes; otherwise a random pipeline raises :class:`CacheError`.
     ``status`` says what happened: ``"memory"``, ``"built"``, ``"reused"`` or ``"rebuilt"``.
+
+    ``parallel`` (what :func:`netgraft.fit` passes when started with ``torchrun``: an object
+    with ``world_size``, ``is_main``, ``share_rows(n)``, ``gather_rows``, ``any`` and
+    ``barrier``) splits the one-off pass between the processes when the pipeline is
+    deterministic: each computes its contiguous share of the rows, and an on-disk store is
+    written once, by rank 0, then read by every process.
     """
+
 
     # its public home: pickles name it there, and keys of caches built over a cache (which
     # hash the dataset's type) stay what they were before the cache became a package
@@ -101,6 +108,7 @@ class FeatureCache(KeyedDataset):
         data_key: str | None = None,
         shard_bytes: int = SHARD_BYTES,
         progress: bool = False,
+        parallel: Any = None,
     ) -> None:
         if not isinstance(dataset, Dataset):  # (inputs, targets) tensors, as fit takes them
             dataset = as_dataset(dataset)
@@ -114,6 +122,7 @@ class FeatureCache(KeyedDataset):
         self._dataset: Dataset | None = dataset
         self._batch_size, self._num_workers = batch_size, num_workers
         self._shard_bytes, self._progress = shard_bytes, progress
+        self._parallel = parallel
         self._key_args = {
             "cut_point": cut_point,
             "dtype": dtype,
@@ -154,7 +163,7 @@ class FeatureCache(KeyedDataset):
             for copy in range(self.copies):
                 seed_everything(_AUGMENT_SEED + copy)
                 loader = DataLoader(
-                    self._dataset,
+                    self._part(),
                     batch_size=self._batch_size,
                     shuffle=False,
                     num_workers=self._num_workers,
@@ -192,11 +201,67 @@ class FeatureCache(KeyedDataset):
         self._features = torch.cat(feats)
         self._labels = torch.cat(labels) if labels[0] is not None else None
         self._out_dtype = self._compute_dtype
+        if self._splits():  # every process computed its share: put the rows together
+            self._features = self._parallel.gather_rows(self._features)
+            if self._labels is not None:
+                self._labels = self._parallel.gather_rows(self._labels)
         self.build_seconds = time.perf_counter() - start
         return "memory"
 
+    # ------------------------------------------------------------------ many processes
+
+    def _splits(self) -> bool:
+        """Whether the one-off pass is split between the processes of a data-parallel run
+        (``parallel``): a deterministic pipeline with a row for every process."""
+        p = self._parallel
+        return p is not None and p.world_size > 1 and not self.random and self.n >= p.world_size
+
+    def _part(self) -> Dataset:
+        """The rows this process computes: all, or its contiguous share when split."""
+        assert self._dataset is not None
+        if not self._splits():
+            return self._dataset
+        return Subset(self._dataset, self._parallel.share_rows(self.n))
+
+    def _open_or_build_split(self, root: Path) -> str:
+        """The on-disk cache of a data-parallel run: every process computes its share, rank 0
+        writes the store (under the lock, renamed into place whole), every process reads it."""
+        assert self.path is not None
+        parallel, start = self._parallel, time.perf_counter()
+        if not parallel.any(self._validate() is not None):
+            return "reused"
+        existed = parallel.any(self.path.exists())
+        self._build_in_memory()
+        if parallel.is_main:
+            with locked(root / f"{self.path.name}.lock"):
+                problem = self._validate()
+                if problem is not None:
+                    if self.path.exists():
+                        log.warning(
+                            "feature cache %s is unusable (%s); rebuilding", self.path, problem
+                        )
+                    remove_folder(self.path)
+                    self._build(self._memory_batches())
+        parallel.barrier()
+        self._features = None  # read from the store, like every other process
+        problem = self._validate()
+        if problem is not None:
+            raise CacheError(f"the feature cache just built at {self.path} is invalid: {problem}")
+        self.build_seconds = time.perf_counter() - start
+        return "rebuilt" if existed else "built"
+
+    def _memory_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """The features held in memory, in batches as :meth:`_compute` yields them."""
+        assert self._features is not None
+        for begin in range(0, self.n * self.copies, self._batch_size):
+            end = begin + self._batch_size
+            labels = None if self._labels is None else self._labels[begin:end]
+            yield self._features[begin:end], labels
+
     def _open_or_build(self, root: Path) -> str:
         assert self.path is not None
+        if self._splits():
+            return self._open_or_build_split(root)
         with locked(root / f"{self.path.name}.lock"):
             problem = self._validate()
             if problem is None:
@@ -213,13 +278,13 @@ class FeatureCache(KeyedDataset):
                 )
             return "rebuilt" if existed else "built"
 
-    def _build(self) -> None:
+    def _build(self, batches: Iterable[Any] | None = None) -> None:
         assert self.path is not None
         start = time.perf_counter()
         try:
             with atomic_folder(self.path, replace=False) as tmp:
                 writer = ShardWriter(tmp, self._shard_bytes)
-                for feats, labels in self._compute():
+                for feats, labels in self._compute() if batches is None else batches:
                     writer.add(feats, labels)
                 writer.close(
                     key=self.key,
@@ -257,6 +322,7 @@ class FeatureCache(KeyedDataset):
             state["_shards"] = [str(Path(a.filename)) for a in state["_shards"]]
         state["_prefix"] = None
         state["_dataset"] = None
+        state["_parallel"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

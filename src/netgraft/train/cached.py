@@ -126,6 +126,7 @@ def plan(
     num_workers: int = 0,
     progress: bool = False,
     val: Dataset | None = None,
+    parallel: Any = None,
 ) -> CachePlan | None:
     """Decide whether training ``model`` on ``train_data`` can run from cached features and
     build the cache: a :class:`CachePlan`, or ``None`` when caching does not apply.
@@ -136,7 +137,9 @@ def plan(
     ``bn="eval"``). ``cache=False`` returns None; ``"auto"`` returns None (logging why) when
     it does not apply (also when the prefix holds under 10% of the parameters, too little to
     gain); ``True`` raises :class:`CacheError` saying why. ``val`` (a dataset) is cached
-    too when its pipeline is deterministic, else left for the full model.
+    too when its pipeline is deterministic, else left for the full model. Under a
+    data-parallel launch fit passes ``parallel``, which splits building the cache between
+    the processes (:class:`~netgraft.FeatureCache`).
     """
     if cache is False or cache is None:
         return None
@@ -148,6 +151,7 @@ def plan(
         "batch_size": batch_size,
         "num_workers": num_workers,
         "progress": progress,
+        "parallel": parallel,
     }
     try:
         first, order, shapes = _first_trainable(model, train_data)

@@ -160,6 +160,10 @@ class Parallel:
         """``sums`` added up over every rank, for ``keys`` (missing ones count as 0)."""
         return sums
 
+    def share_rows(self, rows: int) -> range:
+        """This rank's contiguous share of ``rows`` rows (:func:`share_bounds`)."""
+        return range(*share_bounds(rows, self.rank, self.world_size))
+
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's rows of ``tensor``, concatenated in rank order (on the CPU)."""
         return tensor

@@ -106,7 +106,8 @@ def fit(
     seed = _prepare_model(model, device, parallel.same_seed(seed), saved)
     parallel.sync_weights(model)
     report = Reporter(quiet, main=parallel.is_main)
-    train_feed, val_feed = _feeds(model, train, val, cache, cache_options, report)
+    options = {**(cache_options or {}), "parallel": parallel}
+    train_feed, val_feed = _feeds(model, train, val, cache, options, report)
     batches = Batches.over(train_feed.data, batch_size, seed, shuffle, parallel)
     opt = make_optimizer(model, optimizer, lr, lr_mult, layer_decay, weight_decay)
     sched = make_scheduler(scheduler, opt, epochs * batches.steps_per_epoch)
