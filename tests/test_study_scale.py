@@ -229,3 +229,10 @@ def test_cli_study_with_ray_at_an_unreachable_address_fails_in_one_line(task, tm
     assert code == 1
     assert "cannot reach the Ray cluster at '127.0.0.1:9'" in err and "Traceback" not in err
     assert not (out / "trials").exists()
+
+
+def test_workers_with_a_budget_that_cannot_be_pickled_fail_before_any_trial(task):
+    source, train, val = task
+    budget = {"epochs": 1, "loss": lambda out, y: nn.functional.cross_entropy(out, y)}
+    with pytest.raises(NetgraftError, match="workers=2 .* cannot be pickled"):
+        study(source, train, val, workers=2, **{**STUDY, "budget": budget})

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import socket
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -63,6 +64,14 @@ def _serial(ctx: TrialContext, trials: Sequence[Trial], threads: int | None, on_
 def _processes(
     ctx: TrialContext, trials: Sequence[Trial], workers: int, threads: int, on_done: OnDone
 ) -> None:
+    try:
+        pickle.dumps(ctx)  # what each worker receives: fail here, before any trial
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise NetgraftError(
+            f"workers={workers} sends the models, data and budget to other processes, and they "
+            f"cannot be pickled ({type(exc).__name__}: {exc}); run without workers, or use "
+            "backend='ray' (cloudpickle)"
+        ) from None
     spawn = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
     with ProcessPoolExecutor(
         workers, spawn, initializer=_init_worker, initargs=(ctx, threads)
