@@ -24,6 +24,28 @@ import torch
 from netgraft.atomic import atomic_write
 from netgraft.experiments.auxiliary import SHIFTS, shift_experiment
 
+BLOCKS = ("conv1", "conv2", "dense", "head")
+
+
+def _markdown(shifts: list[dict]) -> str:
+    """One row per shift: source accuracy, each block tuned alone, all blocks (one rate,
+    AutoRGN), the block suggest ranks first and whether it is the surgical study's best."""
+    head = ("| shift | source | " + " | ".join(f"only {b}" for b in BLOCKS)
+            + " | all blocks | all, AutoRGN | suggest first (w/o head) | surgical best | agree |")  # fmt: skip
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in shifts:
+        cell = lambda row: f"{row['acc_mean']:.3f} ± {row['acc_std']:.3f}"  # noqa: E731
+        alone = {row["reused_up_to"]: cell(row) for row in r["surgical_rows"]}
+        whole = [cell(row) for row in r["whole_model_rows"]]
+        lines.append(
+            f"| {r['shift']} | {r['source_acc_on_target']:.3f} | "
+            + " | ".join(alone[b] for b in BLOCKS)
+            + f" | {whole[0]} | {whole[1]} | {r['suggest_ranking'][0]} "
+            f"({r['suggest_ranking_without_head'][0]}) | {r['surgical_ranking'][0]} | "
+            f"{'yes' if r['agree'] else 'no'} ({'yes' if r['agree_without_head'] else 'no'}) |"
+        )
+    return "\n".join(lines)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,6 +63,8 @@ def main() -> None:
               f"{result['suggest_ranking_without_head']}), surgical {result['surgical_ranking']}",
               file=sys.stderr, flush=True)  # fmt: skip
         report["shifts"].append(result)
+    report["table"] = _markdown(report["shifts"])
+    print(report["table"], file=sys.stderr)
     text = json.dumps(report, indent=2)
     path = args.out / ("surgical-quick.json" if args.quick else "surgical.json")
     atomic_write(path, lambda p: p.write_text(text))

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..auxiliary import pretrain_auxiliary
-from ..choose import suggest
+from ..choose import AutoRGN, suggest
 from ..data import load_digits, load_mnist5k, load_political_passages
 from ..freeze import freeze
 from ..reinit import reinit
@@ -359,6 +359,26 @@ def _split_target(target: tuple, per_class: int, seed: int) -> tuple[tuple, tupl
     return (x[few], y[few]), (x[rest], y[rest])
 
 
+def _whole_model_rows(
+    source: nn.Module, train: tuple, test: tuple, *, epochs: int, lr: float, seeds: int
+) -> list[dict[str, Any]]:
+    """Every block tuned, at the same rate for all (``"all blocks"``) or with Auto-RGN's
+    per-tensor rates (``"all blocks, AutoRGN"``), with the surgical runs' budget."""
+
+    def run(auto: bool, seed: int) -> tuple[float, int]:
+        model = copy.deepcopy(source)
+        callbacks = [AutoRGN()] if auto else []
+        fit(model, train, epochs=epochs, lr=lr, batch_size=16, seed=seed, callbacks=callbacks,
+            quiet=True)  # fmt: skip
+        acc = float(evaluate(model, test, batch_size=256)["acc"])
+        return acc, sum(p.numel() for p in model.parameters())
+
+    return [
+        seeded_row({"tuned": name}, lambda seed, a=auto: run(a, seed), range(seeds))
+        for name, auto in (("all blocks", False), ("all blocks, AutoRGN", True))
+    ]
+
+
 def shift_experiment(
     kind: str,
     *,
@@ -372,8 +392,9 @@ def shift_experiment(
     :func:`_digit_shift`): ``per_class`` labelled target images per class (drawn with seed 0),
     the rest of the target half to test on; the surgical study tunes each block alone for
     ``epochs`` at ``lr`` over ``seeds`` seeds. Returns both rankings (the suggestion's also
-    without the head, which always has the largest ratio here), the study's rows and whether
-    the first blocks agree."""
+    without the head, which always has the largest ratio here), the study's rows, whether
+    the first blocks agree, and, with the same budget, every block tuned at one rate and
+    with :class:`netgraft.AutoRGN`."""
     if kind not in SHIFTS:
         raise ValueError(f"kind must be one of {', '.join(SHIFTS)}; found {kind!r}")
     source, target = _digit_shift(kind)
@@ -386,6 +407,7 @@ def shift_experiment(
                   budget={"epochs": epochs, "lr": lr, "batch_size": 16})  # fmt: skip
     surgical = [r for r in sweep.rows if r["mode"] == "surgical"]
     ranked = [r["reused_up_to"] for r in sorted(surgical, key=lambda r: -r["acc_mean"])]
+    whole = _whole_model_rows(source, train, test, epochs=epochs, lr=lr, seeds=seeds)
     return {
         "shift": kind,
         "source_acc_on_target": round(before, 4),
@@ -399,6 +421,7 @@ def shift_experiment(
             {k: r[k] for k in ("reused_up_to", "acc_mean", "acc_std", "accs", "trained_params")}
             for r in surgical
         ],  # fmt: skip
+        "whole_model_rows": whole,
         "settings": {
             "per_class": per_class,
             "seeds": seeds,
