@@ -293,6 +293,14 @@ class Grow(Callback):
         self.done = False
         self.events: list[GrowthEvent] = []
 
+    def on_train_begin(self, state: Any) -> None:
+        if getattr(state, "world_size", 1) > 1:
+            raise NetgraftError(
+                f"Grow changes the model's parameters, which a data-parallel run of "
+                f"{state.world_size} processes cannot follow; grow in a run of one process "
+                f"(its checkpoints rebuild the grown model on resume)"
+            )
+
     def on_epoch_begin(self, state: Any) -> None:
         if self.done or state.epoch < self.at_epoch:
             return
