@@ -7,6 +7,9 @@ Scenarios, run in the order given, each writing ``OUT/<scenario>_rank<r>.pt``:
 - ``fit``: the digits MLP trained on real digits; records which examples each rank read.
 - ``cached``: the same with its first layer frozen and ``cache="auto"`` on disk; records how
   many rows went through the frozen layer on each rank (``cached_in_memory``: in memory).
+- ``accumulate``: the plain fit with each rank's share in 3 micro-batches.
+- ``loader``: the plain fit over a caller's DataLoader (each rank keeps its share of batches).
+- ``fine_tune``: ``netgraft.fine_tune`` (head stage from cached features, then all).
 - ``crash``: trains with a checkpoint every 10 steps and exits the whole process (every rank,
   after the barrier) right after the first one is written.
 - ``resume``: continues the crashed run from its checkpoint to the end.
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import netgraft
 from netgraft.data import load_digits
@@ -114,6 +117,32 @@ def scenario_cached(out: Path, rank: int, options: dict | None = None) -> dict:
 
 def scenario_cached_in_memory(out: Path, rank: int) -> dict:
     return scenario_cached(out, rank, options={})
+
+
+def scenario_accumulate(out: Path, rank: int) -> dict:
+    model = make_model()
+    history = netgraft.fit(model, digits(), cache=False, accumulate=3, **fit_args())
+    return {"state": model.state_dict(), "history": history.rows}
+
+
+def scenario_loader(out: Path, rank: int) -> dict:
+    model = make_model()
+    loader = DataLoader(digits(), batch_size=BATCH)  # every rank reads whole batches
+    args = {k: v for k, v in fit_args().items() if k != "batch_size"}
+    history = netgraft.fit(model, loader, cache=False, **args)
+    return {"state": model.state_dict(), "history": history.rows}
+
+
+def scenario_fine_tune(out: Path, rank: int) -> dict:
+    model = make_model()
+    history = netgraft.fine_tune(model, digits(), **fine_tune_args())
+    return {"state": model.state_dict(), "history": history.rows}
+
+
+def fine_tune_args() -> dict:
+    """fine_tune's arguments: head first (from cached features), then everything."""
+    return {"head_epochs": 1, "epochs": 1, "base_lr": 1e-2, "batch_size": BATCH, "seed": SEED,
+            "quiet": True}  # fmt: skip
 
 
 def scenario_crash(out: Path, rank: int) -> dict:

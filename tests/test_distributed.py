@@ -60,12 +60,13 @@ def _losses(rows: list[dict]) -> list[float]:
 
 @pytest.fixture(scope="module")
 def launched_runs(tmp_path_factory):
-    """One two-process launch: the plain fit, the cached ones (on disk, in memory), then a
-    run that dies after its first checkpoint (so the launch itself fails, on purpose)."""
+    """One two-process launch: the plain fit (also with micro-batches), the cached ones (on
+    disk, in memory), over a DataLoader, fine_tune, then a run that dies after its first checkpoint (so the launch
+    itself fails, on purpose)."""
     out = tmp_path_factory.mktemp("ddp")
-    done = _launch(out, "fit", *CACHED, "crash")
+    done = _launch(out, "fit", "accumulate", *CACHED, "loader", "fine_tune", "crash")
     assert done.returncode != 0, "the crash scenario should have ended the launch"
-    assert (out / "cached_in_memory_rank1.pt").is_file(), done.stderr[-4000:]
+    assert (out / "fine_tune_rank1.pt").is_file(), done.stderr[-4000:]
     return out
 
 
@@ -98,11 +99,29 @@ def test_two_processes_each_train_on_their_half_of_every_global_batch(launched_r
 @pytest.mark.slow
 def test_two_processes_end_with_the_weights_and_losses_of_one_process(launched_runs, one_process):
     weights, rows = one_process
-    for rank in (0, 1):
-        result = _result(launched_runs, "fit", rank)
+    for rank, scenario in [(0, "fit"), (1, "fit"), (0, "accumulate"), (1, "accumulate")]:
+        result = _result(launched_runs, scenario, rank)
         _assert_same_weights(result["state"], weights)
         assert _losses(result["history"]) == pytest.approx(_losses(rows), rel=1e-9)
         assert [r["acc"] for r in result["history"]] == pytest.approx([r["acc"] for r in rows])
+
+
+@pytest.mark.slow
+def test_a_dataloader_and_fine_tune_on_two_processes_match_one_process(launched_runs):
+    loader = torch.utils.data.DataLoader(worker.digits(), batch_size=worker.BATCH)
+    model = worker.make_model()
+    args = {k: v for k, v in worker.fit_args().items() if k != "batch_size"}
+    rows = netgraft.fit(model, loader, cache=False, **args).rows
+    tuned = worker.make_model()
+    tuned_rows = netgraft.fine_tune(tuned, worker.digits(), **worker.fine_tune_args()).rows
+    for rank in (0, 1):
+        result = _result(launched_runs, "loader", rank)
+        _assert_same_weights(result["state"], model.state_dict())
+        assert _losses(result["history"]) == pytest.approx(_losses(rows), rel=1e-9)
+        result = _result(launched_runs, "fine_tune", rank)
+        _assert_same_weights(result["state"], tuned.state_dict())
+        assert _losses(result["history"]) == pytest.approx(_losses(tuned_rows), rel=1e-9)
+        assert [r["stage"] for r in result["history"]] == ["head", "all"]
 
 
 @pytest.mark.slow
@@ -154,6 +173,16 @@ def test_checkpoint_of_two_processes_resumes_on_one(launched_runs, one_process, 
     weights, rows = one_process
     _assert_same_weights(model.state_dict(), weights)
     assert _losses(history.rows) == pytest.approx(_losses(rows))
+
+
+def test_micro_batches_give_the_updates_of_whole_batches_in_one_process(one_process):
+    model = worker.make_model()
+    history = netgraft.fit(model, worker.digits(), cache=False, accumulate=3, **worker.fit_args())
+    weights, rows = one_process
+    _assert_same_weights(model.state_dict(), weights)
+    assert _losses(history.rows) == pytest.approx(_losses(rows), rel=1e-9)
+    with pytest.raises(NetgraftError, match="accumulate must be a positive integer"):
+        netgraft.fit(model, worker.digits(), accumulate=0, **worker.fit_args())
 
 
 def test_fp16_on_the_cpu_is_one_clear_error_before_training():

@@ -201,12 +201,14 @@ class Engine:
         device: torch.device,
         max_grad_norm: float | None,
         parallel: Parallel | None = None,
+        accumulate: int = 1,
     ):
         self.parallel = parallel if parallel is not None else Parallel(device)
         # wrapped after freezing, so frozen parameters get no gradient bucket
         train = replace(train, module=self.parallel.prepare(train.module, state.optimizer))
         self.state, self.train, self.val, self.batches = state, train, val, batches
         self.metrics, self.device, self.max_grad_norm = metrics, device, max_grad_norm
+        self.accumulate = accumulate
         self.fns, self.loss = metric_fns(metrics), loss_fn(loss)
         self.progress: Any = None
         self.task: Any = None
@@ -264,27 +266,52 @@ class Engine:
     def _batch(self, batch: Any) -> None:
         state = self.state
         batch, share = self.batches.share(state.step, batch)
-        x, y = split_batch(to_device(batch, self.device, non_blocking=True))
-        out = predictions(self.train.module, x)
-        loss = self.loss(out, y)
-        if not torch.isfinite(loss):
-            raise NetgraftError(
-                f"the loss became {float(loss)} at epoch {state.epoch + 1}, step "
-                f"{state.step + 1}; lower the learning rate"
-            )
-        # a rank's mean weighted by its share: DDP's average of gradients is the global mean's
-        self._step(loss if share is None else loss * share.weight)
-        self._count(loss, out, y, share)
+        pieces = self._pieces(to_device(batch, self.device, non_blocking=True), share)
+        state.optimizer.zero_grad(set_to_none=True)
+        mine: dict[str, float] = {}
+        for i, (piece, weight) in enumerate(pieces):
+            x, y = split_batch(piece)
+            # gradients are all-reduced once, with the last piece
+            with self.parallel.no_sync(self.train.module, sync=i == len(pieces) - 1):
+                out = predictions(self.train.module, x)
+                loss = self.loss(out, y)
+                self._check(loss)
+                self.parallel.backward(loss if weight == 1.0 else loss * weight)
+            if share is None or share.rows:
+                accumulate(mine, loss, out, y, self.fns)
+        self._step()
+        self._count(mine, share)
         state.step += 1
         state.global_step += 1
         self.progress.update(
             self.task, advance=1, info=f"loss {state.sums['loss'] / state.sums['n']:.4f}"
         )
 
-    def _step(self, loss: torch.Tensor) -> None:
+    def _pieces(self, batch: Any, share: Share | None) -> list[tuple[Any, float]]:
+        """The batch in ``accumulate`` micro-batches, each with the weight of its mean loss:
+        its part of this rank's rows, times the rank's share weight (``rows * world /
+        global``, so DDP's average of gradients is the global batch's mean)."""
+        rows = int(split_batch(batch)[1].shape[0])
+        scale = 1.0 if share is None else share.weight
+        if self.accumulate == 1:
+            return [(batch, scale)]
+        bounds = [share_bounds(rows, i, self.accumulate) for i in range(self.accumulate)]
+        return [
+            (take_rows(batch, start, stop), scale * (stop - start) / rows)
+            for start, stop in bounds
+            if stop > start
+        ]
+
+    def _check(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            state = self.state
+            raise NetgraftError(
+                f"the loss became {float(loss)} at epoch {state.epoch + 1}, step "
+                f"{state.step + 1}; lower the learning rate"
+            )
+
+    def _step(self) -> None:
         optimizer, scheduler = self.state.optimizer, self.state.scheduler
-        optimizer.zero_grad(set_to_none=True)
-        self.parallel.backward(loss)
         if self.max_grad_norm is not None:
             self.parallel.clip_grad_norm_(
                 [p for g in optimizer.param_groups for p in g["params"]], self.max_grad_norm
@@ -295,19 +322,12 @@ class Engine:
         if scheduler is not None:
             scheduler.step()
 
-    def _count(
-        self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor, share: Share | None
-    ) -> None:
-        """Add the batch to the epoch's running sums; under a launch, the whole global
-        batch's (all-reduced), so every rank holds the global means."""
+    def _count(self, mine: dict[str, float], share: Share | None) -> None:
+        """Add the batch's sums to the epoch's running sums; under a launch, the whole
+        global batch's (all-reduced), so every rank holds the global means."""
         sums = self.state.sums
-        if share is None:
-            accumulate(sums, loss, out, y, self.fns)
-            return
-        mine: dict[str, float] = {}
-        if share.rows:
-            accumulate(mine, loss, out, y, self.fns)
-        total = self.parallel.reduce_sums(mine, ["n", "loss", *self.fns])
+        keys = ["n", "loss", *self.fns]
+        total = mine if share is None else self.parallel.reduce_sums(mine, keys)
         sums["n"] = sums.get("n", 0) + round(total.pop("n"))
         for name, value in total.items():
             sums[name] = sums.get(name, 0.0) + value

@@ -74,6 +74,7 @@ def fit(
     quiet: bool = False,
     stage: str | None = None,
     precision: str | None = None,
+    accumulate: int = 1,
 ) -> History:
     """Train ``model`` in place for ``epochs`` epochs and return the :class:`History`.
 
@@ -95,10 +96,12 @@ def fit(
     process trains on its share of every global batch, so N processes make the same
     updates as one; rank 0 alone shows progress and writes checkpoints, metrics are over
     all processes, and a checkpoint resumes on any number of processes. ``precision``
-    (``"bf16"``, ``"fp16"``) trains in mixed precision, also in one process.
+    (``"bf16"``, ``"fp16"``) trains in mixed precision, also in one process. ``accumulate``
+    runs each process's share of a batch in that many micro-batches, accumulating their
+    gradients (all-reduced once) before one optimizer step: the same updates in less memory
+    (``loss`` must be a mean over the examples, as the named losses are).
     """
-    if not isinstance(epochs, int) or epochs < 0:
-        raise NetgraftError(f"epochs must be a non-negative integer; found {epochs!r}")
+    _check_counts(epochs, accumulate)
     parallel = parallel_for(resolve_device(device), precision)
     device = parallel.device
     callbacks = _firing_order(callbacks)
@@ -128,6 +131,7 @@ def fit(
         device=device,
         max_grad_norm=max_grad_norm,
         parallel=parallel,
+        accumulate=accumulate,
     )
     return engine.run()
 
@@ -139,6 +143,13 @@ def _world(saved: dict[str, Any], parallel: Parallel) -> str:
         return ""
     # batches are global and every process holds the whole state: any world size continues it
     return f" (written by {wrote} process(es), continued on {parallel.world_size})"
+
+
+def _check_counts(epochs: int, accumulate: int) -> None:
+    if not isinstance(epochs, int) or epochs < 0:
+        raise NetgraftError(f"epochs must be a non-negative integer; found {epochs!r}")
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise NetgraftError(f"accumulate must be a positive integer; found {accumulate!r}")
 
 
 def _firing_order(callbacks: Sequence[Any]) -> list[Any]:
