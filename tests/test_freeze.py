@@ -247,3 +247,26 @@ def test_train_only_head_on_vision_transformers_freezes_the_root_tokens(source):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+@pytest.mark.slow
+def test_frozen_modules_run_in_inference_and_unfreeze_releases_them(minilm_dir):
+    from netgraft.freeze import held_in_inference as quiet_dropout
+
+    model = netgraft.load_model(f"hf:{minilm_dir}", task="sequence-classification", num_labels=2)
+    netgraft.train_only(model, "classifier")
+    model.train()
+    inner = model.bert.encoder.layer[3].attention.self.dropout
+    assert quiet_dropout(inner) and not inner.training
+    assert not quiet_dropout(model.dropout) and model.dropout.training  # next to the classifier
+    ids = torch.randint(1000, 2000, (2, 12))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():  # the frozen encoder computes a deterministic function in training
+        a = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.equal(a, b)
+    netgraft.unfreeze(model, "bert.encoder.layer.3")
+    assert not quiet_dropout(inner) and inner.training
+    assert quiet_dropout(model.bert.encoder.layer[2].attention.self.dropout)
+    assert model.bert.encoder.layer[3].attention.self.training  # its attention module too
+    assert not model.bert.encoder.layer[2].attention.self.training

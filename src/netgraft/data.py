@@ -58,9 +58,11 @@ __all__ = [
     "labelled_images",
     "load_image",
     "read_data_info",
+    "split_example",
     "to_device",
     "write_data_info",
     "TextPassages",
+    "TokenizedTexts",
     "load_digits",
     "load_english_text",
     "load_political_passages",
@@ -196,6 +198,32 @@ def load_political_passages(words: int = 64) -> TextPassages:
     return TextPassages(texts, torch.tensor(labels), torch.tensor(documents), PARTIES)
 
 
+class TokenizedTexts(torch.utils.data.Dataset):
+    """Texts tokenized once by a Hugging Face ``tokenizer`` to ``max_length`` tokens (padded
+    and truncated, with the attention mask): examples are dicts of tensors with their
+    ``labels``, as ``fit`` and the Hugging Face ``Trainer`` take them, and every example has
+    the same shapes, so the feature cache can store what a frozen encoder computes."""
+
+    def __init__(self, texts: Sequence[str], labels: Any, tokenizer: Any, max_length: int = 128):
+        if len(texts) != len(labels):
+            raise DataError(f"{len(texts)} texts but {len(labels)} labels")
+        encoded = tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        self.columns = {k: v for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+        self.labels = torch.as_tensor(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {**{k: v[index] for k, v in self.columns.items()}, "labels": self.labels[index]}
+
+
 def load_english_text() -> str:
     """About 465 KB of real English text: the topics of Python's own help (``pydoc_data``),
     present in every Python installation."""
@@ -230,10 +258,21 @@ def as_dataset(data: Any) -> torch.utils.data.Dataset:
     )
 
 
+def split_example(example: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of an example or batch: a tuple or list ``(inputs, targets,
+    ...)``, a dict whose ``labels`` are the targets (Hugging Face style), or inputs alone
+    (targets ``None``)."""
+    if isinstance(example, dict) and "labels" in example:
+        return {k: v for k, v in example.items() if k != "labels"}, example["labels"]
+    if isinstance(example, (tuple, list)):
+        return example[0], example[1] if len(example) > 1 else None
+    return example, None
+
+
 def input_of(example: Any) -> Any:
     """The input part of an example or batch: the first item of a tuple or list
-    ``(inputs, targets, ...)``, else the example itself."""
-    return example[0] if isinstance(example, (tuple, list)) else example
+    ``(inputs, targets, ...)``, a dict without its ``labels``, else the example itself."""
+    return split_example(example)[0]
 
 
 def to_device(batch: Any, device: torch.device, *, non_blocking: bool = False) -> Any:

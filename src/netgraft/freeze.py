@@ -13,6 +13,17 @@ gradient, momentum and weight decay included). Frozen norm layers follow ``bn=``
   otherwise follows the model's mode (in training it normalises with batch statistics).
 
 ``track_running_stats`` and ``momentum`` are never changed. ``unfreeze`` undoes all of it.
+
+A module whose parameters are all frozen (an encoder block, an attention layer, a frozen
+backbone), and every parameter-free module inside one (its dropout, timm's ``DropPath``),
+runs in inference mode, also after ``model.train()``: a frozen feature extractor computes a
+deterministic function, as Keras's guidance to call a frozen base with ``training=False``
+has it, and as the feature cache needs to reproduce an uncached run. (Hugging Face attention
+applies its dropout when the *attention module* is training, so holding dropout modules
+alone would not be enough.) Only the module's own flag is held: its children still get the
+mode asked for and decide for themselves (a norm layer frozen with ``bn="frozen"`` follows
+the model). A dropout next to trainable layers (a classifier's) keeps following the model;
+``freeze``, ``unfreeze`` and ``train_only`` re-decide every module after each change.
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ __all__ = [
     "NORM_POLICIES",
     "freeze",
     "frozen_state",
+    "held_in_inference",
+    "is_dropout",
     "load_frozen_state",
     "norm_policy",
     "train_only",
@@ -99,6 +112,69 @@ def _hold_norm(module: nn.Module, policy: str) -> None:
     marks.NORM_POLICY.set(module, policy)
 
 
+def is_dropout(module: nn.Module) -> bool:
+    """Whether ``module`` is dropout-like: a torch dropout or a parameter-free module whose
+    class name says ``Drop`` (timm's ``DropPath``, ``DropBlock2d``)."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return True
+    return "Drop" in type(module).__name__ and not module._parameters
+
+
+def held_in_inference(module: nn.Module) -> bool:
+    """Whether ``module`` is held in inference mode because it is frozen through and through
+    (see the module docstring)."""
+    return bool(marks.INFERENCE.get(module))
+
+
+class _Inference:
+    """Replaces ``module.train`` on a fully frozen module: the module itself stays in
+    inference mode, and its children get the mode asked for (each decides for itself)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        self.module.training = False
+        for child in self.module.children():
+            child.train(mode)
+        return self.module
+
+
+def _fully_frozen(model: nn.Module) -> dict[str, bool]:
+    """For every module: whether it holds parameters and all of them are frozen; a
+    parameter-free module counts as its parent does."""
+    result: dict[str, bool] = {}
+
+    def visit(name: str, module: nn.Module, parent: bool) -> None:
+        params = list(module.parameters())
+        frozen = not any(p.requires_grad for p in params) if params else parent
+        result[name] = frozen
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child, frozen)
+
+    visit("", model, False)
+    return result
+
+
+def _sync_inference(model: nn.Module) -> None:
+    """Hold every fully frozen module (norm layers aside: they follow ``bn``; the root aside:
+    its flag is the mode asked of the model) in inference mode; release the others back to
+    the model's mode."""
+    modules = dict(model.named_modules())
+    for name, frozen in _fully_frozen(model).items():
+        module = modules[name]
+        if not name or is_norm(module):  # the root keeps the mode asked of the model
+            continue
+        if frozen and not held_in_inference(module):
+            marks.INFERENCE.set(module, True)
+            marks.STAY_IN_EVAL.set(module, _Inference(module))
+            module.training = False
+        elif not frozen and held_in_inference(module):
+            marks.INFERENCE.clear(module)
+            marks.STAY_IN_EVAL.clear(module)
+            module.training = model.training
+
+
 def _check_policy(bn: str) -> None:
     if bn not in NORM_POLICIES:
         raise NetgraftError(f"bn must be one of {', '.join(NORM_POLICIES)}; found {bn!r}")
@@ -117,6 +193,7 @@ def freeze(model: nn.Module, selector: Selector = None, bn: str = "eval") -> nn.
     """
     _check_policy(bn)
     _freeze_layers(model, select(model, selector), bn)
+    _sync_inference(model)
     return model
 
 
@@ -149,6 +226,7 @@ def unfreeze(model: nn.Module, selector: Selector = None) -> nn.Module:
     and follow the model's current train/eval mode.
     """
     _unfreeze_layers(model, select(model, selector))
+    _sync_inference(model)
     return model
 
 
@@ -164,6 +242,7 @@ def train_only(model: nn.Module, selector: Selector, bn: str = "eval") -> nn.Mod
     # in Vision Transformers (class token, position embedding) and has no selector
     _unfreeze_layers(model, sorted(keep))
     _freeze_layers(model, rest, bn)
+    _sync_inference(model)
     return model
 
 
@@ -189,6 +268,7 @@ def load_frozen_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
             _hold_norm(module, policies[name])
         else:
             _release_norm(module, model.training)
+    _sync_inference(model)
     return model
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "NORM_HOOKS",
     "NORM_POLICY",
     "NORM_STATS",
+    "INFERENCE",
     "RECIPE",
     "STAY_IN_EVAL",
     "Mark",
@@ -73,8 +74,14 @@ NORM_STATS = Mark(
 )
 STAY_IN_EVAL = Mark(
     "train",
-    'a norm layer held "eval" gets its own ``train`` method, which keeps it in inference '
-    "mode whatever mode is asked for (removed by unfreeze)",
+    'a norm layer held "eval" (or a module held in inference mode) gets its own ``train`` method, which '
+    "keeps it in inference mode whatever mode is asked for (removed by unfreeze)",
+)
+INFERENCE = Mark(
+    "_netgraft_inference",
+    "True on a module whose parameters are all frozen (or a parameter-free module inside "
+    "one), held in inference mode so the frozen part computes a deterministic function (set "
+    "and cleared by freeze / unfreeze / train_only / load_frozen_state)",
 )
 LAYER_ORDER = Mark(
     "_netgraft_order",
@@ -91,4 +98,14 @@ GROWN = Mark(
     "grown_modules can list it",
 )
 
-ALL = (RECIPE, NORM_POLICY, NORM_HOOKS, NORM_STATS, STAY_IN_EVAL, LAYER_ORDER, CUT_AT, GROWN)
+ALL = (
+    RECIPE,
+    NORM_POLICY,
+    NORM_HOOKS,
+    NORM_STATS,
+    STAY_IN_EVAL,
+    INFERENCE,
+    LAYER_ORDER,
+    CUT_AT,
+    GROWN,
+)

@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from rich.progress import track
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..atomic import atomic_folder
-from ..data import as_dataset, input_of, to_device
+from ..data import as_dataset, split_example, to_device
 from ..errors import CacheError
 from ..layers import call_model, evaluating
 from ..rng import forked, seed_everything
@@ -69,16 +70,38 @@ def _random_parts(dataset: Dataset, augment_copies: int | None) -> list[str]:
     return found
 
 
+def _fields(output: Any) -> tuple[torch.Tensor, ...]:
+    """The tensors of a structured output, in pytree leaf order; anything else that is not
+    ``None`` cannot be cached."""
+    leaves = pytree.tree_leaves(output)
+    others = sorted({type(v).__name__ for v in leaves if not isinstance(v, torch.Tensor)})
+    if others or not leaves:
+        raise CacheError(
+            f"the prefix returns {type(output).__name__} holding "
+            f"{', '.join(others) if others else 'no tensor'}: only tensors (alone or in tuples, "
+            "dicts and model outputs) can be cached"
+        )
+    return tuple(leaves)
+
+
 class FeatureCache(KeyedDataset):
     """The outputs of a frozen ``prefix`` over ``dataset`` (a dataset or ``(inputs, targets)``
-    tensors), computed once: a dataset of
+    tensors, or dicts whose ``labels`` are the targets), computed once: a dataset of
     ``(features, label)`` in the same order (``features`` alone for unlabelled data).
+
+    ``features`` is a tensor when the prefix returns one. A prefix that returns a structure
+    (a tuple, a dict, a Hugging Face ``ModelOutput``, the ``(inputs, value)`` pair of a cut by
+    substitution) has its tensors cached as they are, each in its own dtype: ``features`` is
+    then the tuple of those tensors in ``torch.utils._pytree`` leaf order, which the suffix of
+    a cut by substitution takes directly. Every example must give tensors of the same shapes
+    (pad text to a fixed length, with its attention mask).
 
     ``dir=None`` keeps the features in memory; otherwise they are stored under
     ``dir/<key>/`` in ``.npy`` shards read with memory mapping and reused by later runs while
     the key (weights, cut point, data, transforms, dtype) matches and every shard's checksum
     holds. ``dtype`` is the storage dtype (``torch.float16`` halves the size); features are
-    returned in the prefix's own dtype. ``augment_copies=K`` allows random transforms by
+    returned in the prefix's own dtype; integer fields (token ids, masks) are never
+    converted. ``augment_copies=K`` allows random transforms by
     caching K passes; otherwise a random pipeline raises :class:`CacheError`.
     ``status`` says what happened: ``"memory"``, ``"built"``, ``"reused"`` or ``"rebuilt"``.
 
@@ -88,7 +111,6 @@ class FeatureCache(KeyedDataset):
     deterministic: each computes its contiguous share of the rows, and an on-disk store is
     written once, by rank 0, then read by every process.
     """
-
 
     # its public home: pickles name it there, and keys of caches built over a cache (which
     # hash the dataset's type) stay what they were before the cache became a package
@@ -131,9 +153,11 @@ class FeatureCache(KeyedDataset):
         }
         self._key: str | None = None
         self.path: Path | None = None
-        self._features: torch.Tensor | None = None
+        self._features: list[torch.Tensor] | None = None
         self._labels: torch.Tensor | None = None
-        self._shards: list[np.ndarray] | None = None
+        self._shards: list[list[np.ndarray]] | None = None
+        self._single = True
+        self._out_dtypes: list[torch.dtype] = []
         self.build_seconds = 0.0
         if dir is None:
             self.status = self._build_in_memory()
@@ -153,8 +177,8 @@ class FeatureCache(KeyedDataset):
 
     # ------------------------------------------------------------------ building
 
-    def _compute(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Yield ``(features, labels)`` batches in storage dtype on the CPU, copy after copy,
+    def _compute(self) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor | None]]:
+        """Yield ``(fields, labels)`` batches in storage dtype on the CPU, copy after copy,
         with the prefix in eval mode and the global random streams untouched."""
         prefix = self._prefix
         assert prefix is not None and self._dataset is not None
@@ -179,30 +203,31 @@ class FeatureCache(KeyedDataset):
 
     def _features_of(
         self, prefix: nn.Module, batch: Any, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-        out = call_model(prefix, to_device(input_of(batch), device))
-        if not isinstance(out, torch.Tensor):
-            raise CacheError(
-                f"the prefix must return one tensor to be cached; it returns {type(out).__name__}"
-            )
-        self._compute_dtype = out.dtype
-        out = out.detach().cpu()
-        if self.dtype is not None:
-            out = out.to(self.dtype)
-        return out.contiguous(), None if y is None else torch.as_tensor(y)
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        inputs, y = split_example(batch)
+        out = call_model(prefix, to_device(inputs, device))
+        self._single = isinstance(out, torch.Tensor)
+        fields = (out,) if self._single else _fields(out)
+        self._out_dtypes = [f.dtype for f in fields]
+        stored = tuple(self._stored(f.detach().cpu()).contiguous() for f in fields)
+        return stored, None if y is None else torch.as_tensor(y)
+
+    def _stored(self, field: torch.Tensor) -> torch.Tensor:
+        """A field in its storage dtype: ``dtype`` applies to floating-point fields only."""
+        if self.dtype is not None and field.is_floating_point():
+            return field.to(self.dtype)
+        return field
 
     def _build_in_memory(self) -> str:
         start = time.perf_counter()
-        feats, labels = [], []
-        for f, y in self._compute():
-            feats.append(f)
+        batches, labels = [], []
+        for fields, y in self._compute():
+            batches.append(fields)
             labels.append(y)
-        self._features = torch.cat(feats)
+        self._features = [torch.cat(field) for field in zip(*batches, strict=True)]
         self._labels = torch.cat(labels) if labels[0] is not None else None
-        self._out_dtype = self._compute_dtype
         if self._splits():  # every process computed its share: put the rows together
-            self._features = self._parallel.gather_rows(self._features)
+            self._features = [self._parallel.gather_rows(f) for f in self._features]
             if self._labels is not None:
                 self._labels = self._parallel.gather_rows(self._labels)
         self.build_seconds = time.perf_counter() - start
@@ -250,13 +275,13 @@ class FeatureCache(KeyedDataset):
         self.build_seconds = time.perf_counter() - start
         return "rebuilt" if existed else "built"
 
-    def _memory_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _memory_batches(self) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor | None]]:
         """The features held in memory, in batches as :meth:`_compute` yields them."""
         assert self._features is not None
         for begin in range(0, self.n * self.copies, self._batch_size):
             end = begin + self._batch_size
             labels = None if self._labels is None else self._labels[begin:end]
-            yield self._features[begin:end], labels
+            yield tuple(f[begin:end] for f in self._features), labels
 
     def _open_or_build(self, root: Path) -> str:
         assert self.path is not None
@@ -284,13 +309,13 @@ class FeatureCache(KeyedDataset):
         try:
             with atomic_folder(self.path, replace=False) as tmp:
                 writer = ShardWriter(tmp, self._shard_bytes)
-                for feats, labels in self._compute() if batches is None else batches:
-                    writer.add(feats, labels)
+                for fields, labels in self._compute() if batches is None else batches:
+                    writer.add(fields[0] if self._single else fields, labels)
                 writer.close(
                     key=self.key,
                     examples=self.n,
                     copies=self.copies,
-                    out_dtype=self._compute_dtype,
+                    out_dtypes=self._out_dtypes,
                     cut_point=self.cut_point,
                     seconds=time.perf_counter() - start,
                 )
@@ -311,7 +336,7 @@ class FeatureCache(KeyedDataset):
         except UnusableStore as exc:
             return str(exc)
         self._shards, self._starts = store.shards, store.starts
-        self._labels, self._out_dtype = store.labels, store.out_dtype
+        self._labels, self._out_dtypes, self._single = store.labels, store.out_dtypes, store.single
         return None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -319,7 +344,7 @@ class FeatureCache(KeyedDataset):
         # than pickled as copies of the whole array
         state = dict(self.__dict__)
         if state.get("_shards") is not None:
-            state["_shards"] = [str(Path(a.filename)) for a in state["_shards"]]
+            state["_shards"] = [[str(Path(a.filename)) for a in s] for s in state["_shards"]]
         state["_prefix"] = None
         state["_dataset"] = None
         state["_parallel"] = None
@@ -328,7 +353,7 @@ class FeatureCache(KeyedDataset):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self._shards is not None:
-            self._shards = [np.load(p, mmap_mode="r") for p in self._shards]
+            self._shards = [[np.load(p, mmap_mode="r") for p in s] for s in self._shards]
 
     @property
     def key(self) -> str:
@@ -356,45 +381,52 @@ class FeatureCache(KeyedDataset):
             raise IndexError(f"index {index} out of range for a cache of {self.n} examples")
         return (self.epoch % self.copies) * self.n + index
 
-    def __getitem__(self, index: int) -> Any:
-        row = self._row(index)
+    def _fields_at(self, rows: slice | int) -> list[torch.Tensor]:
+        """Every field at ``rows`` (an index or a slice of rows), in its returned dtype."""
         if self._features is not None:
-            feats = self._features[row].to(self._out_dtype)
-        else:
+            fields = [f[rows] for f in self._features]
+        elif isinstance(rows, int):
             assert self._shards is not None
-            s = bisect_right(self._starts, row) - 1
-            feats = torch.from_numpy(np.array(self._shards[s][row - self._starts[s]])).to(
-                self._out_dtype
-            )
+            s = bisect_right(self._starts, rows) - 1
+            fields = [torch.from_numpy(np.array(a[rows - self._starts[s]])) for a in self._shards[s]]
+        else:
+            picked = [self._fields_at(r) for r in range(rows.start, rows.stop)]
+            fields = [torch.stack(f) for f in zip(*picked, strict=True)]
+        return [f.to(d) for f, d in zip(fields, self._out_dtypes, strict=True)]
+
+    def _shaped(self, fields: list[torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        return fields[0] if self._single else tuple(fields)
+
+    def __getitem__(self, index: int) -> Any:
+        feats = self._shaped(self._fields_at(self._row(index)))
         if self._labels is None:
             return feats
-        return feats, self._labels[row]
+        return feats, self._labels[self._row(index)]
 
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """All features of the current copy as one tensor (in the prefix's dtype), and the labels."""
+    def tensors(self) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """All features of the current copy (one tensor, or a tuple of fields, in the
+        prefix's dtypes) and the labels."""
         start = (self.epoch % self.copies) * self.n
-        if self._features is not None:
-            feats = self._features[start : start + self.n].to(self._out_dtype)
-        else:
-            feats = torch.stack(
-                [self[i][0] if self._labels is not None else self[i] for i in range(self.n)]
-            )
+        feats = self._shaped(self._fields_at(slice(start, start + self.n)))
         labels = None if self._labels is None else self._labels[start : start + self.n]
         return feats, labels
 
     @property
-    def feature_shape(self) -> tuple[int, ...]:
-        """The shape of one example's features."""
-        first = self[0]
-        return tuple((first[0] if self._labels is not None else first).shape)
+    def feature_shape(self) -> tuple[int, ...] | tuple[tuple[int, ...], ...]:
+        """The shape of one example's features (a shape per field for structured features)."""
+        fields = self._fields_at(self._row(0))
+        shapes = tuple(tuple(f.shape) for f in fields)
+        return shapes[0] if self._single else shapes
 
     def describe(self) -> str:
         """One line: where the features live, how many, their shape and what happened."""
         where = "in memory" if self.path is None else str(self.path)
         copies = f" × {self.copies} augmented copies" if self.copies > 1 else ""
-        shape = "×".join(str(d) for d in self.feature_shape)
+        shapes = self.feature_shape if not self._single else (self.feature_shape,)
+        shape = ", ".join("×".join(str(d) for d in s) or "scalar" for s in shapes)
+        fields = f"{len(shapes)} fields " if not self._single else ""
         return (
-            f"{self.n} examples{copies}, features {shape}"
+            f"{self.n} examples{copies}, features {fields}{shape}"
             f"{' (' + str(self.dtype).removeprefix('torch.') + ')' if self.dtype else ''}"
             f" {where} [{self.status}{'' if self.path is None else ', key ' + self.key[:12]}]"
         )

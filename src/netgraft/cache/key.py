@@ -24,7 +24,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset, TensorDataset
 __all__ = ["FORMAT", "KeyedDataset", "cache_key"]
 
 # the cache format version: part of every key and every manifest
-FORMAT = 1
+FORMAT = 2
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 

@@ -52,13 +52,15 @@ class UnusableStore(Exception):
 
 @dataclass
 class Store:
-    """A checked store: its memory-mapped shards with the first row of each, the labels (or
-    None) and the dtype features are returned in."""
+    """A checked store: per shard, the memory-mapped array of each field, with the first row
+    of each shard; the labels (or None); the dtype each field is returned in, and whether the
+    features are one tensor (``single``) rather than a tuple of fields."""
 
-    shards: list[np.ndarray]
+    shards: list[list[np.ndarray]]
     starts: list[int]
     labels: torch.Tensor | None
-    out_dtype: torch.dtype
+    out_dtypes: list[torch.dtype]
+    single: bool
 
 
 def _sha256_file(path: Path) -> str:
@@ -99,23 +101,28 @@ def remove_folder(path: Path) -> None:
 
 class ShardWriter:
     """Writes feature batches into ``folder`` as shards of about ``shard_bytes`` each, then
-    the labels and the manifest (:meth:`close`)."""
+    the labels and the manifest (:meth:`close`). A batch is one tensor or a tuple of tensors
+    (*fields*: the leaves of a structured output such as hidden states and an attention
+    mask); each field of a shard is its own ``.npy`` file, every field with the same rows."""
 
     def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES) -> None:
         self.folder = folder
         self.shard_bytes = shard_bytes
         self.shards: list[dict[str, Any]] = []
         self.labels: list[torch.Tensor] = []
-        self.shape: list[int] = []
-        self.dtype = ""
-        self._buffer: list[torch.Tensor] = []
+        self.fields: list[dict[str, Any]] = []
+        self.single = True
+        self._buffer: list[tuple[torch.Tensor, ...]] = []
         self._buffered = 0
 
-    def add(self, features: torch.Tensor, labels: torch.Tensor | None) -> None:
-        """Append a batch of features (in storage dtype, on the CPU) and its labels."""
-        self.shape = list(features.shape[1:])
-        self._buffer.append(features)
-        self._buffered += features.numel() * features.element_size()
+    def add(self, features: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor | None) -> None:
+        """Append a batch of features (one tensor or a tuple of fields, in storage dtype, on
+        the CPU) and its labels."""
+        self.single = isinstance(features, torch.Tensor)
+        fields = (features,) if self.single else tuple(features)
+        self.fields = [{"shape": list(f.shape[1:])} for f in fields]
+        self._buffer.append(fields)
+        self._buffered += sum(f.numel() * f.element_size() for f in fields)
         if labels is not None:
             self.labels.append(labels)
         if self._buffered >= self.shard_bytes:
@@ -124,13 +131,16 @@ class ShardWriter:
     def _flush(self) -> None:
         if not self._buffer:
             return
-        array = torch.cat(self._buffer).numpy()
-        name = f"shard-{len(self.shards):05d}.npy"
-        np.save(self.folder / name, array)
-        self.shards.append(
-            {"file": name, "rows": int(array.shape[0]), "sha256": _sha256_file(self.folder / name)}
-        )
-        self.dtype = str(array.dtype)
+        index = len(self.shards)
+        files = []
+        for i, field in enumerate(zip(*self._buffer, strict=True)):
+            array = torch.cat(field).numpy()
+            name = f"shard-{index:05d}.npy" if i == 0 else f"shard-{index:05d}-{i}.npy"
+            np.save(self.folder / name, array)
+            files.append({"file": name, "sha256": _sha256_file(self.folder / name)})
+            self.fields[i]["dtype"] = str(array.dtype)
+        rows = sum(fields[0].shape[0] for fields in self._buffer)
+        self.shards.append({"rows": int(rows), "files": files})
         self._buffer, self._buffered = [], 0
 
     def close(
@@ -139,22 +149,24 @@ class ShardWriter:
         key: str,
         examples: int,
         copies: int,
-        out_dtype: torch.dtype,
+        out_dtypes: list[torch.dtype],
         cut_point: str,
         seconds: float,
     ) -> None:
         """Write the last shard, the labels and the manifest that describes them all
-        (``seconds``: how long building took, kept for the record)."""
+        (``out_dtypes``: the dtype each field is returned in; ``seconds``: how long building
+        took, kept for the record)."""
         self._flush()
+        for field, dtype in zip(self.fields, out_dtypes, strict=True):
+            field["out_dtype"] = str(dtype).removeprefix("torch.")
         manifest: dict[str, Any] = {
             "format": FORMAT,
             "key": key,
             "rows": examples * copies,
             "examples": examples,
             "copies": copies,
-            "shape": self.shape,
-            "dtype": self.dtype,
-            "out_dtype": str(out_dtype).removeprefix("torch."),
+            "single": self.single,
+            "fields": self.fields,
             "cut_point": cut_point,
             "shards": self.shards,
             "labels": None,
@@ -181,27 +193,34 @@ def open_store(path: Path, key: str, rows: int) -> Store:
         if manifest["rows"] != rows:
             raise UnusableStore(f"it holds {manifest['rows']} rows, {rows} expected")
         shards = _open_shards(path, manifest)
-        labels = _open_labels(path, manifest, sum(a.shape[0] for a in shards))
-        out_dtype = getattr(torch, manifest["out_dtype"])
+        labels = _open_labels(path, manifest, manifest["rows"])
+        out_dtypes = [getattr(torch, f["out_dtype"]) for f in manifest["fields"]]
+        single = bool(manifest["single"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UnusableStore(f"unreadable: {type(exc).__name__}: {exc}") from exc
-    starts = np.cumsum([0] + [a.shape[0] for a in shards[:-1]]).tolist()
-    return Store(shards, starts, labels, out_dtype)
+    starts = np.cumsum([0] + [arrays[0].shape[0] for arrays in shards[:-1]]).tolist()
+    return Store(shards, starts, labels, out_dtypes, single)
 
 
-def _open_shards(path: Path, manifest: dict[str, Any]) -> list[np.ndarray]:
+def _open_shards(path: Path, manifest: dict[str, Any]) -> list[list[np.ndarray]]:
     shards, total = [], 0
+    fields = manifest["fields"]
     for shard in manifest["shards"]:
-        file = path / shard["file"]
-        if not file.is_file():
-            raise UnusableStore(f"{shard['file']} is missing")
-        if _sha256_file(file) != shard["sha256"]:
-            raise UnusableStore(f"{shard['file']} fails its checksum")
-        array = np.load(file, mmap_mode="r")
-        if array.shape[0] != shard["rows"] or list(array.shape[1:]) != manifest["shape"]:
-            raise UnusableStore(f"{shard['file']} has shape {array.shape}")
-        shards.append(array)
-        total += array.shape[0]
+        if len(shard["files"]) != len(fields):
+            raise UnusableStore(f"a shard holds {len(shard['files'])} fields, {len(fields)} expected")
+        arrays = []
+        for entry, field in zip(shard["files"], fields, strict=True):
+            file = path / entry["file"]
+            if not file.is_file():
+                raise UnusableStore(f"{entry['file']} is missing")
+            if _sha256_file(file) != entry["sha256"]:
+                raise UnusableStore(f"{entry['file']} fails its checksum")
+            array = np.load(file, mmap_mode="r")
+            if array.shape[0] != shard["rows"] or list(array.shape[1:]) != field["shape"]:
+                raise UnusableStore(f"{entry['file']} has shape {array.shape}")
+            arrays.append(array)
+        shards.append(arrays)
+        total += shard["rows"]
     if total != manifest["rows"]:
         raise UnusableStore(f"its shards hold {total} rows, {manifest['rows']} expected")
     return shards

@@ -30,7 +30,7 @@ from ..cache import FeatureCache
 from ..cut import cut
 from ..data import input_of
 from ..errors import CacheError, SurgeryError
-from ..freeze import norm_policy
+from ..freeze import held_in_inference, is_dropout, norm_policy
 from ..layers import Layer, layers, trace_order
 
 __all__ = ["CachePlan", "plan"]
@@ -55,7 +55,7 @@ def _stochastic_parts(prefix: nn.Module) -> list[str]:
     found = []
     for name, m in prefix.named_modules():
         kind = type(m).__name__
-        if isinstance(m, nn.modules.dropout._DropoutNd) or "Drop" in kind:
+        if is_dropout(m) and not held_in_inference(m):
             rate = getattr(m, "p", getattr(m, "drop_prob", getattr(m, "drop_rate", 1.0)))
             if rate:
                 found.append(f"{name} ({kind})")
@@ -154,8 +154,8 @@ def plan(
         "parallel": parallel,
     }
     try:
-        first, order, shapes = _first_trainable(model, train_data)
-        name, prefix, suffix, reasons = _cut_before(model, first, order)
+        first, order, shapes, example = _first_trainable(model, train_data)
+        name, prefix, suffix, reasons = _cut_before(model, first, order, example)
         if cache == "auto":
             _check_worth(model, name, prefix, reasons)
         if dir is None:
@@ -181,9 +181,10 @@ def plan(
 
 def _first_trainable(
     model: nn.Module, train_data: Dataset
-) -> tuple[Layer, list[str], dict[str, tuple]]:
+) -> tuple[Layer, list[str], dict[str, tuple], Any]:
     """The first trainable layer with the model's execution order and output shapes, traced
-    on the first training example; refused when no frozen layer runs before it."""
+    on the first training example (returned as a batch of one); refused when no frozen layer
+    runs before it."""
     if len(train_data) == 0:  # type: ignore[arg-type]
         raise _Refused("the training data is empty")
     example = default_collate([input_of(train_data[0])])
@@ -198,14 +199,15 @@ def _first_trainable(
         )
     if first.name not in order:
         raise _Refused(f"the first trainable layer {first.name!r} is never called by the forward")
-    return first, order, shapes
+    return first, order, shapes, example
 
 
 def _cut_before(
-    model: nn.Module, first: Layer, order: list[str]
+    model: nn.Module, first: Layer, order: list[str], example: Any
 ) -> tuple[str, nn.Module, nn.Module, list[str]]:
     """The latest cut before ``first`` that gives a frozen, deterministic prefix:
-    ``(cut point, prefix, suffix, why later cuts failed)``."""
+    ``(cut point, prefix, suffix, why later cuts failed)``. Where torch.fx cannot trace the
+    model, it is cut by substitution, checked on ``example``."""
     position = order.index(first.name)
     candidates = [
         name
@@ -215,7 +217,7 @@ def _cut_before(
     reasons: list[str] = []
     for name in candidates[:_MAX_CUT_TRIES]:
         try:
-            prefix, suffix = cut(model, at=name)
+            prefix, suffix = cut(model, at=name, example_input=example)
         except SurgeryError as exc:
             reasons.append(str(exc))
             continue
