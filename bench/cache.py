@@ -1,7 +1,9 @@
 """Benchmark: training from cached frozen features against recomputing them every epoch.
 
-For resnet18 and mobilenet_v2 at 64×64 and 224×224, with only the head trainable and with
-the last block and head trainable, it runs ``netgraft.fit`` for E epochs without the
+For resnet18 and mobilenet_v2 at 64×64 and 224×224, and for the pretrained MiniLM sentence
+encoder (a Hugging Face BERT, cut by substitution) as a sequence classifier on real
+political-speech passages of 64 tokens, with only the head trainable and with the last
+block and head trainable, it runs ``netgraft.fit`` for E epochs without the
 cache and with it, and reports for E = 1, 5, 10:
 
 - the wall time of each (time until epoch E ends; the cached one includes finding the cut
@@ -31,10 +33,11 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import netgraft
-from netgraft.data import load_digits
+from netgraft.data import TokenizedTexts, load_digits, load_political_passages, minilm_path
 
-LAST_BLOCK = {"resnet18": "layer4", "mobilenet_v2": "features.18"}
-HEAD = {"resnet18": "fc", "mobilenet_v2": "classifier"}
+LAST_BLOCK = {"resnet18": "layer4", "mobilenet_v2": "features.18", "minilm": "bert.encoder.layer.5"}
+HEAD = {"resnet18": "fc", "mobilenet_v2": "classifier", "minilm": "classifier"}
+TEXT_TOKENS = 64
 
 
 class _Clock:
@@ -67,9 +70,22 @@ def images(n: int, size: int) -> TensorDataset:
     return TensorDataset((x - 0.5) / 0.25, y)
 
 
+def passages(n: int) -> TokenizedTexts:
+    import transformers
+
+    p = load_political_passages()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
+    return TokenizedTexts(p.texts[:n], p.labels[:n], tokenizer, max_length=TEXT_TOKENS)
+
+
 def model_for(arch: str, trainable: str) -> nn.Module:
     torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(num_classes=10)
+    if arch == "minilm":
+        model = netgraft.load_model(
+            f"hf:{minilm_path()}", task="sequence-classification", num_labels=2
+        )
+    else:
+        model = getattr(torchvision.models, arch)(num_classes=10)
     keep = [HEAD[arch]] if trainable == "head" else [LAST_BLOCK[arch], HEAD[arch]]
     return netgraft.train_only(model, keep)
 
@@ -122,11 +138,11 @@ def epochs_table(arch, trainable, data, epochs_list, batch) -> dict:
     overhead = cached_walls[0] - b - cached_epochs[0]
     return {
         "model": arch,
-        "size": data.tensors[0].shape[-1],
+        "size": TEXT_TOKENS if arch == "minilm" else data.tensors[0].shape[-1],
         "examples": len(data),
         "trainable": trainable,
         "cut_point": plan.cut_point,
-        "feature_shape": list(plan.train.feature_shape),
+        "feature_shape": plan.train.feature_shape,
         "B_s": round(b, 3),
         "H_s": round(h, 4),
         "uncached_epoch_s": round(sorted(plain_epochs)[len(plain_epochs) // 2], 3),
@@ -192,6 +208,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--trainable", default="head,last_block", help="head and/or last_block")
     parser.add_argument("--no-steps", action="store_true", help="skip the step-time comparison")
+    parser.add_argument("--text", default="minilm", help="text models ('' for none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n_at = {64: 128, 224: 32} if args.quick else {64: 512, 224: 128}
@@ -206,6 +223,10 @@ def main() -> None:
                 results.append(epochs_table(arch, trainable, data, epochs_list, args.batch))
             if not args.no_steps:
                 steps.append(step_times(arch, size, 16, 3))
+    for arch in filter(None, args.text.split(",")):
+        data = passages(64 if args.quick else 256)
+        for trainable in args.trainable.split(","):
+            results.append(epochs_table(arch, trainable, data, epochs_list, args.batch))
     head10 = [r["epochs"]["10"]["measured_over_ideal"] for r in results if r["trainable"] == "head"]
     report = {
         "bench": "cache",

@@ -293,3 +293,47 @@ def test_googlenet_auxiliary_classifiers_follow_the_new_head_in_training():
     assert logits.shape == aux2.shape == aux1.shape == (2, 10)
     model.eval()
     assert _run(model, _image(96)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_text_heads_pool_by_mask_mean_or_first_token(minilm_dir):
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
+    batch = tokenizer(
+        ["Four more years.", "We built it, and small businesses built this country."],
+        padding="max_length",
+        max_length=16,
+        return_tensors="pt",
+    )
+    reference = netgraft.load_model(f"hf:{minilm_dir}").eval()
+    with torch.no_grad():
+        states = reference(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    mean = (states * mask).sum(1) / mask.sum(1)  # how sentence-transformers pools
+
+    model = netgraft.load_model(f"hf:{minilm_dir}", task="sequence-classification", num_labels=2)
+    netgraft.replace_head(model, 3, pool="mean")
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits
+        pooled = model.bert(**batch).pooler_output
+    assert torch.allclose(pooled, mean, atol=1e-5)
+    assert torch.allclose(logits, model.classifier(mean), atol=1e-5)
+    assert model.config.num_labels == 3
+
+    base = netgraft.load_model(f"hf:{minilm_dir}")
+    netgraft.replace_head(base, 4, pool="first")
+    base.eval()
+    with torch.no_grad():
+        out = base(**batch).pooler_output
+    assert out.shape == (2, 4)
+    assert torch.allclose(out, base.pooler[1](states[:, 0]), atol=1e-5)
+
+    with pytest.raises(SurgeryError, match="pool must be one of"):
+        netgraft.replace_head(base, 2, pool="max")
+    import torchvision
+
+    plain = torchvision.models.resnet18()
+    with pytest.raises(SurgeryError, match="no Hugging Face encoder with a pooler"):
+        netgraft.replace_head(plain, 2, pool="mean")

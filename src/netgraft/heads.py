@@ -33,6 +33,7 @@ from torch import nn
 from .cut import cut
 from .errors import RecipeError, SurgeryError
 from .layers import ordered_layer_modules
+from .pooling import set_text_pooling, text_encoder
 from .recipe import build_module, module_spec, recorded
 from .select import Selector, resolve_module
 
@@ -211,6 +212,7 @@ def replace_head(
     *,
     hidden: int | list[int] | None = None,
     dropout: float = 0.0,
+    pool: str | None = None,
 ) -> nn.Module:
     """Replace the final Linear of the head (see :func:`find_head`) with a fresh classifier
     for ``num_classes``: ``[Linear, ReLU] * hidden, Dropout(dropout), Linear``. The rest of the
@@ -218,11 +220,20 @@ def replace_head(
     tanh is dropped). A model with two heads (DeiT distilled, see :func:`find_heads`) gets two
     new ones, so the average it outputs has ``num_classes`` logits; auxiliary classifiers
     used in training (Inception v3, GoogLeNet) get a new final Linear too. Returns ``model``,
-    changed in place."""
+    changed in place.
+
+    ``pool`` chooses how a Hugging Face text encoder (BERT family) pools its token states for
+    the classifier (:mod:`netgraft.pooling`): ``"mean"`` over the attention mask,
+    ``"first"`` token, or its own ``"pooler"`` (first token, Linear, tanh). ``None`` (the
+    default) leaves the pooling as it is: the pooler's Linear was trained for
+    next-sentence prediction, but ``bench/text_heads.py`` measured on real text which choice
+    suits which checkpoint (see the README), so the choice is left to the caller."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise SurgeryError(f"num_classes must be a positive integer; found {num_classes!r}")
     if not 0.0 <= float(dropout) < 1.0:
         raise SurgeryError(f"dropout must be in [0, 1); found {dropout!r}")
+    if pool is not None and _pooled_classifier(model, pool, num_classes, hidden, float(dropout)):
+        return model
     reset = getattr(model, "reset_classifier", None)
     if callable(reset) and callable(getattr(model, "get_classifier", None)):
         reset(num_classes)  # timm keeps its own bookkeeping (num_classes, pooling) in step
@@ -233,6 +244,23 @@ def replace_head(
         _replace_one(model, name, head, num_classes, hidden, float(dropout))
     _replace_auxiliary(model, num_classes)
     return model
+
+
+def _pooled_classifier(
+    model: nn.Module, pool: str, num_classes: int, hidden: Any, dropout: float
+) -> bool:
+    """Set the text pooling; for a base model, whose pooler output is its classifier, also
+    put the new classifier after the pooling (returns True: nothing else to replace)."""
+    found = text_encoder(model)
+    if found is None or found[0] != "" or pool == "pooler":
+        set_text_pooling(model, pool)
+        return False
+    config = model.config  # type: ignore[attr-defined]
+    like = getattr(model._modules["pooler"], "dense", None)
+    head = _new_head(config.hidden_size, num_classes, hidden, dropout, like)
+    set_text_pooling(model, pool, then=head)
+    _sync_num_classes(model, num_classes)
+    return True
 
 
 def _replace_auxiliary(model: nn.Module, num_classes: int) -> None:
