@@ -29,9 +29,12 @@ def one_thread():
 @pytest.fixture(scope="module")
 def trained(digits):
     x, y = digits
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the per-test one_thread
     torch.manual_seed(0)
     model = digits_cnn(10)
     netgraft.fit(model, (x[:900], y[:900]), epochs=4, lr=2e-3, seed=0, quiet=True)
+    torch.set_num_threads(before)
     return model
 
 
