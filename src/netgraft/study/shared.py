@@ -194,6 +194,9 @@ def share_frozen_pass(ctx: TrialContext, trials: Iterable[Trial], root: str | Pa
     captures every cut point; settings that cannot share fall back to their own pass."""
     result = FrozenPass()
     root = Path(root)
+    if isinstance(ctx.train, DataLoader):  # read as it is, never cached (as fit does)
+        log.info("shared frozen pass: not run (the training data is a DataLoader)")
+        return result
     train = as_dataset(ctx.train)
     probe = Subset(train, [0])
     started = time.perf_counter()
