@@ -93,6 +93,7 @@ def param_groups(
     layer_decay: float | None = None,
     weight_decay: float = 0.0,
     no_decay_norm_bias: bool = True,
+    include_frozen: bool = False,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups for the trainable parameters of ``model``, one per block.
 
@@ -100,14 +101,16 @@ def param_groups(
     `` (no decay)`` for the biases and norm parameters that get no weight decay when
     ``no_decay_norm_bias``). Rates follow :func:`block_rates` over *all* blocks, so a
     block keeps its rate whether or not the blocks below it are trainable. Raises
-    :class:`NetgraftError` when nothing is trainable.
+    :class:`NetgraftError` when nothing is trainable. ``include_frozen`` puts the frozen
+    parameters in their block's group too, for a trainer that unfreezes them later
+    (optimizers skip a parameter without a gradient, so a frozen one is never updated).
     """
     names, mapping = block_of_parameters(model)
     rates = block_rates(len(names), lr, lr_mult=lr_mult, layer_decay=layer_decay)
     skip_decay = _no_decay_names(model) if (no_decay_norm_bias and weight_decay) else set()
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for pname, p in model.named_parameters():
-        if not p.requires_grad:
+        if not (p.requires_grad or include_frozen):
             continue
         index = mapping[pname]
         decay = pname not in skip_decay

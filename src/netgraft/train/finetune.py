@@ -16,7 +16,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -29,7 +29,7 @@ from ..select import Selector
 from .history import History
 from .loop import fit
 
-__all__ = ["fine_tune", "head_name"]
+__all__ = ["Stage", "fine_tune", "head_name", "hold", "schedule"]
 
 UNFREEZE_MODES = ("all", "gradual")
 
@@ -37,6 +37,59 @@ UNFREEZE_MODES = ("all", "gradual")
 def head_name(model: nn.Module) -> str:
     """The dotted name of the model's head (see :func:`netgraft.find_head`)."""
     return find_head(model)[0]
+
+
+class Stage(NamedTuple):
+    """One stage of a fine-tuning schedule: its ``name`` (``"head"``, ``"unfreeze BLOCK"``,
+    ``"all"``), the layer names it trains (``trainable``; None: every layer), and the rate
+    ``lr`` spread over blocks by ``lr_mult`` (None: ``lr`` for every block)."""
+
+    name: str
+    trainable: list[str] | None
+    lr: float
+    lr_mult: float | None
+
+
+def schedule(
+    model: nn.Module,
+    epochs: int,
+    *,
+    head_epochs: int,
+    unfreeze: str,
+    base_lr: float,
+    lr_mult: float,
+    head_lr: float | None = None,
+    head: str | None = None,
+) -> list[Stage]:
+    """The :class:`Stage` of every epoch of ``fine_tune(model, epochs=epochs, ...)`` with
+    these arguments (``head_epochs + epochs`` entries), for trainers that run the schedule
+    epoch by epoch (:mod:`netgraft.integrations`)."""
+    if unfreeze not in UNFREEZE_MODES:
+        raise NetgraftError(
+            f"unfreeze must be one of {', '.join(UNFREEZE_MODES)}; found {unfreeze!r}"
+        )
+    head = head or head_name(model)
+    out = [Stage("head", [head], head_lr or base_lr, None)] * head_epochs
+    lr = base_lr / 2
+    if unfreeze == "gradual":
+        found = blocks(model)
+        selectors = [[n for n in b.layer_names if n] for b in found]
+        top = head_block_index(selectors, head)
+        for first in range(top - 1, max(top - 1 - epochs, -1), -1):
+            names = [n for names in selectors[first:] for n in names] + [head]
+            out.append(Stage(f"unfreeze {found[first].name}", names, lr, lr_mult))
+    return out + [Stage("all", None, lr, lr_mult)] * (head_epochs + epochs - len(out))
+
+
+def hold(model: nn.Module, trainable: Selector | None, bn: str, keep_frozen: Selector) -> None:
+    """Train only ``trainable`` (every layer when None), ``keep_frozen`` kept frozen; frozen
+    norm layers follow ``bn`` (see :func:`netgraft.freeze`)."""
+    if trainable is None:
+        unfreeze_layers(model)
+    else:
+        train_only(model, trainable, bn=bn)
+    if keep_frozen is not None:
+        freeze(model, keep_frozen, bn=bn)
 
 
 class _Stages:
@@ -59,12 +112,7 @@ class _Stages:
 
     def hold(self, trainable: Selector | None) -> None:
         """Train only ``trainable`` (everything when None), ``keep_frozen`` kept frozen."""
-        if trainable is None:
-            unfreeze_layers(self.model)
-        else:
-            train_only(self.model, trainable, bn=self.bn)
-        if self.keep_frozen is not None:
-            freeze(self.model, self.keep_frozen, bn=self.bn)
+        hold(self.model, trainable, self.bn, self.keep_frozen)
 
     def run(self, name: str, n_epochs: int, **kwargs: Any) -> None:
         """Fit ``n_epochs`` epochs as stage ``name`` (nothing when ``n_epochs <= 0``)."""

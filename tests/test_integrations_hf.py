@@ -1,0 +1,224 @@
+"""netgraft.integrations.hf.FineTuneCallback inside a real Hugging Face Trainer: the
+pretrained MiniLM sequence classifier on real political passages (head first, then
+gradual unfreezing, rates in the log history), and a ResNet whose frozen BatchNorm layers
+keep their statistics although the Trainer calls model.train() every step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from netgraft.data import load_digits, load_political_passages
+from netgraft.errors import NetgraftError, SelectionError
+
+transformers = pytest.importorskip("transformers")
+from netgraft.integrations.hf import FineTuneCallback  # noqa: E402
+from netgraft.integrations.schedule import default_lr_mult  # noqa: E402
+
+EPOCHS = 3
+
+
+def _args(tmp_path, epochs=EPOCHS, **kw):
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=16,
+        learning_rate=1e-4,
+        logging_steps=1,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        **kw,
+    )
+
+
+class Record(transformers.TrainerCallback):
+    """Per epoch, the trainable parameter names and the model's tensors at its start; the
+    tensors at the end of training."""
+
+    def __init__(self):
+        self.trainable, self.start, self.end = {}, {}, None
+
+    @staticmethod
+    def _state(model):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def on_epoch_begin(self, args, state, control, model=None, **kw):
+        e = len(self.start)
+        self.trainable[e] = {n for n, p in model.named_parameters() if p.requires_grad}
+        self.start[e] = self._state(model)
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        self.end = self._state(model)
+
+
+@pytest.fixture(scope="module")
+def passages(minilm_dir):
+    """32 real passages (16 per party), tokenised to 32 tokens."""
+    texts = load_political_passages()
+    idx = [i for c in (0, 1) for i in (texts.labels == c).nonzero().flatten()[:16].tolist()]
+    tok = transformers.AutoTokenizer.from_pretrained(minilm_dir)
+    enc = tok(
+        [texts.texts[i] for i in idx],
+        padding="max_length",
+        truncation=True,
+        max_length=32,
+        return_tensors="pt",
+    )
+    return [
+        {**{k: v[j] for k, v in enc.items()}, "labels": texts.labels[i]} for j, i in enumerate(idx)
+    ]
+
+
+@pytest.fixture(scope="module")
+def minilm_run(minilm_dir, passages, tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        minilm_dir, num_labels=2
+    )
+    ft = FineTuneCallback(head_epochs=1, unfreeze="gradual")
+    record = Record()
+    args = _args(tmp_path_factory.mktemp("minilm"))
+    trainer = transformers.Trainer(
+        model,
+        args,
+        train_dataset=passages,
+        callbacks=[ft, record],
+        optimizers=ft.optimizers(model, args),
+    )
+    trainer.train()
+    return trainer, record
+
+
+@pytest.mark.slow
+def test_minilm_blocks_become_trainable_at_their_scheduled_epochs(minilm_run):
+    _, record = minilm_run
+    blocks = {e: {n.split(".")[0] for n in names} for e, names in record.trainable.items()}
+    assert blocks == {0: {"classifier"}, 1: {"bert", "classifier"}, 2: {"bert", "classifier"}}
+
+
+@pytest.mark.slow
+def test_minilm_frozen_tensors_stay_bit_identical_and_unfrozen_ones_train(minilm_run):
+    _, record = minilm_run
+    head_epoch_start, head_epoch_end = record.start[0], record.start[1]
+    for name, tensor in head_epoch_end.items():
+        if name.startswith("bert."):
+            assert torch.equal(tensor, head_epoch_start[name]), f"frozen {name} changed"
+    assert not torch.equal(
+        head_epoch_end["classifier.weight"], head_epoch_start["classifier.weight"]
+    )
+    name = "bert.encoder.layer.5.attention.self.query.weight"
+    assert not torch.equal(record.start[2][name], head_epoch_end[name])  # trained once unfrozen
+
+
+@pytest.mark.slow
+def test_minilm_block_rates_appear_in_the_log_history(minilm_run):
+    trainer, _ = minilm_run
+    logged = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logged) == trainer.state.global_step and all("lr/bert" in row for row in logged)
+    head_stage = [row for row in logged if row["epoch"] <= 1]
+    unfrozen = [row for row in logged if row["epoch"] > 1]
+    assert head_stage and unfrozen
+    assert all(row["lr/bert"] == 0.0 and row["lr/classifier"] > 0 for row in head_stage)
+    # the encoder's rate is the classifier's / lr_mult, both scaled by the Trainer's schedule
+    for row in unfrozen:
+        assert row["lr/bert"] * default_lr_mult() == pytest.approx(row["lr/classifier"], rel=1e-9)
+    assert max(row["lr/bert"] for row in unfrozen) > 0
+    names = [g["name"] for g in trainer.optimizer.param_groups]
+    assert names == ["bert", "bert (no decay)", "classifier", "classifier (no decay)"] or names == [
+        "bert",
+        "classifier",
+    ]
+
+
+class ImageClassifier(nn.Module):
+    """A torchvision network as the Trainer expects a model: keyword inputs, a loss."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.net(pixel_values)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.fixture(scope="module")
+def digit_images():
+    x, y = load_digits()
+    x = F.interpolate(x[:32], size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    return [{"pixel_values": (x[i] - 0.5) / 0.25, "labels": y[i]} for i in range(32)]
+
+
+def _resnet():
+    torch.manual_seed(0)
+    return ImageClassifier(torchvision.models.resnet18(num_classes=10))
+
+
+def test_resnet_frozen_batchnorm_keeps_its_statistics_through_trainer_train(digit_images, tmp_path):
+    model = _resnet()
+    record = Record()
+    ft = FineTuneCallback(head_epochs=1, unfreeze="all", keep_frozen="layer1", bn="eval")
+    trainer = transformers.Trainer(
+        model, _args(tmp_path, epochs=2), train_dataset=digit_images, callbacks=[ft, record]
+    )
+    trainer.train()  # the Trainer's own optimizer, regrouped by the callback
+    start, after_head, end = record.start[0], record.start[1], record.end
+    for name in ("net.layer1.0.bn1.running_mean", "net.layer1.1.bn2.running_var"):
+        assert torch.equal(end[name], start[name]), name  # kept frozen all along
+    assert torch.equal(after_head["net.bn1.running_mean"], start["net.bn1.running_mean"])
+    assert not torch.equal(end["net.bn1.running_mean"], start["net.bn1.running_mean"])
+    assert not torch.equal(
+        end["net.layer3.0.conv1.weight"], after_head["net.layer3.0.conv1.weight"]
+    )
+    assert torch.equal(end["net.layer1.0.conv1.weight"], start["net.layer1.0.conv1.weight"])
+    logged = [row for row in trainer.state.log_history if "lr/layer3" in row]
+    assert logged[0]["lr/layer3"] == 0.0 and max(row["lr/layer3"] for row in logged) > 0
+
+
+@pytest.mark.parametrize(
+    ("options", "epochs", "error", "message"),
+    [
+        ({"keep_frozen": "no_such_layer"}, 2, SelectionError, "no_such_layer"),
+        ({"head": "net.fc2"}, 2, SelectionError, "net.fc2|fc2"),
+        ({"head_epochs": 2}, 2, NetgraftError, "only 2 epoch"),
+    ],
+)
+def test_bad_input_fails_at_train_begin_before_any_step(
+    digit_images, tmp_path, options, epochs, error, message
+):
+    model = _resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = transformers.Trainer(
+        model,
+        _args(tmp_path, epochs=epochs),
+        train_dataset=digit_images,
+        callbacks=[FineTuneCallback(**options)],
+    )
+    with pytest.raises(error, match=message):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_import_without_transformers_names_the_extra():
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import netgraft.integrations\n"
+        "try:\n"
+        "    import netgraft.integrations.hf\n"
+        "except ImportError as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("MissingExtraError")
+    assert "pip install 'netgraft[hf]'" in out.stdout
