@@ -180,6 +180,8 @@ def test_bad_inputs_are_one_clear_error(digits):
         pretrain_auxiliary(model, x[:50], task="jigsaw", epochs=1)
     with pytest.raises(NetgraftError, match="aux_head for task 'corrupt' must be one of binary"):
         pretrain_auxiliary(model, x[:50], task="corrupt", aux_head="distance", epochs=1)
+    with pytest.raises(netgraft.SelectionError, match=r"found 'heads' \(closest: head"):
+        pretrain_auxiliary(model, x[:50], task="corrupt", head="heads", epochs=1)
     with pytest.raises(DataError, match="no built-in corruption"):
         pretrain_auxiliary(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), torch.randn(20, 4),
                            task="corrupt", epochs=1)  # fmt: skip

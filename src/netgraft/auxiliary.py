@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from .errors import DataError, NetgraftError
+from .errors import DataError, NetgraftError, SelectionError, closest
 from .heads import find_head
 from .layers import evaluating
 from .train import History, fit
@@ -484,8 +484,12 @@ def pretrain_auxiliary(
     """
     aux_head = _check_choices(task, aux_head, copies, epochs)
     head = head if head is not None else find_head(model)[0]
-    if not head:
-        raise NetgraftError("the head must be a submodule of the model, not the model itself")
+    names = [n for n, _ in model.named_modules() if n]
+    if head not in names:
+        raise SelectionError(
+            f"head must name a submodule of the model; found {head!r} "
+            f"(closest: {', '.join(closest(head, names, always=True))})"
+        )
     x, groups = _examples(data, task)
     modes = {m: m.training for m in model.modules()}
     with _headless(model, head) as body:
