@@ -8,6 +8,7 @@ Scenarios, run in the order given, each writing ``OUT/<scenario>_rank<r>.pt``:
 - ``cached``: the same with its first layer frozen and ``cache="auto"`` on disk; records how
   many rows went through the frozen layer on each rank (``cached_in_memory``: in memory).
 - ``accumulate``: the plain fit with each rank's share in 3 micro-batches.
+- ``frozen``: the frozen-prefix model trained whole, counting the bytes DDP all-reduces.
 - ``loader``: the plain fit over a caller's DataLoader (each rank keeps its share of batches).
 - ``fine_tune``: ``netgraft.fine_tune`` (head stage from cached features, then all).
 - ``crash``: trains with a checkpoint every 10 steps and exits the whole process (every rank,
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import netgraft
@@ -123,6 +125,30 @@ def scenario_accumulate(out: Path, rank: int) -> dict:
     model = make_model()
     history = netgraft.fit(model, digits(), cache=False, accumulate=3, **fit_args())
     return {"state": model.state_dict(), "history": history.rows}
+
+
+def scenario_frozen(out: Path, rank: int) -> dict:
+    """The frozen-prefix model trained whole (no cache), counting what DDP all-reduces."""
+    sent = []
+
+    def counting(state, bucket):
+        sent.append(bucket.buffer().numel() * bucket.buffer().element_size())
+        return default_hooks.allreduce_hook(None, bucket)
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+    original = ddp.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.register_comm_hook(None, counting)
+
+    ddp.__init__ = init
+    try:
+        model = make_model(frozen_prefix=True)
+        history = netgraft.fit(model, digits(), cache=False, **fit_args())
+    finally:
+        ddp.__init__ = original
+    return {"state": model.state_dict(), "history": history.rows, "allreduced_bytes": sent}
 
 
 def scenario_loader(out: Path, rank: int) -> dict:

@@ -60,11 +60,12 @@ def _losses(rows: list[dict]) -> list[float]:
 
 @pytest.fixture(scope="module")
 def launched_runs(tmp_path_factory):
-    """One two-process launch: the plain fit (also with micro-batches), the cached ones (on
-    disk, in memory), over a DataLoader, fine_tune, then a run that dies after its first checkpoint (so the launch
+    """One two-process launch: the plain fit (also with micro-batches), with a frozen prefix,
+    the cached ones (on disk, in memory), over a DataLoader, fine_tune, then a run that dies after its first checkpoint (so the launch
     itself fails, on purpose)."""
     out = tmp_path_factory.mktemp("ddp")
-    done = _launch(out, "fit", "accumulate", *CACHED, "loader", "fine_tune", "crash")
+    scenarios = ["fit", "accumulate", "frozen", *CACHED, "loader", "fine_tune", "crash"]
+    done = _launch(out, *scenarios)
     assert done.returncode != 0, "the crash scenario should have ended the launch"
     assert (out / "fine_tune_rank1.pt").is_file(), done.stderr[-4000:]
     return out
@@ -104,6 +105,20 @@ def test_two_processes_end_with_the_weights_and_losses_of_one_process(launched_r
         _assert_same_weights(result["state"], weights)
         assert _losses(result["history"]) == pytest.approx(_losses(rows), rel=1e-9)
         assert [r["acc"] for r in result["history"]] == pytest.approx([r["acc"] for r in rows])
+
+
+@pytest.mark.slow
+def test_frozen_parameters_are_never_all_reduced_and_train_like_one_process(launched_runs):
+    model = worker.make_model(frozen_prefix=True)
+    rows = netgraft.fit(model, worker.digits(), cache=False, **worker.fit_args()).rows
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    steps = -(-N // worker.BATCH) * worker.EPOCHS
+    for rank in (0, 1):
+        result = _result(launched_runs, "frozen", rank)
+        _assert_same_weights(result["state"], model.state_dict())
+        assert _losses(result["history"]) == pytest.approx(_losses(rows), rel=1e-9)
+        # DDP's buckets hold the trainable gradients alone, once per step
+        assert sum(result["allreduced_bytes"]) == trainable * steps
 
 
 @pytest.mark.slow
