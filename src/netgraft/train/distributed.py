@@ -14,8 +14,11 @@ epoch and takes a contiguous share of each global batch (:class:`ShareBatches`).
 mean loss is weighted by ``share * world / global`` before DDP averages the gradients, so
 N processes make the same updates as one process over the same global batches. Metric
 sums are all-reduced every step, so every rank holds the global running means (what a
-checkpoint saves and the progress bar shows). This module never decides when to save and
-never changes what is frozen.
+checkpoint saves and the progress bar shows). What cannot match one process exactly:
+batch norm in training mode normalises each process's share (as under any DDP; convert to
+``SyncBatchNorm`` for the global batch's statistics) and random layers (dropout) draw per
+process. FSDP and DeepSpeed launches are refused (fit is data parallel). This module never
+decides when to save and never changes what is frozen.
 
 Example (``torchrun --nproc_per_node 2 train.py``)::
 
@@ -41,6 +44,7 @@ __all__ = [
     "PRECISIONS",
     "Accelerated",
     "Parallel",
+    "Share",
     "ShareBatches",
     "bf16_supported",
     "check_precision",
@@ -308,8 +312,10 @@ def _forget_other_precision(accelerate: Any, mixed_precision: str) -> None:
 
 def parallel_for(device: torch.device, precision: str | None = None) -> Parallel:
     """The plain :class:`Parallel` for one process in full precision; :class:`Accelerated`
-    under a launch or with mixed precision. Raises :class:`NetgraftError` before any
-    training when the precision cannot run on ``device`` or Accelerate is missing."""
+    under a launch or with mixed precision. ``device``'s type chooses the CPU or the
+    accelerator; under a launch each process takes the one Accelerate gives it (its local
+    rank's GPU). Raises :class:`NetgraftError` before any training when the precision
+    cannot run on ``device`` or Accelerate is missing."""
     mixed = check_precision(precision, device)
     if mixed is None and not launched():
         return Parallel(device)
