@@ -442,6 +442,49 @@ def _wrapper(body: nn.Module, example: torch.Tensor, aux_head: str, hidden: int)
     return wrapper
 
 
+def _head_name(model: nn.Module, head: str | None) -> str:
+    """``head``, or the model's head (:func:`netgraft.find_head`); a name that is no submodule
+    is a :class:`SelectionError` naming the closest ones."""
+    head = head if head is not None else find_head(model)[0]
+    names = [n for n, _ in model.named_modules() if n]
+    if head not in names:
+        raise SelectionError(
+            f"head must name a submodule of the model; found {head!r} "
+            f"(closest: {', '.join(closest(head, names, always=True))})"
+        )
+    return head
+
+
+def _val_data(
+    val: Any, corrupt: Corruption | None, seed: int, options: dict[str, Any]
+) -> Dataset | None:
+    """The auxiliary validation examples of ``val`` (None without it); its errors say so."""
+    if val is None:
+        return None
+    try:
+        vx, vg = _examples(val, options["task"])
+        return _task_data(vx, vg, corrupt=corrupt, seed=seed, **options)
+    except DataError as exc:
+        raise DataError(f"the validation data: {exc}") from exc
+
+
+def _fit_options(
+    train: Dataset, aux_head: str, redraw: bool, fit_kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """The caller's fit arguments, with the redraw callback and without the feature cache
+    where it cannot apply."""
+    options = dict(fit_kwargs)
+    if isinstance(train, _Corrupted) and redraw:
+        # the inputs change every epoch, so no feature cache can hold them
+        options["callbacks"] = [*options.get("callbacks", ()), _Redraw(train)]
+        options["cache"] = False
+    if aux_head != "binary":
+        # two inputs per example go through the body as one batch of twice the size: the
+        # cache's per-example features would not line up with the examples
+        options["cache"] = False
+    return options
+
+
 def pretrain_auxiliary(
     model: nn.Module,
     data: Any,
@@ -483,40 +526,21 @@ def pretrain_auxiliary(
     its frozen parameters stay frozen and its train/eval modes are restored.
     """
     aux_head = _check_choices(task, aux_head, copies, epochs)
-    head = head if head is not None else find_head(model)[0]
-    names = [n for n, _ in model.named_modules() if n]
-    if head not in names:
-        raise SelectionError(
-            f"head must name a submodule of the model; found {head!r} "
-            f"(closest: {', '.join(closest(head, names, always=True))})"
-        )
+    head = _head_name(model, head)
     x, groups = _examples(data, task)
     modes = {m: m.training for m in model.modules()}
     with _headless(model, head) as body:
         corrupt = corruption or (_default_corruption(x, body) if task == "corrupt" else None)
         options = {"task": task, "aux_head": aux_head, "n_pairs": pairs, "copies": copies}
         train = _task_data(x, groups, corrupt=corrupt, seed=seed, **options)  # type: ignore[arg-type]
-        val_set = None
-        if val is not None:
-            try:
-                vx, vg = _examples(val, task)
-                val_set = _task_data(vx, vg, corrupt=corrupt, seed=seed + 1, **options)  # type: ignore[arg-type]
-            except DataError as exc:
-                raise DataError(f"the validation data: {exc}") from exc
+        val_set = _val_data(val, corrupt, seed + 1, options)
         torch.manual_seed(seed)
         wrapper = _wrapper(body, x, aux_head, hidden)
         loss = _margin_loss(margin) if aux_head == "margin" else None
-        if isinstance(train, _Corrupted) and redraw:
-            # the inputs change every epoch, so no feature cache can hold them
-            fit_kwargs["callbacks"] = [*fit_kwargs.get("callbacks", ()), _Redraw(train)]
-            fit_kwargs["cache"] = False
-        if aux_head != "binary":
-            # two inputs per example go through the body as one batch of twice the size: the
-            # cache's per-example features would not line up with the examples
-            fit_kwargs["cache"] = False
         try:
             history = fit(wrapper, train, val_set, epochs=epochs, lr=lr, batch_size=batch_size,
-                          loss=loss, seed=seed, quiet=quiet, **fit_kwargs)  # fmt: skip
+                          loss=loss, seed=seed, quiet=quiet,
+                          **_fit_options(train, aux_head, redraw, fit_kwargs))  # fmt: skip
         finally:
             for m, mode in modes.items():
                 m.training = mode
