@@ -58,6 +58,7 @@ def test_gradual_unfreezing_shows_optimizer_lr_and_leaves_frozen_blocks_untouche
         epochs=2,
         base_lr=1e-2,
         unfreeze="gradual",
+        train_bn=True,  # batch norms unfreeze with their blocks: their own no-decay groups
         optimizer="sgd",
         weight_decay=0.1,
         batch_size=16,
@@ -273,3 +274,53 @@ def test_cli_finetune_with_one_seed_gives_the_same_model_twice(
         weights.append(load_file(tmp_path / run / "weights.safetensors"))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.fixture(scope="module")
+def digits_64(digits):
+    """The real digits as ImageNet-normalised 3×64×64 images: 200 to train, 200 held out."""
+    x, y = digits
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:400]
+    x = F.interpolate(x[order], size=64, mode="bilinear").repeat(1, 3, 1, 1)
+    mean = torch.tensor(netgraft.data.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(netgraft.data.IMAGENET_STD).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return (x[:200], y[order][:200]), (x[200:], y[order][200:])
+
+
+def imagenet_mobilenet(weights, num_classes=10):
+    model = torchvision.models.mobilenet_v2()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    torch.manual_seed(0)
+    model.classifier[1] = nn.Linear(1280, num_classes)
+    return model
+
+
+@pytest.mark.slow
+def test_default_unfreezing_keeps_what_the_head_learnt_on_200_digit_images(
+    digits_64, mobilenet_v2_weights
+):
+    train, val = digits_64
+    model = imagenet_mobilenet(mobilenet_v2_weights)
+    bn = model.features[5].conv[1][1]
+    stats = bn.running_var.clone()
+    # only the budget is given: rates, lr_mult, scheduler and batch norms are the defaults
+    history = fine_tune(model, train, val, head_epochs=4, epochs=2, seed=0, quiet=True)
+    assert history["stage"] == ["head"] * 4 + ["all"] * 2
+    head_acc, final_acc = history.rows[3]["val_acc"], history.last["val_acc"]
+    assert head_acc >= 0.7, head_acc  # ImageNet features give a useful head on digits
+    assert final_acc >= head_acc - 0.03, (head_acc, final_acc)
+    # batch norms stayed frozen after unfreezing (train_bn=False), the convolutions trained
+    assert torch.equal(bn.running_var, stats) and not bn.weight.requires_grad
+    assert model.features[5].conv[1][0].weight.requires_grad
+
+
+@pytest.mark.slow
+def test_train_bn_unfreezes_batch_norms_with_the_rest(digits_64, mobilenet_v2_weights):
+    train, val = digits_64
+    model = imagenet_mobilenet(mobilenet_v2_weights)
+    bn = model.features[5].conv[1][1]
+    stats = bn.running_var.clone()
+    fine_tune(model, (train[0][:64], train[1][:64]), head_epochs=0, epochs=1, train_bn=True,
+              seed=0, quiet=True)  # fmt: skip
+    assert bn.weight.requires_grad and not torch.equal(bn.running_var, stats)

@@ -357,11 +357,9 @@ def finetune(
     ),
     epochs: int = typer.Option(3, "--epochs", help="epochs after the head is trained"),
     head_epochs: int = typer.Option(1, "--head-epochs", help="epochs training only the head"),
-    lr: float = typer.Option(1e-3, "--lr", help="base learning rate (halved after the head)"),
-    head_lr: float | None = typer.Option(
-        None, "--head-lr", help="learning rate of the head stage (default: --lr)"
-    ),
-    lr_mult: float = typer.Option(100.0, "--lr-mult", help="top/bottom learning-rate ratio"),
+    lr: float = typer.Option(1e-4, "--lr", help="base learning rate (halved after the head)"),
+    head_lr: float = typer.Option(3e-3, "--head-lr", help="learning rate of the head stage"),
+    lr_mult: float = typer.Option(10.0, "--lr-mult", help="top/bottom learning-rate ratio"),
     unfreeze: str = typer.Option("all", "--unfreeze", help="all or gradual"),
     augment: bool = typer.Option(False, "--augment", help="random flips, crops, colour jitter"),
     size: int | None = typer.Option(None, "--size", help="input side in pixels (default: model's)"),

@@ -320,9 +320,9 @@ def finetune_folder(
     keep_frozen: Any = None,
     epochs: int = 3,
     head_epochs: int = 1,
-    lr: float = 1e-3,
-    head_lr: float | None = None,
-    lr_mult: float = 100.0,
+    lr: float = 1e-4,
+    head_lr: float | None = 3e-3,
+    lr_mult: float = 10.0,
     unfreeze: str = "all",
     augment: bool = False,
     size: int | None = None,
@@ -340,8 +340,9 @@ def finetune_folder(
     held out unless ``data_dir`` has ``train``/``val``), the head is replaced by one with
     ``num_classes`` outputs (default: one per class folder; another number is a
     :class:`DataError`), then :func:`netgraft.fine_tune` trains the head for ``head_epochs``
-    and unfreezes (``unfreeze``: ``"all"`` or ``"gradual"``, never ``keep_frozen``) for
-    ``epochs`` at ``lr`` with ``lr_mult`` between top and bottom rates. ``out`` gets the
+    at ``head_lr`` and unfreezes (``unfreeze``: ``"all"`` or ``"gradual"``, never
+    ``keep_frozen`` nor batch norms) for ``epochs`` at ``lr`` with ``lr_mult`` between top
+    and bottom rates (the defaults are fine_tune's). ``out`` gets the
     weights and recipe, ``history.json``/``.png`` and ``data.json``.
     """
     torch.manual_seed(seed)
