@@ -18,13 +18,13 @@ from netgraft.data import load_digits, load_political_passages
 from netgraft.errors import NetgraftError, SelectionError
 
 transformers = pytest.importorskip("transformers")
-from netgraft.integrations.hf import FineTuneCallback  # noqa: E402
+from netgraft.integrations.hf import FineTuneCallback, cached_head_for_trainer  # noqa: E402
 from netgraft.integrations.schedule import default_lr_mult  # noqa: E402
 
 EPOCHS = 3
 
 
-def _args(tmp_path, epochs=EPOCHS, **kw):
+def _args(tmp_path, epochs=EPOCHS, save_strategy="no"):
     return transformers.TrainingArguments(
         output_dir=str(tmp_path),
         num_train_epochs=epochs,
@@ -33,10 +33,9 @@ def _args(tmp_path, epochs=EPOCHS, **kw):
         logging_steps=1,
         use_cpu=True,
         report_to=[],
-        save_strategy="no",
+        save_strategy=save_strategy,
         disable_tqdm=True,
         seed=0,
-        **kw,
     )
 
 
@@ -166,7 +165,9 @@ def _resnet():
 def test_resnet_frozen_batchnorm_keeps_its_statistics_through_trainer_train(digit_images, tmp_path):
     model = _resnet()
     record = Record()
-    ft = FineTuneCallback(head_epochs=1, unfreeze="all", keep_frozen="layer1", bn="eval")
+    ft = FineTuneCallback(
+        head_epochs=1, unfreeze="all", keep_frozen="layer1", bn="eval", train_bn=True
+    )
     trainer = transformers.Trainer(
         model, _args(tmp_path, epochs=2), train_dataset=digit_images, callbacks=[ft, record]
     )
@@ -222,3 +223,59 @@ def test_import_without_transformers_names_the_extra():
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("MissingExtraError")
     assert "pip install 'netgraft[hf]'" in out.stdout
+
+
+class StopAfter(transformers.TrainerCallback):
+    """Ends the run after ``epochs`` epochs, as an interruption would."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_epoch_end(self, args, state, control, **kw):
+        if round(state.epoch) >= self.epochs:
+            control.should_training_stop = True
+
+
+def _resnet_run(digit_images, out, resume=None, stop=None):
+    model = _resnet()
+    ft = FineTuneCallback(head_epochs=1, unfreeze="gradual")
+    args = _args(out, epochs=3, save_strategy="epoch" if stop else "no")
+    trainer = transformers.Trainer(
+        model,
+        args,
+        train_dataset=digit_images,
+        callbacks=[ft] + ([StopAfter(stop)] if stop else []),
+        optimizers=ft.optimizers(model, args),
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, model
+
+
+@pytest.mark.slow
+def test_trainer_resumed_from_a_checkpoint_matches_the_uninterrupted_run(digit_images, tmp_path):
+    full_trainer, full = _resnet_run(digit_images, tmp_path / "full")
+    _, stopped = _resnet_run(digit_images, tmp_path / "run", stop=2)
+    checkpoint = sorted((tmp_path / "run").glob("checkpoint-*"))[-1]
+    trainer, resumed = _resnet_run(digit_images, tmp_path / "run", resume=str(checkpoint))
+    assert trainer.state.global_step == full_trainer.state.global_step
+    assert {n for n, p in resumed.named_parameters() if p.requires_grad} == {
+        n for n, p in full.named_parameters() if p.requires_grad
+    }
+    assert [(g["name"], g["lr"]) for g in trainer.optimizer.param_groups] == [
+        (g["name"], g["lr"]) for g in full_trainer.optimizer.param_groups
+    ]
+    for (name, a), b in zip(resumed.state_dict().items(), full.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_cached_head_trains_the_models_own_head_through_the_trainer(digit_images, tmp_path):
+    model = _resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.stack([r["pixel_values"] for r in digit_images])
+    y = torch.stack([r["labels"] for r in digit_images])
+    head, train, _ = cached_head_for_trainer(model.net, (x, y))
+    trainer = transformers.Trainer(head, _args(tmp_path, epochs=2), train_dataset=train)
+    trainer.train()
+    after = model.state_dict()
+    assert not torch.equal(after["net.fc.weight"], before["net.fc.weight"])
+    assert all(torch.equal(v, before[k]) for k, v in after.items() if not k.startswith("net.fc"))

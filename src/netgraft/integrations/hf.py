@@ -35,12 +35,13 @@ import torch
 from torch import nn
 
 from ..select import Selector
+from .cached import cached_head
 from .extras import require
 from .schedule import FineTuneSchedule, unwrap
 
 _transformers = require("transformers", "hf", "netgraft.integrations.hf")
 
-__all__ = ["FineTuneCallback"]
+__all__ = ["CachedHeadModel", "FineTuneCallback", "cached_head_for_trainer"]
 
 
 class FineTuneCallback(_transformers.TrainerCallback):
@@ -48,11 +49,13 @@ class FineTuneCallback(_transformers.TrainerCallback):
     :class:`netgraft.integrations.lightning.FineTune`.
 
     ``head`` (a selector; the model's head by default) trains alone for ``head_epochs``
-    epochs at ``head_lr`` (default ``lr``); then ``unfreeze="all"`` trains everything and
-    ``"gradual"`` adds one block per epoch from the top (then everything), at ``lr / 2``
-    for the top block down to ``lr / 2 / lr_mult`` (``lr_mult`` None: ``fine_tune``'s
-    default). ``lr`` None takes ``TrainingArguments.learning_rate``. ``keep_frozen`` stays
-    frozen; frozen norm layers follow ``bn``. A selector that matches nothing or
+    epochs at ``head_lr`` (None: ``TrainingArguments.learning_rate``); then
+    ``unfreeze="all"`` trains everything and ``"gradual"`` adds one block per epoch from
+    the top (then everything), at ``lr / 2`` for the top block down to
+    ``lr / 2 / lr_mult``. ``lr`` None is the head rate times ``fine_tune``'s
+    ``base_lr / head_lr`` defaults (1/30, measured); ``lr_mult`` None is ``fine_tune``'s.
+    ``keep_frozen`` stays frozen, and so do batch norms outside the head unless
+    ``train_bn``; frozen norm layers follow ``bn``. A selector that matches nothing or
     ``head_epochs`` not shorter than the run fails at ``on_train_begin``.
     """
 
@@ -66,9 +69,10 @@ class FineTuneCallback(_transformers.TrainerCallback):
         keep_frozen: Selector = None,
         lr: float | None = None,
         head_lr: float | None = None,
+        train_bn: bool = False,
     ):
         self.schedule = FineTuneSchedule(
-            head, head_epochs, unfreeze, lr_mult, bn, keep_frozen, lr=lr, head_lr=head_lr
+            head, head_epochs, unfreeze, lr_mult, bn, keep_frozen, lr, head_lr, train_bn
         )
 
     def optimizers(
@@ -129,3 +133,45 @@ def _epoch(state: Any) -> int:
     fractions of epochs done)."""
     # the end of an epoch is stored as ``epoch + steps / steps``, which can fall a hair short
     return int((state.epoch or 0) + 1e-6)
+
+
+class CachedHeadModel(nn.Module):
+    """The trainable part of :func:`netgraft.integrations.cached_head` as a Trainer model:
+    ``forward(features, labels=None)`` returns ``{"logits", "loss"}`` (cross-entropy)."""
+
+    def __init__(self, part: nn.Module):
+        super().__init__()
+        self.part = part
+
+    def forward(self, features: Any, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        """Logits of the cached features, and their loss when ``labels`` are given."""
+        logits = self.part(features)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+class _AsRecords(torch.utils.data.Dataset):
+    """A dataset of ``(features, label)`` as the Trainer's ``{"features", "labels"}``."""
+
+    def __init__(self, data: Any):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        features, label = self.data[index]
+        return {"features": features, "labels": label}
+
+
+def cached_head_for_trainer(
+    model: nn.Module, train: Any, val: Any = None, **options: Any
+) -> tuple[CachedHeadModel, Any, Any]:
+    """:func:`netgraft.integrations.cached_head` ready for ``Trainer(model, args,
+    train_dataset, eval_dataset)``: ``(CachedHeadModel, cached train, cached val or None)``
+    whose parameters are ``model``'s own head. ``options`` go to ``cached_head``."""
+    found = cached_head(model, train, val, **options)
+    cached_val = None if found.val is None else _AsRecords(found.val)
+    return CachedHeadModel(found.model), _AsRecords(found.train), cached_val

@@ -40,12 +40,13 @@ class FineTune(_pl.Callback):
     """Fine-tune a LightningModule's model in stages, exactly resumable from checkpoints.
 
     ``head`` (a selector; the model's head by default) trains alone for ``head_epochs``
-    epochs at ``head_lr`` (default ``lr``); then ``unfreeze="all"`` trains everything and
-    ``"gradual"`` adds one block per epoch from the top (then everything), at ``lr / 2``
-    for the top block down to ``lr / 2 / lr_mult`` for the first (``lr_mult`` None:
-    ``fine_tune``'s default). ``lr`` None takes the rate the optimizer was built with.
-    ``keep_frozen`` (a selector) stays frozen; frozen norm layers follow ``bn`` (see
-    :func:`netgraft.freeze`). The model is the LightningModule, or its only child holding
+    epochs at ``head_lr`` (None: the rate the optimizer was built with); then
+    ``unfreeze="all"`` trains everything and ``"gradual"`` adds one block per epoch from
+    the top (then everything), at ``lr / 2`` for the top block down to
+    ``lr / 2 / lr_mult`` for the first. ``lr`` None is the head rate times ``fine_tune``'s
+    ``base_lr / head_lr`` defaults (1/30, measured); ``lr_mult`` None is ``fine_tune``'s.
+    ``keep_frozen`` (a selector) stays frozen, and so do batch norms outside the head unless
+    ``train_bn``; frozen norm layers follow ``bn`` (see :func:`netgraft.freeze`). The model is the LightningModule, or its only child holding
     parameters (``self.model``); selectors name layers inside it.
 
     ``configure_optimizers`` returns one optimizer over the module's parameters, with an
@@ -64,10 +65,11 @@ class FineTune(_pl.Callback):
         keep_frozen: Selector = None,
         lr: float | None = None,
         head_lr: float | None = None,
+        train_bn: bool = False,
     ):
         super().__init__()
         self.schedule = FineTuneSchedule(
-            head, head_epochs, unfreeze, lr_mult, bn, keep_frozen, lr=lr, head_lr=head_lr
+            head, head_epochs, unfreeze, lr_mult, bn, keep_frozen, lr, head_lr, train_bn
         )
         self._restored: str | None = None
 

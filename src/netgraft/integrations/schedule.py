@@ -11,7 +11,8 @@ The group structure never changes, so a trainer restoring an optimizer from a ch
 finds the same groups in a resumed run as in the uninterrupted one.
 
 A stage sets the trainable layers (:func:`netgraft.train_only`, frozen norm layers held
-per ``bn``) and each group's rate: the stage's rate spread over blocks, 0 for a group whose
+per ``bn``; batch norms outside the head stay frozen unless ``train_bn``, as in
+``fine_tune``) and each group's rate: the stage's rate spread over blocks, 0 for a group whose
 parameters are all frozen. A ``LambdaLR`` scheduler (every Hugging Face schedule) keeps
 scaling the new rates; other schedulers continue from them. Unlike ``fine_tune``, which
 builds a fresh optimizer per stage, the optimizer state carries across stages.
@@ -32,18 +33,30 @@ from ..freeze import NORM_POLICIES
 from ..layers import blocks
 from ..optim import block_rates, group_lrs, param_groups
 from ..select import Selector, select
-from ..train.finetune import Stage, fine_tune, head_name, hold, schedule
+from ..train.finetune import Stage, fine_tune, head_name, hold, schedule, with_batch_norms
 
-__all__ = ["FineTuneSchedule", "default_lr_mult", "target_module"]
+__all__ = ["FineTuneSchedule", "default_lr_mult", "fine_tune_default", "target_module"]
 
 # schedulers that keep a per-group copy of the rates they were built with, which the
 # stage's rates cannot update consistently
 _UNSUPPORTED_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_scheduler.CyclicLR)
 
 
+def fine_tune_default(name: str) -> Any:
+    """The default of ``fine_tune``'s argument ``name``, so the integrations follow it."""
+    return inspect.signature(fine_tune).parameters[name].default
+
+
 def default_lr_mult() -> float:
-    """``fine_tune``'s default ``lr_mult``, so the integrations follow it when it changes."""
-    return inspect.signature(fine_tune).parameters["lr_mult"].default
+    """``fine_tune``'s default ``lr_mult``."""
+    return fine_tune_default("lr_mult")
+
+
+def default_body_ratio() -> float:
+    """How much lower than the head stage's rate the later stages' ``lr`` is by default:
+    ``fine_tune``'s ``base_lr / head_lr`` defaults (1 when ``head_lr`` defaults to None)."""
+    head_lr = fine_tune_default("head_lr")
+    return fine_tune_default("base_lr") / head_lr if head_lr else 1.0
 
 
 def target_module(module: nn.Module) -> nn.Module:
@@ -69,10 +82,12 @@ class FineTuneSchedule:
     """The stages of one fine-tuning run inside a trainer; see the module docstring.
 
     ``head`` (a selector; the model's head by default) trains alone for ``head_epochs`` at
-    ``head_lr`` (default ``lr``); then ``unfreeze="all"`` trains every layer, ``"gradual"``
-    adds one block per epoch from the top, at ``lr / 2`` spread over blocks down to
-    ``lr / 2 / lr_mult``. ``keep_frozen`` stays frozen throughout; frozen norm layers follow
-    ``bn``. ``lr`` None takes the optimizer's own rate.
+    ``head_lr`` (None: the optimizer's own rate); then ``unfreeze="all"`` trains every
+    layer, ``"gradual"`` adds one block per epoch from the top, at ``lr / 2`` spread over
+    blocks down to ``lr / 2 / lr_mult`` (``lr`` None: the head rate times ``fine_tune``'s
+    ``base_lr / head_lr`` defaults, the measured 1/30; ``lr_mult`` None: ``fine_tune``'s).
+    ``keep_frozen`` stays frozen throughout, and so do batch norms outside the head unless
+    ``train_bn``; frozen norm layers follow ``bn``.
     """
 
     def __init__(
@@ -85,6 +100,7 @@ class FineTuneSchedule:
         keep_frozen: Selector = None,
         lr: float | None = None,
         head_lr: float | None = None,
+        train_bn: bool = False,
     ):
         if unfreeze not in ("all", "gradual"):
             raise NetgraftError(f"unfreeze must be 'all' or 'gradual'; found {unfreeze!r}")
@@ -97,7 +113,9 @@ class FineTuneSchedule:
         self.head, self.head_epochs, self.unfreeze = head, head_epochs, unfreeze
         self.lr_mult = default_lr_mult() if lr_mult is None else lr_mult
         self.bn, self.keep_frozen, self.lr, self.head_lr = bn, keep_frozen, lr, head_lr
+        self.train_bn = train_bn
         self.model: nn.Module | None = None
+        self.frozen: Selector = keep_frozen
         self.stages: list[Stage] = []
         self.applied: str | None = None
 
@@ -120,13 +138,16 @@ class FineTuneSchedule:
             )
         after = epochs - self.head_epochs if bounded else len(blocks(model))
         self.model = model
+        keep = self.keep_frozen
+        self.frozen = keep if self.train_bn else with_batch_norms(model, keep, head)
+        head_lr = self.head_lr or optimizer_lr
         self.stages = schedule(
             model,
             after,
             head_epochs=self.head_epochs,
             unfreeze=self.unfreeze,
-            base_lr=self.lr or optimizer_lr,
-            head_lr=self.head_lr,
+            base_lr=self.lr or head_lr * default_body_ratio(),
+            head_lr=head_lr,
             lr_mult=self.lr_mult,
             head=head,
         )
@@ -210,7 +231,7 @@ class FineTuneSchedule:
         """Hold ``stage``'s trainable layers and give each group its rate (0 when all of its
         parameters are frozen), in the scheduler too."""
         assert self.model is not None, "start() first"
-        hold(self.model, stage.trainable, self.bn, self.keep_frozen)
+        hold(self.model, stage.trainable, self.bn, self.frozen)
         rates = self.rates(stage)
         for i, g in enumerate(optimizer.param_groups):
             rate = rates[g["block"]] if any(p.requires_grad for p in g["params"]) else 0.0
