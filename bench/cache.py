@@ -216,7 +216,7 @@ def main() -> None:
     started = time.perf_counter()
     load_before = os.getloadavg()
     results, steps = [], []
-    for arch in args.models.split(","):
+    for arch in filter(None, args.models.split(",")):
         for size in (int(s) for s in args.sizes.split(",")):
             data = images(n_at.get(size, 256), size)
             for trainable in args.trainable.split(","):
