@@ -1,5 +1,5 @@
 """Fine-tune the pretrained MiniLM on real political passages with the Hugging Face
-Trainer: classifier first, then the encoder at a lower rate, with netgraft's
+Trainer: classifier first (at learning_rate), then the encoder at a lower rate, with netgraft's
 FineTuneCallback; every block's rate shows in the Trainer's logs.
 
 Run: .venv/bin/python examples/hf_trainer_finetune.py   (needs pip install 'netgraft[hf]')
@@ -31,13 +31,13 @@ def dataset(mask, n):
 
 
 torch.manual_seed(0)
-train, val = dataset(train_docs, 256), dataset(~train_docs, 128)
+train, val = dataset(train_docs, 160), dataset(~train_docs, 96)
 model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
 
 ft = FineTuneCallback(head_epochs=1, unfreeze="gradual")
 args = TrainingArguments(
-    "hf_finetune_output", num_train_epochs=3, learning_rate=1e-4, per_device_train_batch_size=16,
-    logging_steps=8, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+    "hf_finetune_output", num_train_epochs=3, learning_rate=3e-3, per_device_train_batch_size=16,
+    logging_steps=5, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
 )  # fmt: skip
 trainer = Trainer(model, args, train_dataset=train, callbacks=[ft],
                   optimizers=ft.optimizers(model, args))  # every block in the optimizer  # fmt: skip

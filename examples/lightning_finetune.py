@@ -39,7 +39,7 @@ class Classifier(pl.LightningModule):
         self.log("val_acc", (self.model(batch[0]).argmax(1) == batch[1]).float().mean())
 
     def configure_optimizers(self):  # any optimizer: FineTune regroups it by block
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
 ckpt = Path("checkpoints/last.ckpt")
