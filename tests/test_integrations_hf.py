@@ -19,7 +19,7 @@ from netgraft.errors import NetgraftError, SelectionError
 
 transformers = pytest.importorskip("transformers")
 from netgraft.integrations.hf import FineTuneCallback, cached_head_for_trainer  # noqa: E402
-from netgraft.integrations.schedule import default_lr_mult  # noqa: E402
+from netgraft.integrations.schedule import FineTuneSchedule, default_lr_mult  # noqa: E402
 
 EPOCHS = 3
 
@@ -279,3 +279,15 @@ def test_cached_head_trains_the_models_own_head_through_the_trainer(digit_images
     after = model.state_dict()
     assert not torch.equal(after["net.fc.weight"], before["net.fc.weight"])
     assert all(torch.equal(v, before[k]) for k, v in after.items() if not k.startswith("net.fc"))
+
+
+def test_schedulers_with_their_own_per_group_rates_are_refused_with_the_alternatives():
+    model = _resnet()
+    schedule = FineTuneSchedule(head_epochs=1)
+    schedule.start(model, 3, 1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=10)
+    with pytest.raises(NetgraftError, match="OneCycleLR.*LambdaLR"):
+        schedule.regroup(opt, sched)
+    assert schedule.model is model.net  # the wrapper's only child holding parameters
+    assert [s.name for s in schedule.stages] == ["head", "all", "all"]
