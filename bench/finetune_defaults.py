@@ -11,7 +11,7 @@ schedule are fixed. The tasks:
   (:mod:`netgraft.experiments.demo`), new classifier, digits 5–9 from 30 images per class
   (150), tested on 500 held-out images;
 - ``minilm→party``: the pretrained all-MiniLM-L6-v2 sequence classifier (2 labels) on
-  64-word passages of the 2012 convention speeches (netgraft.data), 128 training and 128
+  64-word passages of the 2012 convention speeches (netgraft.data), 256 training and 128
   held-out passages, each half democrat, split by speech, max_length 64.
 
 For every seed (3; it seeds the new head and the data order) it trains the head once per
@@ -171,7 +171,7 @@ def minilm_task(quick: bool) -> Task:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    p, train, val = _passages_by_speech(128, 128)
+    p, train, val = _passages_by_speech(256, 128)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
 
     def encode(idx: list[int]) -> _Encoded:
@@ -183,8 +183,8 @@ def minilm_task(quick: bool) -> Task:
         torch.manual_seed(seed)
         return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
 
-    return Task("minilm→party", make, encode(train), encode(val), head=None, head_epochs=3,
-                epochs=1)  # fmt: skip
+    return Task("minilm→party", make, encode(train), encode(val), head=None, head_epochs=6,
+                epochs=2)  # fmt: skip
 
 
 def _stage(task: Task, model: nn.Module, seed: int, **kwargs: Any) -> float:

@@ -187,13 +187,13 @@ def fine_tune(
 
     The defaults (AdamW, ``head_lr=3e-3``, ``base_lr=1e-4``, ``lr_mult=10``, onecycle,
     batch norms frozen) were chosen by measurement (``bench/finetune_defaults.py``: ImageNet
-    MobileNetV2 on 200 digit images, the demo's MNIST CNN on 150 digits, MiniLM on 128
+    MobileNetV2 on 200 digit images, the demo's MNIST CNN on 150 digits, MiniLM on 256
     speech passages; 3 seeds): with them unfreezing kept what the head stage had learnt
-    (MobileNetV2 0.81 after the head, 0.84 at the end; the CNN 0.89, 0.90; MiniLM stayed at
-    chance with every candidate), while the previous ones (1e-3 throughout,
-    ``lr_mult=100``, batch norms training) took MobileNetV2 from 0.68 to 0.21. Training
-    batch norms on a few small batches undoes the head most (0.29 at ``base_lr=3e-4``,
-    against 0.76 with them frozen); ``base_lr`` 3e-4 or more costs too.
+    (MobileNetV2 0.81 after the head, 0.84 at the end; the CNN 0.89, 0.90; MiniLM 0.68,
+    0.68), while the previous ones (1e-3 throughout, ``lr_mult=100``, batch norms
+    training) took MobileNetV2 from 0.68 to 0.21. Training batch norms on a few small
+    batches undoes the head most (0.29 at ``base_lr=3e-4``, against 0.76 with them frozen);
+    ``base_lr`` 3e-4 or more costs too.
     """
     if unfreeze not in UNFREEZE_MODES:
         raise NetgraftError(
