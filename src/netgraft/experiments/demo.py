@@ -241,6 +241,7 @@ def _train_target(
             head_epochs=head_epochs,
             epochs=max(1, epochs - head_epochs),
             base_lr=config.lr,
+            head_lr=config.lr,
             lr_mult=10,
             cache=True,  # the head stage runs from cached features, the rest on images
             **common,
