@@ -57,6 +57,7 @@ def test_gradual_unfreezing_shows_optimizer_lr_and_leaves_frozen_blocks_untouche
         head_epochs=1,
         epochs=2,
         base_lr=1e-2,
+        lr_mult=100,
         unfreeze="gradual",
         train_bn=True,  # batch norms unfreeze with their blocks: their own no-decay groups
         optimizer="sgd",
