@@ -325,3 +325,19 @@ def test_train_bn_unfreezes_batch_norms_with_the_rest(digits_64, mobilenet_v2_we
     fine_tune(model, (train[0][:64], train[1][:64]), head_epochs=0, epochs=1, train_bn=True,
               seed=0, quiet=True)  # fmt: skip
     assert bn.weight.requires_grad and not torch.equal(bn.running_var, stats)
+
+
+def test_the_head_stage_of_a_distilled_deit_trains_both_heads():
+    import timm
+
+    from netgraft.train.finetune import schedule
+
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=3)
+    stages = schedule(model, 2, head_epochs=1, unfreeze="gradual", base_lr=1e-4, lr_mult=10)
+    assert stages[0].trainable == ["head", "head_dist"]
+    assert stages[1].name == "unfreeze norm" and stages[1].trainable[0] == "norm"
+    assert stages[1].trainable[-2:] == ["head", "head_dist"]
+    assert stages[2].name == "unfreeze blocks.11"
+    netgraft.train_only(model, stages[0].trainable)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"head", "head_dist"}

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import NetgraftError
 from ..freeze import freeze, train_only
 from ..freeze import unfreeze as unfreeze_layers
-from ..heads import find_head
+from ..heads import find_head, find_heads
 from ..layers import blocks, head_block_index, is_norm
 from ..select import Selector, select
 from .history import History
@@ -37,6 +37,17 @@ UNFREEZE_MODES = ("all", "gradual")
 def head_name(model: nn.Module) -> str:
     """The dotted name of the model's head (see :func:`netgraft.find_head`)."""
     return find_head(model)[0]
+
+
+def head_names(model: nn.Module, head: str | None = None) -> list[str]:
+    """``[head]`` when given, else every head of the model (:func:`netgraft.find_heads`: both
+    of a distilled DeiT, which the head stage must train together)."""
+    return [head] if head else [name for name, _ in find_heads(model)]
+
+
+def _top_block(selectors: list[list[str]], heads: list[str]) -> int:
+    """The index of the first block holding a head."""
+    return min(head_block_index(selectors, h) for h in heads)
 
 
 class Stage(NamedTuple):
@@ -68,15 +79,15 @@ def schedule(
         raise NetgraftError(
             f"unfreeze must be one of {', '.join(UNFREEZE_MODES)}; found {unfreeze!r}"
         )
-    head = head or head_name(model)
-    out = [Stage("head", [head], head_lr or base_lr, None)] * head_epochs
+    heads = head_names(model, head)
+    out = [Stage("head", heads, head_lr or base_lr, None)] * head_epochs
     lr = base_lr / 2
     if unfreeze == "gradual":
         found = blocks(model)
         selectors = [[n for n in b.layer_names if n] for b in found]
-        top = head_block_index(selectors, head)
+        top = _top_block(selectors, heads)
         for first in range(top - 1, max(top - 1 - epochs, -1), -1):
-            names = [n for names in selectors[first:] for n in names] + [head]
+            names = [n for names in selectors[first:] for n in names] + heads
             out.append(Stage(f"unfreeze {found[first].name}", names, lr, lr_mult))
     return out + [Stage("all", None, lr, lr_mult)] * (head_epochs + epochs - len(out))
 
@@ -201,31 +212,33 @@ def fine_tune(
         )
     if "resume" in fit_kwargs:
         raise NetgraftError("fine_tune cannot resume; resume a stage with fit(..., resume=folder)")
-    head = head or head_name(model)
+    heads = head_names(model, head)
     if not train_bn:
-        keep_frozen = with_batch_norms(model, keep_frozen, head)
+        keep_frozen = with_batch_norms(model, keep_frozen, heads)
     shared = {"scheduler": scheduler, "callbacks": callbacks, **fit_kwargs}
     stages = _Stages(model, (train, val), bn, keep_frozen, seed, shared)
-    stages.hold(head)
+    stages.hold(heads)
     stages.run("head", head_epochs, lr=head_lr or base_lr)
     lr = base_lr / 2
-    done = _unfreeze_gradually(stages, head, epochs, lr, lr_mult) if unfreeze == "gradual" else 0
+    done = _unfreeze_gradually(stages, heads, epochs, lr, lr_mult) if unfreeze == "gradual" else 0
     if unfreeze == "all" or done < epochs:
         stages.hold(None)
         stages.run("all", epochs - done, lr=lr, lr_mult=lr_mult)
     return stages.history
 
 
-def _unfreeze_gradually(stages: _Stages, head: str, epochs: int, lr: float, lr_mult: float) -> int:
+def _unfreeze_gradually(
+    stages: _Stages, heads: list[str], epochs: int, lr: float, lr_mult: float
+) -> int:
     """One epoch per block below the head, adding a block each time from the top; returns
     the epochs run."""
     model = stages.model
     selectors = [[n for n in b.layer_names if n] for b in blocks(model)]
-    top = head_block_index(selectors, head)
+    top = _top_block(selectors, heads)
     done = 0
     while done < epochs and top - done - 1 >= 0:
         first = top - done - 1
-        stages.hold([n for names in selectors[first:] for n in names] + [head])
+        stages.hold([n for names in selectors[first:] for n in names] + heads)
         stages.run(f"unfreeze {blocks(model)[first].name}", 1, lr=lr, lr_mult=lr_mult)
         done += 1
     return done
