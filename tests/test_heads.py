@@ -337,3 +337,21 @@ def test_text_heads_pool_by_mask_mean_or_first_token(minilm_dir):
     plain = torchvision.models.resnet18()
     with pytest.raises(SurgeryError, match="no Hugging Face encoder with a pooler"):
         netgraft.replace_head(plain, 2, pool="mean")
+
+
+@pytest.mark.slow
+def test_text_pooling_replays_through_save_and_load(minilm_dir, tmp_path):
+    model = netgraft.load_model(f"hf:{minilm_dir}", task="sequence-classification", num_labels=2)
+    netgraft.replace_head(model, 3, pool="mean")
+    ids = torch.randint(1000, 2000, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # padding must not count in the mean
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    netgraft.save(model, tmp_path / "m")
+    again = netgraft.load(tmp_path / "m").eval()
+    with torch.no_grad():
+        got = again(input_ids=ids, attention_mask=mask).logits
+    assert type(again.bert.pooler).__name__ == "MaskedMeanPool"
+    assert torch.equal(got, expected)
