@@ -191,3 +191,18 @@ def test_transfer_folder_reports_every_tensor_writes_the_report_and_saves(image_
     assert result.report.summary().startswith("transfer from module Sequential: 6 copied")
     assert json.loads((tmp_path / "report.json").read_text())
     assert (result.folder / "weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("train_bn", [False, True])
+def test_finetune_folder_keeps_batch_norms_frozen_unless_train_bn(image_tree, tmp_path, train_bn):
+    from netgraft.zoo import load_model
+
+    root, _ = image_tree
+    torch.manual_seed(0)
+    model = load_model("torchvision:resnet18")  # random weights, its spec recorded for saving
+    stats = model.layer2[0].bn1.running_mean.clone()
+    finetune_folder(
+        model, root, tmp_path / "model", size=32, epochs=1, seed=0, quiet=True, train_bn=train_bn
+    )
+    changed = not torch.equal(model.layer2[0].bn1.running_mean, stats)
+    assert changed == train_bn

@@ -361,6 +361,9 @@ def finetune(
     head_lr: float = typer.Option(3e-3, "--head-lr", help="learning rate of the head stage"),
     lr_mult: float = typer.Option(10.0, "--lr-mult", help="top/bottom learning-rate ratio"),
     unfreeze: str = typer.Option("all", "--unfreeze", help="all or gradual"),
+    train_bn: bool = typer.Option(
+        False, "--train-bn", help="unfreeze batch norms too (default: they stay frozen)"
+    ),
     augment: bool = typer.Option(False, "--augment", help="random flips, crops, colour jitter"),
     size: int | None = typer.Option(None, "--size", help="input side in pixels (default: model's)"),
     batch_size: int = typer.Option(32, "--batch-size"),
@@ -391,6 +394,7 @@ def finetune(
         head_lr=head_lr,
         lr_mult=lr_mult,
         unfreeze=unfreeze,
+        train_bn=train_bn,
         augment=augment,
         size=size,
         batch_size=batch_size,

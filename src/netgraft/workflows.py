@@ -324,6 +324,7 @@ def finetune_folder(
     head_lr: float | None = 3e-3,
     lr_mult: float = 10.0,
     unfreeze: str = "all",
+    train_bn: bool = False,
     augment: bool = False,
     size: int | None = None,
     batch_size: int = 32,
@@ -341,7 +342,7 @@ def finetune_folder(
     ``num_classes`` outputs (default: one per class folder; another number is a
     :class:`DataError`), then :func:`netgraft.fine_tune` trains the head for ``head_epochs``
     at ``head_lr`` and unfreezes (``unfreeze``: ``"all"`` or ``"gradual"``, never
-    ``keep_frozen`` nor batch norms) for ``epochs`` at ``lr`` with ``lr_mult`` between top
+    ``keep_frozen``, nor batch norms unless ``train_bn``) for ``epochs`` at ``lr`` with ``lr_mult`` between top
     and bottom rates (the defaults are fine_tune's). ``out`` gets the
     weights and recipe, ``history.json``/``.png`` and ``data.json``.
     """
@@ -367,6 +368,7 @@ def finetune_folder(
         base_lr=lr,
         lr_mult=lr_mult,
         unfreeze=unfreeze,
+        train_bn=train_bn,
         keep_frozen=keep_frozen,
         batch_size=batch_size,
         seed=seed,
