@@ -26,7 +26,7 @@ from ..cache import FeatureCache
 from ..data import as_dataset
 from ..freeze import train_only
 from ..train.cached import plan
-from ..train.finetune import head_name
+from ..train.finetune import head_names
 
 __all__ = ["CachedHead", "cached_head"]
 
@@ -52,14 +52,14 @@ def cached_head(
     bn: str = "eval",
     **cache_options: Any,
 ) -> CachedHead:
-    """Freeze every layer of ``model`` but ``head`` (its head by default; frozen norm layers
+    """Freeze every layer of ``model`` but ``head`` (its heads by default; frozen norm layers
     follow ``bn``), cut it before the head and cache ``train`` (and ``val``) through the
     frozen part: a :class:`CachedHead`. ``train``/``val`` are datasets or ``(inputs,
     targets)``; ``cache_options`` go to :func:`netgraft.train.cached.plan` (``dir``,
     ``dtype``, ``augment_copies``, ``batch_size``). Raises :class:`CacheError` saying why
     when no frozen, deterministic part can be cut off before the head.
     """
-    train_only(model, head or head_name(model), bn=bn)
+    train_only(model, head_names(model, head), bn=bn)
     val_data = None if val is None else as_dataset(val)
     found = plan(model, as_dataset(train), cache=True, val=val_data, **cache_options)
     assert found is not None  # cache=True raises rather than returning None

@@ -33,7 +33,15 @@ from ..freeze import NORM_POLICIES
 from ..layers import blocks
 from ..optim import block_rates, group_lrs, param_groups
 from ..select import Selector, select
-from ..train.finetune import Stage, fine_tune, head_name, hold, schedule, with_batch_norms
+from ..train.finetune import (
+    UNFREEZE_MODES,
+    Stage,
+    fine_tune,
+    head_names,
+    hold,
+    schedule,
+    with_batch_norms,
+)
 
 __all__ = ["FineTuneSchedule", "default_lr_mult", "fine_tune_default", "target_module"]
 
@@ -102,8 +110,10 @@ class FineTuneSchedule:
         head_lr: float | None = None,
         train_bn: bool = False,
     ):
-        if unfreeze not in ("all", "gradual"):
-            raise NetgraftError(f"unfreeze must be 'all' or 'gradual'; found {unfreeze!r}")
+        if unfreeze not in UNFREEZE_MODES:
+            raise NetgraftError(
+                f"unfreeze must be one of {', '.join(UNFREEZE_MODES)}; found {unfreeze!r}"
+            )
         if bn not in NORM_POLICIES:
             raise NetgraftError(f"bn must be one of {', '.join(NORM_POLICIES)}; found {bn!r}")
         if not isinstance(head_epochs, int) or head_epochs < 0:
@@ -125,8 +135,8 @@ class FineTuneSchedule:
         a selector that matches nothing and :class:`NetgraftError` for a schedule longer
         than the run. Changes nothing on the model."""
         model = target_module(module)
-        head = self.head or head_name(model)
-        select(model, head)
+        heads = head_names(model, self.head)  # both of a distilled DeiT, as in fine_tune
+        select(model, heads)
         if self.keep_frozen is not None:
             select(model, self.keep_frozen)
         bounded = epochs is not None and epochs >= 0
@@ -139,7 +149,7 @@ class FineTuneSchedule:
         after = epochs - self.head_epochs if bounded else len(blocks(model))
         self.model = model
         keep = self.keep_frozen
-        self.frozen = keep if self.train_bn else with_batch_norms(model, keep, head)
+        self.frozen = keep if self.train_bn else with_batch_norms(model, keep, heads)
         head_lr = self.head_lr or optimizer_lr
         self.stages = schedule(
             model,
@@ -149,7 +159,7 @@ class FineTuneSchedule:
             base_lr=self.lr or head_lr * default_body_ratio(),
             head_lr=head_lr,
             lr_mult=self.lr_mult,
-            head=head,
+            head=self.head,
         )
 
     def stage(self, epoch: int) -> Stage:
