@@ -398,10 +398,11 @@ class FeatureCache(KeyedDataset):
         return fields[0] if self._single else tuple(fields)
 
     def __getitem__(self, index: int) -> Any:
-        feats = self._shaped(self._fields_at(self._row(index)))
+        row = self._row(index)
+        feats = self._shaped(self._fields_at(row))
         if self._labels is None:
             return feats
-        return feats, self._labels[self._row(index)]
+        return feats, self._labels[row]
 
     def tensors(self) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor | None]:
         """All features of the current copy (one tensor, or a tuple of fields, in the
