@@ -388,7 +388,9 @@ class FeatureCache(KeyedDataset):
         elif isinstance(rows, int):
             assert self._shards is not None
             s = bisect_right(self._starts, rows) - 1
-            fields = [torch.from_numpy(np.array(a[rows - self._starts[s]])) for a in self._shards[s]]
+            fields = [
+                torch.from_numpy(np.array(a[rows - self._starts[s]])) for a in self._shards[s]
+            ]
         else:
             picked = [self._fields_at(r) for r in range(rows.start, rows.stop)]
             fields = [torch.stack(f) for f in zip(*picked, strict=True)]

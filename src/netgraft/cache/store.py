@@ -115,7 +115,9 @@ class ShardWriter:
         self._buffer: list[tuple[torch.Tensor, ...]] = []
         self._buffered = 0
 
-    def add(self, features: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor | None) -> None:
+    def add(
+        self, features: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor | None
+    ) -> None:
         """Append a batch of features (one tensor or a tuple of fields, in storage dtype, on
         the CPU) and its labels."""
         self.single = isinstance(features, torch.Tensor)
@@ -207,7 +209,9 @@ def _open_shards(path: Path, manifest: dict[str, Any]) -> list[list[np.ndarray]]
     fields = manifest["fields"]
     for shard in manifest["shards"]:
         if len(shard["files"]) != len(fields):
-            raise UnusableStore(f"a shard holds {len(shard['files'])} fields, {len(fields)} expected")
+            raise UnusableStore(
+                f"a shard holds {len(shard['files'])} fields, {len(fields)} expected"
+            )
         arrays = []
         for entry, field in zip(shard["files"], fields, strict=True):
             file = path / entry["file"]
