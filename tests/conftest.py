@@ -13,6 +13,17 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: small models gain nothing from a second thread and
+    lose much on a shared CPU, and a fixed count keeps runs in two processes bit-identical.
+    A test file asks for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def mobilenet_v2_weights():
     from netgraft.data import mobilenet_v2_weights_path

@@ -13,14 +13,7 @@ from netgraft import DataError, NetgraftError, pretrain_auxiliary
 from netgraft.auxiliary import make_pairs, patch_shuffle, replace_word
 from netgraft.experiments.auxiliary import _vocabulary, digits_cnn, text_cnn, tokenize
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second thread and lose much on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 TOTAL_STEPS = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A fixed thread count keeps runs in two processes bit-identical."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model() -> nn.Module:

@@ -17,13 +17,7 @@ from netgraft.experiments.auxiliary import digits_cnn, shift_experiment
 BLOCKS = ["conv1", "conv2", "dense", "head"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second thread and lose much on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

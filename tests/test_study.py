@@ -15,14 +15,7 @@ from torch import nn
 import netgraft
 from netgraft import NetgraftError, study
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second thread and lose much on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(num_classes: int = 5) -> nn.Module:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -19,25 +18,9 @@ from torch import nn
 
 import netgraft
 from netgraft import NetgraftError, study
+from test_study import build  # the small digits CNN; worker scripts import it from here
 
 STUDY = {"reuse": [1, 3], "modes": ("frozen", "surgical"), "seeds": 1, "budget": 2, "threads": 1}
-
-
-def build() -> nn.Module:
-    """A small CNN for 1×8×8 digits: blocks conv1, conv2, fc1, fc."""
-    return nn.Sequential(
-        OrderedDict(
-            conv1=nn.Conv2d(1, 16, 3, padding=1),
-            relu1=nn.ReLU(),
-            conv2=nn.Conv2d(16, 32, 3, padding=1),
-            relu2=nn.ReLU(),
-            pool=nn.MaxPool2d(2),
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(32 * 4 * 4, 64),
-            relu3=nn.ReLU(),
-            fc=nn.Linear(64, 5),
-        )
-    )
 
 
 @pytest.fixture(scope="module")

@@ -42,13 +42,7 @@ def flat_digits(digits):
     return (x[:400], y[:400]), (x[1500:1700], y[1500:1700])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread, and a fixed count keeps runs bit-identical."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LrSpy(Callback):
