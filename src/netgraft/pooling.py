@@ -60,6 +60,9 @@ class MaskedMeanPool(nn.Module):
         return (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
 
+_REMEMBER = MaskedMeanPool.remember_mask
+
+
 def text_encoder(model: nn.Module) -> tuple[str, nn.Module] | None:
     """The Hugging Face encoder inside ``model`` that owns a pooler (``model`` itself for a
     base model), as ``(dotted name, module)``; None when there is none."""
@@ -67,6 +70,14 @@ def text_encoder(model: nn.Module) -> tuple[str, nn.Module] | None:
         if hasattr(module, "config") and "pooler" in module._modules:
             return name, module
     return None
+
+
+def _forget_masks(encoder: nn.Module) -> None:
+    """Remove the mask hooks an earlier :class:`MaskedMeanPool` left on ``encoder``."""
+    hooks = encoder._forward_pre_hooks
+    for key in [k for k, h in hooks.items() if getattr(h, "__func__", None) is _REMEMBER]:
+        del hooks[key]
+        encoder._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def set_text_pooling(model: nn.Module, pool: str, then: nn.Module | None = None) -> str:
@@ -90,6 +101,7 @@ def set_text_pooling(model: nn.Module, pool: str, then: nn.Module | None = None)
         return where
     pooling = MaskedMeanPool() if pool == "mean" else FirstTokenPool()
     encoder.pooler = pooling if then is None else nn.Sequential(pooling, then)
+    _forget_masks(encoder)
     if isinstance(pooling, MaskedMeanPool):
         encoder.register_forward_pre_hook(pooling.remember_mask, with_kwargs=True)
     return where
