@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -214,8 +215,69 @@ def test_cli_study_with_ray_at_an_unreachable_address_fails_in_one_line(task, tm
     assert not (out / "trials").exists()
 
 
-def test_workers_with_a_budget_that_cannot_be_pickled_fail_before_any_trial(task):
+class _Locked:
+    """A loss holding a lock: no process can receive it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def __call__(self, out, y):
+        return nn.functional.cross_entropy(out, y)
+
+
+def test_workers_with_a_budget_that_cannot_be_sent_fail_before_any_trial(task, monkeypatch):
     source, train, val = task
-    budget = {"epochs": 1, "loss": lambda out, y: nn.functional.cross_entropy(out, y)}
-    with pytest.raises(NetgraftError, match="workers=2 .* cannot be pickled"):
+    ran = []
+    runners = sys.modules["netgraft.study.runners"]
+    monkeypatch.setattr(runners, "ProcessPoolExecutor", lambda *a, **k: ran.append(a))
+    budget = {"epochs": 1, "loss": _Locked()}
+    with pytest.raises(NetgraftError, match="workers=2 .* cannot be serialised.*lock"):
         study(source, train, val, workers=2, **{**STUDY, "budget": budget})
+    assert not ran
+
+
+# A whole user script: the model class, the loss and the data live in __main__, which a
+# spawned worker could not re-import when the script comes from stdin or -c
+_MAIN_SCRIPT = """
+import json, torch
+from torch import nn
+import netgraft
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())
+        self.mid = nn.Sequential(nn.Linear(32, 32), nn.ReLU())
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc(self.mid(self.body(x)))
+
+torch.set_num_threads(1)
+x, y = netgraft.data.load_digits()
+torch.manual_seed(0)
+source = Net()
+budget = {"epochs": 1, "batch_size": 32, "loss": lambda out, t: nn.functional.cross_entropy(out, t)}
+train, val = (x[:120], y[:120] % 5), (x[120:300], y[120:300] % 5)
+args = dict(reuse=[1], modes=("frozen", "fine-tuned"), seeds=1, budget=budget, threads=1,
+            quiet=True, baseline=False)
+serial = netgraft.study(source, train, val, **args)
+pooled = netgraft.study(source, train, val, workers=2, **args)
+print("ROWS", json.dumps([serial.rows, pooled.rows]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("how", ["stdin", "-c"])
+def test_workers_from_stdin_or_c_with_a_main_model_class_give_the_serial_rows(how):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    command = [sys.executable, "-"] if how == "stdin" else [sys.executable, "-c", _MAIN_SCRIPT]
+    done = subprocess.run(
+        command, input=_MAIN_SCRIPT if how == "stdin" else None, env=env, capture_output=True,
+        text=True, timeout=220,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(li for li in done.stdout.splitlines() if li.startswith("ROWS "))
+    serial, pooled = json.loads(line[5:])
+    assert len(serial) == 2 and same(pooled) == same(serial)

@@ -4,8 +4,10 @@ processes, or as Ray tasks.
 Every runner calls :func:`netgraft.study.trials.run_trial` with the same context and hands
 each result to ``on_done`` as it finishes (in the study's process, which records it), so
 the numbers are the same whichever runner is used: a trial is seeded by its own seed and
-runs with the same number of torch threads. Local workers are spawned processes
-(:class:`concurrent.futures.ProcessPoolExecutor`) that receive the context once; Ray tasks
+runs with the same number of torch threads. Local workers are a ``loky`` process pool that
+receives the context once, serialised with ``cloudpickle``: models, datasets and losses
+defined in ``__main__`` (a script read from standard input, ``python -c``, a notebook) are
+sent by value, so workers never re-import the user's script; Ray tasks
 read it from Ray's object store, on the cluster :func:`connect_ray` joins (``address=``,
 ``RAY_ADDRESS``, or a local Ray started for the study). Ray is imported only here, only
 when asked for. This module never decides which trials to run.
@@ -13,16 +15,16 @@ when asked for. This module never decides which trials to run.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import pickle
 import socket
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from typing import Any
 from urllib.parse import urlsplit
 
+import cloudpickle
 import torch
+from loky import ProcessPoolExecutor
 
 from ..errors import NetgraftError
 from .trials import Trial, TrialContext, TrialResult, run_trial, set_threads
@@ -61,31 +63,36 @@ def _serial(ctx: TrialContext, trials: Sequence[Trial], threads: int | None, on_
         torch.set_num_threads(before)
 
 
+def _check_sendable(ctx: TrialContext, workers: int) -> None:
+    """Serialise ``ctx`` as the pool will (cloudpickle), so a context that cannot reach
+    another process fails here, before any trial."""
+    try:
+        cloudpickle.dumps(ctx)
+    except Exception as exc:  # cloudpickle raises PicklingError, TypeError, ...
+        raise NetgraftError(
+            f"workers={workers} sends the models, data and budget to other processes, and "
+            f"they cannot be serialised ({type(exc).__name__}: {exc}); run without workers, "
+            "or keep open files, locks and generators out of the models, data and budget"
+        ) from None
+
+
 def _processes(
     ctx: TrialContext, trials: Sequence[Trial], workers: int, threads: int, on_done: OnDone
 ) -> None:
+    _check_sendable(ctx, workers)
+    # loky spawns fresh interpreters (fork would copy torch's thread pools) and sends the
+    # context with cloudpickle, so nothing depends on re-importing the user's __main__
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(ctx, threads))
+    pending = {pool.submit(_run_in_worker, t): t for t in trials}
     try:
-        pickle.dumps(ctx)  # what each worker receives: fail here, before any trial
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        raise NetgraftError(
-            f"workers={workers} sends the models, data and budget to other processes, and they "
-            f"cannot be pickled ({type(exc).__name__}: {exc}); run without workers, or use "
-            "backend='ray' (cloudpickle)"
-        ) from None
-    spawn = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-    with ProcessPoolExecutor(
-        workers, spawn, initializer=_init_worker, initargs=(ctx, threads)
-    ) as pool:
-        pending = {pool.submit(_run_in_worker, t): t for t in trials}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    on_done(pending.pop(future), future.result())
-        except BaseException:
-            for future in pending:
-                future.cancel()
-            raise
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                on_done(pending.pop(future), future.result())
+    except BaseException:
+        pool.shutdown(wait=False, kill_workers=True)  # a failed or interrupted study stops
+        raise
+    pool.shutdown(wait=True)
 
 
 def _ray_tasks(
@@ -124,7 +131,7 @@ def run_trials(
     threads: int | None = None,
 ) -> None:
     """Run ``trials`` and call ``on_done(trial, result)`` as each finishes: in this process
-    (``workers`` None), in ``workers`` spawned processes, or as tasks on the Ray module
+    (``workers`` None), in a pool of ``workers`` local processes (loky), or as tasks on the Ray module
     ``ray`` (at most ``workers`` at once when given). ``threads`` is torch's CPU threads per
     trial (default: this process's setting when serial, the CPUs shared out among local
     workers, one per Ray task)."""
