@@ -34,7 +34,7 @@ from ..layers import display_name, probe
 from ..recipe import PROBE_ARGUMENTS, Resolved, is_replaying, recorded
 from ..select import Selector, outermost, select_modules
 from .grown import mark_grown
-from .verify import check_growth, probe_input, snapshot
+from .verify import apply_growth, growth_probe
 
 __all__ = ["ACTIVATIONS", "Deepened", "Residual", "deepen"]
 
@@ -280,18 +280,14 @@ def deepen(
     needs_trace = any(t not in known for t in targets) or (
         activation is not None and not replaying and mode != "residual"
     )
-    inputs = None
-    if needs_trace or (verify and not replaying):
-        inputs = probe_input(model, example_input, what="deepen")
-    traced = _trace_outputs(model, targets, inputs) if needs_trace else {}
+    probe = growth_probe(
+        model, example_input, what="deepen", verify=verify, atol=atol, needs_inputs=needs_trace
+    )
+    traced = _trace_outputs(model, targets, probe.inputs) if needs_trace else {}
     # a replayed identity was proven exact when it was recorded; no input to re-prove it
     facts = {t: traced.get(t, (known.get(t), replaying)) for t in targets}
     plan = _plan(model, facts, mode, layer)
-    before = snapshot(model) if verify and not replaying else None
-    undo = _insert(model, plan, layer)
-    if before is not None:
-        delta = check_growth(before, model, inputs, atol=atol, what="deepen", undo=undo)
-        log.info("deepen: verified on the probe batch, max |Δ| = %.3g", delta)
+    apply_growth(model, probe, lambda: _insert(model, plan, layer))
     modes = {t: wanted for t, wanted, _ in plan}
     resolved = {
         "after": targets[0] if len(targets) == 1 else targets,

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from ..errors import NetgraftError, SurgeryError
-from ..recipe import PROBE_ARGUMENTS, is_replaying, recorded
+from ..recipe import PROBE_ARGUMENTS, recorded
 from .grown import mark_grown
-from .verify import check_growth, probe_input, snapshot
+from .verify import apply_growth, growth_probe
 
 __all__ = ["GatedBlock", "expand_blocks"]
 
@@ -172,14 +172,8 @@ def expand_blocks(
     stack_name, stack, config = _find_stack(model)
     depth = len(stack)
     positions = _positions(depth, every, after)
-    replaying = is_replaying()
-    inputs = (
-        probe_input(model, example_input, what="expand_blocks")
-        if verify and not replaying
-        else None
-    )
-    before = snapshot(model) if inputs is not None else None
-    undo = _insert_copies(stack, config, positions, stack_name)
+    probe = growth_probe(model, example_input, what="expand_blocks", verify=verify, atol=atol)
+    apply_growth(model, probe, lambda: _insert_copies(stack, config, positions, stack_name))
     log.info(
         "expand_blocks: %s from %d to %d blocks (copies after %s)",
         stack_name,
@@ -187,9 +181,6 @@ def expand_blocks(
         len(stack),
         positions,
     )
-    if before is not None:
-        delta = check_growth(before, model, inputs, atol=atol, what="expand_blocks", undo=undo)
-        log.info("expand_blocks: verified on the probe batch, max |Δ| = %.3g", delta)
     return model
 
 

@@ -46,9 +46,9 @@ import torch
 from torch import nn
 
 from ..errors import NetgraftError, SurgeryError
-from ..recipe import PROBE_ARGUMENTS, is_replaying, recorded
+from ..recipe import PROBE_ARGUMENTS, recorded
 from .carry import record_growth
-from .verify import check_growth, probe_input, snapshot
+from .verify import apply_growth, growth_probe
 
 __all__ = ["widen_transformer"]
 
@@ -511,14 +511,13 @@ def widen_transformer(
     old = _read_sizes(config, family)
     new = _target_sizes(old, family, hidden_size, intermediate_size, num_heads)
     plan = _plan(model, family, old, new, noise, seed)
-    replaying = is_replaying()
-    inputs = (
-        probe_input(model, example_input, what="widen_transformer")
-        if verify and not replaying
-        else None
+    probe = growth_probe(model, example_input, what="widen_transformer", verify=verify, atol=atol)
+    apply_growth(
+        model,
+        probe,
+        lambda: _apply(model, family, config, plan, new),
+        view=lambda grown: _FirstCopy(grown, old.hidden),
     )
-    before = snapshot(model) if inputs is not None else None
-    undo = _apply(model, family, config, plan, new)
     log.info(
         "widen_transformer: %s hidden %d -> %d, heads %d -> %d (key-value %d -> %d, head_dim "
         "%d kept), MLP %d -> %d%s",
@@ -536,8 +535,4 @@ def widen_transformer(
         if _tied_embedding(model) is not None and new.hidden > old.hidden
         else "",
     )
-    if before is not None:
-        after = _FirstCopy(model, old.hidden)
-        delta = check_growth(before, after, inputs, atol=atol, what="widen_transformer", undo=undo)
-        log.info("widen_transformer: verified on the probe batch, max |Δ| = %.3g", delta)
     return model

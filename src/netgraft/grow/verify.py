@@ -1,25 +1,46 @@
 """Check that a grown model computes what the model before it computed.
 
 :func:`verify_equivalence` runs both models on the same inputs (eval mode, no gradients,
-modes restored) and returns the largest absolute difference between their outputs. Every
-growth operation calls :func:`check_growth` on a probe batch unless told not to, and
-raises :class:`EquivalenceError` with the measured value when the difference is larger
-than the tolerance. Nothing here changes a model's weights.
+modes restored) and returns the largest absolute difference between their outputs.
+
+Every growth operation goes through the same verified-growth steps, written once here:
+:func:`growth_probe` picks the probe batch (none while a recipe replays or with
+``verify=False``), :func:`apply_growth` snapshots the model, runs the operation's change
+(which returns its undo), checks the result with :func:`check_growth` (the change is undone
+and :class:`EquivalenceError` raised with the measured max |Δ| when it exceeds the
+tolerance) and logs what it measured. A growth that is not meant to preserve the function
+(``stack_blocks``) measures and logs the change of the probe loss instead of checking it.
+Nothing here changes a model's weights except through the change it is given.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EquivalenceError, NetgraftError, SurgeryError
 from ..layers import call_model, evaluating
+from ..recipe import is_replaying
 
-__all__ = ["check_growth", "default_atol", "snapshot", "verify_equivalence"]
+__all__ = [
+    "GrowthCheck",
+    "GrowthProbe",
+    "apply_growth",
+    "check_growth",
+    "default_atol",
+    "growth_probe",
+    "snapshot",
+    "verify_equivalence",
+]
+
+log = logging.getLogger(__name__)
 
 # "Exact" in float64; in float32 the rounding of reordered sums (widening splits a weight
 # into copies) stays far below 1e-5 of the output's magnitude.
@@ -171,3 +192,94 @@ def probe_input(model: nn.Module, example_input: Any = None, *, what: str) -> An
         f"{what} needs an example batch to trace and verify {type(model).__name__}, and none "
         f"could be guessed; pass example_input= (a tensor, tuple of arguments or dict)"
     )
+
+
+@dataclass(frozen=True)
+class GrowthProbe:
+    """How one growth operation checks itself: its name (``what``, used in messages), the
+    probe batch (None when nothing is checked) and the tolerance (None: the default)."""
+
+    what: str
+    inputs: Any
+    check: bool
+    atol: float | None = None
+
+
+def growth_probe(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    what: str,
+    verify: bool,
+    atol: float | None = None,
+    needs_inputs: bool = False,
+) -> GrowthProbe:
+    """The probe a growth operation uses: it checks itself when ``verify`` is set and no
+    recipe is replaying (a replay loads the weights afterwards, so a check on the fresh base
+    would be meaningless). The batch is :func:`probe_input`'s, taken also when the operation
+    ``needs_inputs`` to trace the model."""
+    check = verify and not is_replaying()
+    inputs = probe_input(model, example_input, what=what) if check or needs_inputs else None
+    return GrowthProbe(what, inputs, check, atol)
+
+
+@dataclass(frozen=True)
+class GrowthCheck:
+    """What a growth measured on its probe batch: the largest change of the outputs, and,
+    for a language model probed with token ids, the next-token loss before and after."""
+
+    max_delta: float
+    loss_before: float | None = None
+    loss_after: float | None = None
+
+
+def apply_growth(
+    model: nn.Module,
+    probe: GrowthProbe,
+    change: Callable[[], Callable[[], None]],
+    *,
+    view: Callable[[nn.Module], nn.Module] | None = None,
+    exact: bool = True,
+) -> GrowthCheck | None:
+    """Run ``change`` (which grows ``model`` in place and returns what undoes it) as a
+    verified growth: snapshot the model first, then compare the grown model (seen through
+    ``view`` when its outputs must be cut to compare) with the snapshot on the probe batch.
+
+    ``exact``: the change is undone and :class:`EquivalenceError` raised when the outputs
+    differ by more than the tolerance (:func:`check_growth`). Not ``exact``: the change of
+    outputs and of the probe loss is measured and logged, never refused. Returns what was
+    measured, or None when the probe does not check (``verify=False``, a replay)."""
+    before = snapshot(model) if probe.check else None
+    undo = change()
+    if before is None:
+        return None
+    after = view(model) if view is not None else model
+    if exact:
+        delta = check_growth(
+            before, after, probe.inputs, atol=probe.atol, what=probe.what, undo=undo
+        )
+        log.info("%s: verified on the probe batch, max |Δ| = %.3g", probe.what, delta)
+        return GrowthCheck(delta)
+    out_before, out_after = _run(before, probe.inputs), _run(after, probe.inputs)
+    delta = _max_delta(out_before, out_after)[0]
+    result = GrowthCheck(
+        delta, _lm_loss(out_before, probe.inputs), _lm_loss(out_after, probe.inputs)
+    )
+    log.info(
+        "%s: not function-preserving; on the probe batch max |Δ| = %.3g, next-token loss %s -> %s",
+        probe.what,
+        delta,
+        *(f"{v:.4f}" if v is not None else "n/a" for v in (result.loss_before, result.loss_after)),
+    )
+    return result
+
+
+def _lm_loss(outputs: dict[str, torch.Tensor], inputs: Any) -> float | None:
+    """Next-token cross-entropy of ``logits`` on the probe's ``input_ids`` (None when the
+    probe is not a language model's)."""
+    logits = outputs.get("logits")
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+    if logits is None or ids is None or ids.shape[-1] < 2 or logits.dim() != 3:
+        return None
+    pred = logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.float64)
+    return float(F.cross_entropy(pred, ids[:, 1:].reshape(-1).to(pred.device)))

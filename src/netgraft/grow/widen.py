@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,10 +31,10 @@ from torch import nn
 
 from ..errors import NetgraftError, SurgeryError
 from ..layers import layers
-from ..recipe import PROBE_ARGUMENTS, Resolved, is_replaying, recorded
+from ..recipe import PROBE_ARGUMENTS, Resolved, recorded
 from ..select import Selector, resolve_module
 from .carry import record_growth
-from .verify import check_growth, probe_input, snapshot
+from .verify import apply_growth, growth_probe
 
 __all__ = ["widen"]
 
@@ -255,34 +257,46 @@ def widen(
     name, target, n = _widened_layer(model, layer, width)
     if noise < 0:
         raise NetgraftError(f"noise must be >= 0; found {noise}")
-    replaying = is_replaying()
-    inputs = None
-    if verify and not replaying:
-        inputs = probe_input(model, example_input, what="widen")
+    probe = growth_probe(model, example_input, what="widen", verify=verify, atol=atol)
     if next_layer is None:
-        norm, next_layer = _find_consumer(model, name, inputs)
+        norm, next_layer = _find_consumer(model, name, probe.inputs)
     bn, consumer, block = _checked_consumer(model, name, target, n, next_layer, norm)
-    before = snapshot(model) if verify and not replaying else None
-    saved = [(m, _state(m)) for m in (target, bn, consumer) if m is not None]
     generator = torch.Generator().manual_seed(seed)
-    extra = torch.randint(0, n, (width - n,), generator=generator)
-    mapping = torch.cat([torch.arange(n), extra])
+    mapping = torch.cat([torch.arange(n), torch.randint(0, n, (width - n,), generator=generator)])
     fractions = _split_fractions(mapping, n, noise, generator)
-    with torch.no_grad():
-        _widen_outputs(target, mapping, fractions)
-        if bn is not None:
-            _widen_norm(bn, mapping, fractions)
-        _split_inputs(consumer, mapping, fractions, block)
+    units = _Units(mapping, fractions, block)
+    apply_growth(model, probe, lambda: _widen_in_place(target, bn, consumer, units))
     log.info("widen: %r from %d to %d outputs, carried into %r", name, n, width, next_layer)
+    return Resolved(model, {"layer": name, "next_layer": next_layer, "norm": norm})
+
+
+@dataclass(frozen=True)
+class _Units:
+    """The copy map of a widening: the old unit each new unit copies, each copy's share of
+    its unit's outgoing weights, and the consumer's columns per unit."""
+
+    mapping: torch.Tensor
+    fractions: torch.Tensor
+    block: int
+
+
+def _widen_in_place(
+    target: nn.Module, bn: nn.Module | None, consumer: nn.Module, units: _Units
+) -> Callable[[], None]:
+    """Copy ``target``'s units (and ``bn``'s) and divide ``consumer``'s inputs among the
+    copies; return what puts the three modules back as they were."""
+    saved = [(m, _state(m)) for m in (target, bn, consumer) if m is not None]
+    with torch.no_grad():
+        _widen_outputs(target, units.mapping, units.fractions)
+        if bn is not None:
+            _widen_norm(bn, units.mapping, units.fractions)
+        _split_inputs(consumer, units.mapping, units.fractions, units.block)
 
     def undo() -> None:
         for module, state in saved:
             _restore(module, state)
 
-    if before is not None:
-        delta = check_growth(before, model, inputs, atol=atol, what="widen", undo=undo)
-        log.info("widen: verified on the probe batch, max |Δ| = %.3g", delta)
-    return Resolved(model, {"layer": name, "next_layer": next_layer, "norm": norm})
+    return undo
 
 
 def _widened_layer(model: nn.Module, layer: Selector, width: int) -> tuple[str, nn.Module, int]:
