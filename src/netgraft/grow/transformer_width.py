@@ -472,6 +472,26 @@ class _FirstCopy(nn.Module):
         }
 
 
+def _log_widening(family: _Family, old: _Sizes, new: _Sizes, *, tied: bool) -> None:
+    log.info(
+        "widen_transformer: %s hidden %d -> %d, heads %d -> %d (key-value %d -> %d, head_dim "
+        "%d kept), MLP %d -> %d%s",
+        family.name,
+        old.hidden,
+        new.hidden,
+        old.heads,
+        new.heads,
+        old.kv_heads,
+        new.kv_heads,
+        new.head_dim,
+        old.intermediate,
+        new.intermediate,
+        f"; tied output head kept tied, final norm divided by {new.hidden // old.hidden}"
+        if tied and new.hidden > old.hidden
+        else "",
+    )
+
+
 @recorded("widen_transformer", omit=PROBE_ARGUMENTS)
 def widen_transformer(
     model: nn.Module,
@@ -518,21 +538,5 @@ def widen_transformer(
         lambda: _apply(model, family, config, plan, new),
         view=lambda grown: _FirstCopy(grown, old.hidden),
     )
-    log.info(
-        "widen_transformer: %s hidden %d -> %d, heads %d -> %d (key-value %d -> %d, head_dim "
-        "%d kept), MLP %d -> %d%s",
-        family.name,
-        old.hidden,
-        new.hidden,
-        old.heads,
-        new.heads,
-        old.kv_heads,
-        new.kv_heads,
-        new.head_dim,
-        old.intermediate,
-        new.intermediate,
-        f"; tied output head kept tied, final norm divided by {new.hidden // old.hidden}"
-        if _tied_embedding(model) is not None and new.hidden > old.hidden
-        else "",
-    )
+    _log_widening(family, old, new, tied=_tied_embedding(model) is not None)
     return model
