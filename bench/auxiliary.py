@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from netgraft.experiments.auxiliary import corrupt_experiment, pairs_experiment
+from reuse_experiments import corrupt_experiment, pairs_experiment
 
 QUICK = {"per_class": (10,), "seeds": 2, "steps": 50, "pretrain_epochs": 1}
 

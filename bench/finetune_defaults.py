@@ -8,7 +8,7 @@ schedule are fixed. The tasks:
 - ``mobilenet_v2→digits``: torchvision's ImageNet MobileNetV2 (netgraft.data weights) on
   scikit-learn's real digits, upsampled to 3×64×64 (200 training images, 300 held out);
 - ``mnist_cnn→5-9``: the demo's CNN trained on MNIST digits 0–4
-  (:mod:`netgraft.experiments.demo`), new classifier, digits 5–9 from 30 images per class
+  (:mod:`netgraft.demo`), new classifier, digits 5–9 from 30 images per class
   (150), tested on 500 held-out images;
 - ``minilm→party``: the pretrained all-MiniLM-L6-v2 sequence classifier (2 labels) on
   64-word passages of the 2012 convention speeches (netgraft.data), 256 training and 128
@@ -59,7 +59,7 @@ from netgraft.data import (
     minilm_path,
     mobilenet_v2_weights_path,
 )
-from netgraft.experiments.demo import DemoConfig, _reused, _train_source, split_digits
+from netgraft.demo import DemoConfig, _reused, _train_source, split_digits
 from netgraft.train.finetune import with_batch_norms
 
 RESULTS = Path(__file__).parent / "results"

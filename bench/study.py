@@ -37,7 +37,7 @@ from torch import nn
 
 import netgraft
 from netgraft.data import load_digits, load_mnist5k, mobilenet_v2_weights_path
-from netgraft.experiments.demo import demo_model, split_digits
+from netgraft.demo import demo_model, split_digits
 
 RESULTS = Path(__file__).parent / "results"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

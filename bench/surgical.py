@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 import torch
+from reuse_experiments import SHIFTS, shift_experiment
 
 from netgraft.atomic import atomic_write
-from netgraft.experiments.auxiliary import SHIFTS, shift_experiment
 
 BLOCKS = ("conv1", "conv2", "dense", "head")
 

@@ -10,8 +10,8 @@ from torch import nn
 
 import netgraft
 from netgraft import DataError, NetgraftError, pretrain_auxiliary
-from netgraft.auxiliary import make_pairs, patch_shuffle, replace_word
-from netgraft.experiments.auxiliary import _vocabulary, digits_cnn, text_cnn, tokenize
+from netgraft.models import digits_cnn, text_cnn, tokenize, vocabulary
+from netgraft.pretrain.auxiliary import make_pairs, patch_shuffle, replace_word
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,7 +21,7 @@ def passages():
     from netgraft.data import load_political_passages
 
     p = load_political_passages(words=32)
-    vocab = _vocabulary(p.texts)
+    vocab = vocabulary(p.texts)
     return tokenize(p.texts, vocab, 32), p.labels, len(vocab) + 2
 
 

@@ -8,11 +8,12 @@ import json
 
 import pytest
 import torch
+from reuse_experiments import shift_experiment
 from torch import nn
 
 import netgraft
 from netgraft import AutoRGN, NetgraftError, suggest
-from netgraft.experiments.auxiliary import digits_cnn, shift_experiment
+from netgraft.models import digits_cnn
 
 BLOCKS = ["conv1", "conv2", "dense", "head"]
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from netgraft.experiments.demo import METHODS, demo_model, split_digits
+from netgraft.demo import METHODS, demo_model, split_digits
 
 
 @pytest.mark.slow

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from netgraft.demo import QUICK, DemoResult
 from netgraft.errors import DataError, NetgraftError
-from netgraft.experiments.demo import QUICK, DemoResult
-from netgraft.experiments.results import rows_csv, seeded_row
+from netgraft.results import rows_csv, seeded_row
 from netgraft.study import StudyResult
 from netgraft.workflows import (
     evaluate_folder,

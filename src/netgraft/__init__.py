@@ -5,7 +5,6 @@ The public API, re-exported from the modules that own each idea.
 
 import importlib.metadata
 
-from .auxiliary import AuxiliaryResult, pretrain_auxiliary
 from .cache import FeatureCache
 from .choose import AutoRGN, Suggestion, suggest
 from .cut import cut
@@ -34,10 +33,10 @@ from .grow import (
 from .heads import attach, find_head, find_heads, replace_head, truncate
 from .layers import Block, Layer, LayerTable, blocks, layers, summary
 from .optim import param_groups
-from .pretrain import pretrain_layerwise
+from .pretrain import AuxiliaryResult, pretrain_auxiliary, pretrain_layerwise
 from .recipe import get_recipe
 from .reinit import reinit
-from .saved import save
+from .saved import load, save
 from .select import select
 from .study import StudyResult, study
 from .train import (
@@ -51,7 +50,6 @@ from .train import (
 )
 from .transfer import TransferReport, transfer
 from .zoo import load_model, load_weights
-from .zoo import load_saved as load
 
 __version__ = importlib.metadata.version("netgraft")
 

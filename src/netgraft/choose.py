@@ -41,8 +41,8 @@ from torch.utils.data import DataLoader
 
 from .data import to_device
 from .errors import NetgraftError
-from .experiments.results import results_table, write_png, write_results
 from .optim import block_of_parameters
+from .results import results_table, write_png, write_results
 from .train.batches import loss_fn, make_loader, predictions, resolve_device, split_batch, to_data
 from .train.callbacks import Callback
 from .train.engine import EpochSampler

@@ -22,8 +22,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from .demo import run_demo
 from .errors import NetgraftError
-from .experiments.demo import run_demo
 from .workflows import (
     evaluate_folder,
     finetune_folder,

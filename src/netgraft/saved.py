@@ -2,10 +2,10 @@
 
 :func:`save` writes a model's weights and its recipe (base-model spec, surgery operations,
 netgraft and torch versions) into a folder atomically: the folder appears complete or not
-at all. :func:`read_saved` and :func:`load_saved_weights` read a folder back; rebuilding
-the model from it (base model, then the replayed recipe, then the weights) is what
-:func:`netgraft.load` / :func:`netgraft.load_model` do with a folder spec, in
-:mod:`netgraft.zoo`. Nothing here builds a model or ever unpickles.
+at all. :func:`load` rebuilds the model from a folder: its base model (built by
+:func:`netgraft.load_model` from the recorded spec), then the replayed recipe, then the
+weights, loaded strictly; :func:`read_saved` and :func:`load_saved_weights` are its steps.
+Nothing here ever unpickles.
 
 Example::
 
@@ -27,15 +27,18 @@ import torch
 import yaml
 from torch import nn
 
+from . import marks
 from .atomic import atomic_folder
 from .errors import RecipeError, WeightsError, key_mismatch
-from .recipe import Recipe, get_recipe
+from .recipe import Recipe, get_recipe, replay
+from .zoo import load_model, use_folder_loader
 
 __all__ = [
     "FORMAT_VERSION",
     "RECIPE_FILE",
     "WEIGHTS_FILE",
     "is_saved_folder",
+    "load",
     "load_saved_weights",
     "read_recipe",
     "read_saved",
@@ -144,3 +147,19 @@ def load_saved_weights(model: nn.Module, weights: Path) -> nn.Module:
             + key_mismatch(sorted(missing), sorted(unexpected))
         )
     return model
+
+
+def load(folder: str | Path) -> nn.Module:
+    """Rebuild a model written by :func:`save`: build the base with
+    :func:`netgraft.load_model`, replay the recorded operations, then load the weights
+    strictly. No pickle is involved."""
+    recipe, weights = read_saved(folder)
+    base = dict(recipe.base or {})
+    spec = base.pop("spec")
+    model = replay(load_model(spec, **base), recipe.operations)
+    load_saved_weights(model, weights)
+    marks.RECIPE.set(model, recipe)
+    return model
+
+
+use_folder_loader(load)

@@ -35,7 +35,6 @@ from rich.table import Table
 from torch import nn
 
 from .atomic import atomic_write
-from .auxiliary import pretrain_auxiliary
 from .data import (
     image_folder,
     image_transform,
@@ -50,13 +49,14 @@ from .grow import expand_blocks
 from .grow import widen as widen_op
 from .heads import replace_head
 from .layers import Block, LayerTable, blocks, layers
-from .pretrain import pretrain_layerwise
+from .pretrain import pretrain_auxiliary, pretrain_layerwise
 from .recipe import get_recipe
+from .saved import load as load_saved
 from .saved import save
 from .study import MODES, StudyResult, study
 from .train import History, evaluate, fine_tune, predict
 from .transfer import TransferReport, transfer
-from .zoo import input_for, load_model, load_saved
+from .zoo import input_for, load_model
 
 __all__ = [
     "FinetuneResult",

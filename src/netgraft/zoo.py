@@ -4,8 +4,9 @@
 :func:`load_model` builds the architecture, optionally loads weights from a local
 file (never executing code from it unless ``trust_pickle=True``) and records the
 spec as the model's recipe base, so surgery on it can be saved and replayed. A saved
-folder (:mod:`netgraft.saved`) is rebuilt by :func:`load_saved`: its base model, then its
-recipe replayed, then its weights loaded strictly.
+folder is rebuilt by :func:`netgraft.saved.load` (its base model built here, then its recipe
+replayed, then its weights loaded strictly); :mod:`netgraft.saved` sits above this module and
+registers that loader, so a folder spec given to :func:`load_model` reaches it.
 Nothing here downloads anything unless ``pretrained=True`` asks the source
 library to; offline that fails with one clear error.
 """
@@ -14,19 +15,28 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import marks
 from .errors import NetgraftError, SpecError, WeightsError, closest, key_mismatch
-from .recipe import replay, set_base
-from .saved import load_saved_weights, read_saved
+from .recipe import set_base
 from .transfer.formats.torch_files import load_state_dict_file
 
-__all__ = ["HF_TASKS", "input_for", "load_model", "load_saved", "load_weights", "parse_spec"]
+__all__ = ["HF_TASKS", "input_for", "load_model", "load_weights", "parse_spec", "use_folder_loader"]
+
+# The loader of saved netgraft folders (netgraft.saved.load). saved.py builds its base model
+# with load_model, so it registers itself here instead of being imported (no import cycle).
+_FOLDER_LOADERS: list[Callable[[str | Path], nn.Module]] = []
+
+
+def use_folder_loader(loader: Callable[[str | Path], nn.Module]) -> None:
+    """Make ``loader`` the function that :func:`load_model` calls with a saved folder spec."""
+    _FOLDER_LOADERS[:] = [loader]
+
 
 HF_TASKS = {
     "feature-extraction": "AutoModel",
@@ -226,7 +236,9 @@ def load_model(
     """
     kind, rest = parse_spec(spec)
     if kind == "folder":
-        model = load_saved(rest)
+        if not _FOLDER_LOADERS:
+            raise SpecError(f"{rest!r} is a saved folder; load it with netgraft.load")
+        model = _FOLDER_LOADERS[0](rest)
         if weights is not None:
             load_weights(model, weights, trust_pickle=trust_pickle)
         return model
@@ -251,19 +263,6 @@ def load_model(
     set_base(model, base_spec, **base)
     if weights is not None:
         load_weights(model, weights, trust_pickle=trust_pickle)
-    return model
-
-
-def load_saved(folder: str | Path) -> nn.Module:
-    """Rebuild a model written by :func:`netgraft.save`: build the base with
-    :func:`load_model`, replay the recorded operations, then load the weights strictly.
-    No pickle is involved."""
-    recipe, weights = read_saved(folder)
-    base = dict(recipe.base or {})
-    spec = base.pop("spec")
-    model = replay(load_model(spec, **base), recipe.operations)
-    load_saved_weights(model, weights)
-    marks.RECIPE.set(model, recipe)
     return model
 
 

@@ -1,7 +1,6 @@
-"""Seeded experiments built on netgraft: the demo (:mod:`netgraft.experiments.demo`, what
-``netgraft demo`` and ``make demo`` run) and the results helper it shares with
-:func:`netgraft.study` (:mod:`netgraft.experiments.results`).
+"""Deprecated home of the demo, the results helpers and the small reference models.
 
-Importing this package imports none of its modules, so the core library can use the results
-helper without loading the demo. Nothing here is part of ``netgraft.__all__``.
+They moved: :mod:`netgraft.demo`, :mod:`netgraft.results`, :mod:`netgraft.models`; the
+auxiliary and surgical experiments are benchmark code under ``bench/``. The old module paths
+still import (with a FutureWarning) so code written against them keeps running.
 """

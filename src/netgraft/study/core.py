@@ -31,9 +31,9 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from ..errors import NetgraftError
-from ..experiments.results import seeded_row
 from ..heads import find_head
 from ..layers import blocks, head_block_index, layers
+from ..results import seeded_row
 from .result import StudyResult, recommend
 from .resume import TrialStore, study_key
 from .runners import connect_ray, run_trials

@@ -18,7 +18,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ..experiments.results import errorbars, mean_std, results_table, rows_csv, write_results
+from ..results import errorbars, mean_std, results_table, rows_csv, write_results
 from .trials import STUDY_MODES
 
 __all__ = ["StudyResult", "recommend"]

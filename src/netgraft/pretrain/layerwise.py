@@ -27,10 +27,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import NetgraftError
-from .heads import find_head
-from .layers import ordered_layer_modules, trace_order
-from .select import Selector, select
+from ..errors import NetgraftError
+from ..heads import find_head
+from ..layers import ordered_layer_modules, trace_order
+from ..select import Selector, select
+from .inputs import gather_inputs
 
 __all__ = ["pretrain_layerwise"]
 
@@ -53,30 +54,6 @@ _ACTIVATION_MODULES = {
 
 class _Reached(Exception):
     """Raised by a forward pre-hook to stop the model once the layer's input is known."""
-
-
-def _inputs(unlabeled: Any) -> torch.Tensor:
-    """The input tensor of ``unlabeled``: a tensor, ``(x, y)`` (labels ignored) or a dataset
-    of ``x`` or ``(x, y)`` items."""
-    if isinstance(unlabeled, torch.Tensor):
-        return unlabeled
-    if (
-        isinstance(unlabeled, (tuple, list))
-        and len(unlabeled) == 2
-        and hasattr(unlabeled[0], "shape")
-    ):
-        return torch.as_tensor(unlabeled[0])
-    try:
-        items = [unlabeled[i] for i in range(len(unlabeled))]
-    except TypeError as exc:
-        raise NetgraftError(
-            f"unlabeled must be a tensor, (x, y) or a dataset; found {type(unlabeled).__name__}"
-        ) from exc
-    if not items:
-        raise NetgraftError("unlabeled holds no examples; layer-wise pretraining needs inputs")
-    return torch.stack(
-        [torch.as_tensor(it[0] if isinstance(it, (tuple, list)) else it) for it in items]
-    )
 
 
 def _layer_input(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -187,9 +164,7 @@ def pretrain_layerwise(
         raise NetgraftError(
             f"activation must be one of {', '.join(_ACTIVATIONS)}; found {activation!r}"
         )
-    x = _inputs(unlabeled)
-    if len(x) == 0:
-        raise NetgraftError("unlabeled holds no examples; layer-wise pretraining needs inputs")
+    x, _ = gather_inputs(unlabeled, second=None)
     modules = dict(model.named_modules())
     if layers is None:
         names = _default_layers(model)

@@ -45,11 +45,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from .errors import DataError, NetgraftError, SelectionError, closest
-from .heads import find_head
-from .layers import evaluating
-from .train import History, fit
-from .train.batches import predictions
+from ..errors import DataError, NetgraftError, SelectionError, closest
+from ..heads import find_head
+from ..layers import evaluating
+from ..train import History, fit
+from ..train.batches import predictions
+from .inputs import gather_inputs
 
 __all__ = [
     "AUX_HEADS",
@@ -287,35 +288,6 @@ class AuxiliaryResult:
         )
 
 
-def _examples(data: Any, task: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inputs (and groups, for pairs) of ``data``: ``(x, groups)``, a tensor (``corrupt``
-    only) or a dataset of ``(x, group)`` / ``x`` items, gathered into tensors."""
-    if isinstance(data, torch.Tensor):
-        if task == "pairs":
-            raise DataError("pairs need (inputs, groups); found inputs without groups")
-        return data, None
-    if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "shape"):
-        x, g = torch.as_tensor(data[0]), torch.as_tensor(data[1])
-        if len(x) != len(g):
-            raise DataError(f"found {len(x)} inputs but {len(g)} groups; they must match")
-        return x, g
-    try:
-        items = [data[k] for k in range(len(data))]
-    except TypeError as exc:
-        raise DataError(
-            f"data must be (inputs, groups) tensors, a tensor or a dataset; found "
-            f"{type(data).__name__}"
-        ) from exc
-    if not items:
-        raise DataError("the data holds no examples; auxiliary pretraining needs some")
-    paired = isinstance(items[0], (tuple, list))
-    if task == "pairs" and not paired:
-        raise DataError("pairs need (input, group) items; found inputs without groups")
-    x = torch.stack([torch.as_tensor(it[0] if paired else it) for it in items])
-    g = torch.as_tensor([int(it[1]) for it in items]) if paired else None
-    return x, g
-
-
 def _default_corruption(x: torch.Tensor, body: nn.Module) -> Corruption:
     if x.is_floating_point() and x.ndim == 4:
         return patch_shuffle(2)
@@ -462,7 +434,7 @@ def _val_data(
     if val is None:
         return None
     try:
-        vx, vg = _examples(val, options["task"])
+        vx, vg = gather_inputs(val, second="groups", second_required=options["task"] == "pairs")
         return _task_data(vx, vg, corrupt=corrupt, seed=seed, **options)
     except DataError as exc:
         raise DataError(f"the validation data: {exc}") from exc
@@ -527,7 +499,7 @@ def pretrain_auxiliary(
     """
     aux_head = _check_choices(task, aux_head, copies, epochs)
     head = _head_name(model, head)
-    x, groups = _examples(data, task)
+    x, groups = gather_inputs(data, second="groups", second_required=task == "pairs")
     modes = {m: m.training for m in model.modules()}
     with _headless(model, head) as body:
         corrupt = corruption or (_default_corruption(x, body) if task == "corrupt" else None)
