@@ -100,8 +100,17 @@ def minilm_run(minilm_dir, passages, tmp_path_factory):
 @pytest.mark.slow
 def test_minilm_blocks_become_trainable_at_their_scheduled_epochs(minilm_run):
     _, record = minilm_run
-    blocks = {e: {n.split(".")[0] for n in names} for e, names in record.trainable.items()}
-    assert blocks == {0: {"classifier"}, 1: {"bert", "classifier"}, 2: {"bert", "classifier"}}
+    blocks = {
+        e: {".".join(n.split(".")[:2]) for n in names} for e, names in record.trainable.items()
+    }
+    # one block per epoch from the top of the encoder: the pooler, then its last layer
+    assert blocks == {
+        0: {"classifier.weight", "classifier.bias"},
+        1: {"bert.pooler", "classifier.weight", "classifier.bias"},
+        2: {"bert.pooler", "bert.encoder", "classifier.weight", "classifier.bias"},
+    }
+    layers = {n.split(".")[3] for n in record.trainable[2] if n.startswith("bert.encoder.")}
+    assert layers == {"5"}
 
 
 @pytest.mark.slow
@@ -114,26 +123,36 @@ def test_minilm_frozen_tensors_stay_bit_identical_and_unfrozen_ones_train(minilm
     assert not torch.equal(
         head_epoch_end["classifier.weight"], head_epoch_start["classifier.weight"]
     )
-    name = "bert.encoder.layer.5.attention.self.query.weight"
+    name = "bert.pooler.dense.weight"
     assert not torch.equal(record.start[2][name], head_epoch_end[name])  # trained once unfrozen
+    frozen = "bert.encoder.layer.4.attention.self.query.weight"
+    assert torch.equal(record.end[frozen], head_epoch_start[frozen])  # never unfrozen
 
 
 @pytest.mark.slow
 def test_minilm_block_rates_appear_in_the_log_history(minilm_run):
     trainer, _ = minilm_run
     logged = [row for row in trainer.state.log_history if "loss" in row]
-    assert len(logged) == trainer.state.global_step and all("lr/bert" in row for row in logged)
+    assert len(logged) == trainer.state.global_step
+    assert all("lr/bert.embeddings" in row and "lr/bert.pooler" in row for row in logged)
     head_stage = [row for row in logged if row["epoch"] <= 1]
     unfrozen = [row for row in logged if row["epoch"] > 1]
     assert head_stage and unfrozen
-    assert all(row["lr/bert"] == 0.0 and row["lr/classifier"] > 0 for row in head_stage)
-    # the encoder's rate is the classifier's / lr_mult, both scaled by the Trainer's schedule
+    assert all(row["lr/bert.pooler"] == 0.0 and row["lr/classifier"] > 0 for row in head_stage)
+    # rates fall geometrically over the 9 blocks, from the classifier's to its / lr_mult at the
+    # embeddings (still frozen, at 0), both scaled by the Trainer's schedule
     for row in unfrozen:
-        assert row["lr/bert"] * default_lr_mult() == pytest.approx(row["lr/classifier"], rel=1e-9)
-    assert max(row["lr/bert"] for row in unfrozen) > 0
+        assert row["lr/bert.pooler"] * default_lr_mult() ** (1 / 8) == pytest.approx(
+            row["lr/classifier"], rel=1e-9
+        )
+        assert row["lr/bert.embeddings"] == 0.0
+    assert max(row["lr/bert.pooler"] for row in unfrozen) > 0
     names = [g["name"] for g in trainer.optimizer.param_groups]
-    assert names == ["bert", "bert (no decay)", "classifier", "classifier (no decay)"] or names == [
-        "bert",
+    blocks = [n for n in names if not n.endswith(" (no decay)")]
+    assert blocks == [
+        "bert.embeddings",
+        *[f"bert.encoder.layer.{i}" for i in range(6)],
+        "bert.pooler",
         "classifier",
     ]
 

@@ -469,6 +469,58 @@ def _wrapper_siblings(name: str, wrapper: nn.Module, inner_path: str):
     return before, after
 
 
+def _backbone(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The one child of a task wrapper that holds its backbone, or None.
+
+    A wrapper's children are one backbone plus at most two heads (Hugging Face
+    ``BertForSequenceClassification`` -> ``bert``, ``classifier``; netgraft's
+    :class:`~netgraft.heads.Stacked` -> ``base``, ``top``; a user's module around a timm
+    model). The backbone holds more than half of the parameters (tied head weights count
+    once), is a container, and has at least three blocks of its own.
+    """
+    kids = [(n, m) for n, m in model.named_children() if _has_tensors(m)]
+    if len(kids) < 2 or len(kids) > 3 or _owns_tensors(model):
+        return None
+    name, kid = max(kids, key=lambda k: _n_params(k[1]))
+    total = _n_params(model)
+    if not total or _n_params(kid) <= 0.5 * total:
+        return None
+    if not any(_has_tensors(c) for c in kid.children()) or len(blocks(kid)) < 3:
+        return None
+    return name, kid
+
+
+def _prefixed(block: Block, prefix: str, index: int) -> Block:
+    return Block(
+        index=index,
+        name=_join(prefix, block.name) if block.name != "stem" else _join(prefix, "stem"),
+        modules=[_join(prefix, n) for n in block.modules],
+        params=block.params,
+        owners=[_join(prefix, n) for n in block.owners],
+    )
+
+
+def _wrapper_blocks(model: nn.Module, name: str, backbone: nn.Module) -> list[Block]:
+    """Blocks of a task wrapper: its other children with tensors as their own blocks around
+    the backbone's blocks (prefixed with the backbone's name); children without tensors
+    (dropout) join the block before them."""
+    result: list[Block] = []
+    for n, m in model.named_children():
+        if n == name:
+            result += [_prefixed(b, name, len(result) + i) for i, b in enumerate(blocks(m))]
+        elif _has_tensors(m) or not result:
+            result.append(Block(len(result), n, [n], _unique_params(m, backbone)))
+        else:
+            result[-1].modules.append(n)
+    return result
+
+
+def _unique_params(module: nn.Module, backbone: nn.Module) -> int:
+    """Parameters of ``module`` not shared with ``backbone`` (a tied LM head counts 0)."""
+    shared = {id(p) for p in backbone.parameters()}
+    return sum(p.numel() for p in module.parameters() if id(p) not in shared)
+
+
 def blocks(model: nn.Module) -> list[Block]:
     """The coarse units of ``model`` in order: the children of its main stack, with the
     modules before and after it.
@@ -476,8 +528,18 @@ def blocks(model: nn.Module) -> list[Block]:
     For an ``nn.Sequential`` these are its children; for a ResNet ``stem`` (the leading
     layers grouped), ``layer1`` ... ``layer4`` and ``fc``. Units without parameters (ReLU,
     pooling) are merged into the block before them. Every block has parameters.
+
+    Task wrappers are seen through: a model whose children are one backbone plus heads
+    (a Hugging Face ``*ForSequenceClassification``, ``*ForCausalLM``,
+    ``*ForImageClassification``, the model :func:`~netgraft.attach` returns, a timm model
+    inside a user's module) has the backbone's blocks, then the heads. MiniLM loaded as a
+    sequence classifier gives ``bert.embeddings``, ``bert.encoder.layer.0`` ... ``5``,
+    ``bert.pooler``, ``classifier``.
     """
     units, stack_start = _units(model)
+    inner = _backbone(model) if stack_start is None else None
+    if inner is not None:
+        return _wrapper_blocks(model, *inner)
     # leading individual layers before the main stack (or the first container) form the stem
     first_container = stack_start
     if first_container is None:
