@@ -260,7 +260,9 @@ def study_cmd(
     reuse: str | None = typer.Option(
         None, "--reuse", help="counts of units to reuse, e.g. 1,2,3 (default: all before the head)"
     ),
-    modes: str = typer.Option("frozen,fine-tuned", "--modes", help="frozen, fine-tuned and/or surgical (tune only unit k)"),
+    modes: str = typer.Option(
+        "frozen,fine-tuned", "--modes", help="frozen, fine-tuned and/or surgical (tune only unit k)"
+    ),
     unit: str = typer.Option("block", "--unit", help="count blocks or layers"),
     control: str | None = typer.Option(
         None, "--control", help="a model trained on the target task, reused the same way"

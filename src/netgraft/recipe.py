@@ -69,6 +69,7 @@ OPERATIONS: dict[str, str] = {
     "widen": "netgraft.grow.widen:widen",
     "expand_blocks": "netgraft.grow.expand:expand_blocks",
     "widen_transformer": "netgraft.grow.transformer_width:widen_transformer",
+    "stack_blocks": "netgraft.grow.stack:stack_blocks",
 }
 
 # Arguments of growth operations that only check the result (a probe batch, a tolerance):

@@ -4,11 +4,12 @@
 - :func:`widen` widens a Linear or Conv2d (Net2WiderNet);
 - :func:`expand_blocks` copies transformer blocks (Hugging Face GPT-2, Llama-style, BERT);
 - :func:`widen_transformer` grows their hidden size, heads and MLP width;
+- :func:`stack_blocks` repeats their whole stack (G_stack; not function-preserving);
 - :func:`verify_equivalence` measures how much two models' outputs differ;
 - :func:`grown_modules` lists what growth added, for ``train_only``;
 - :class:`Grow` grows a model during :func:`netgraft.fit`, carrying the optimizer's state.
 
-Every growth operation verifies itself on a probe batch by default and records itself in
+Every function-preserving growth operation verifies itself on a probe batch by default and records itself in
 the model's recipe.
 """
 
@@ -16,6 +17,7 @@ from .deepen import Deepened, Residual, deepen
 from .during import Grow, grow_with_optimizer
 from .expand import GatedBlock, expand_blocks
 from .grown import grown_modules
+from .stack import stack_blocks
 from .transformer_width import widen_transformer
 from .verify import verify_equivalence
 from .widen import widen
@@ -29,6 +31,7 @@ __all__ = [
     "expand_blocks",
     "grow_with_optimizer",
     "grown_modules",
+    "stack_blocks",
     "verify_equivalence",
     "widen",
     "widen_transformer",

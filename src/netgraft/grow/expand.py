@@ -1,7 +1,7 @@
 """Add transformer blocks to a trained stack without changing what it computes.
 
 :func:`expand_blocks` copies blocks of a Hugging Face GPT-2, Llama-style (Llama, Mistral,
-Qwen2, ...) or BERT-style encoder and inserts each copy right after its original (block
+Qwen2/3, Gemma) decoder or BERT-style encoder and inserts each copy right after its original (block
 expansion, as in LLaMA Pro):
 
 - pre-norm blocks (``x + attn(norm(x))``, ``x + mlp(norm(x))``): the copy's attention-output
@@ -12,17 +12,20 @@ expansion, as in LLaMA Pro):
   ``y = x + g·(block(x) − x)`` with ``g = 0`` (state-dict names ``...layer.N.block.*`` and
   ``...layer.N.gate``).
 
+The families it knows are those of :data:`netgraft.grow.blocks.LAYOUTS`: GPT-2, Llama
+(SmolLM2 is one), Mistral, Qwen2, Qwen3, Gemma 1/2/3 (whose extra norms after attention and
+MLP turn a zero output into zero, so the copy still adds nothing), BERT-style encoders.
 Blocks are renumbered (every ``layer_idx`` attribute inside them) and the config's
-``num_hidden_layers`` (and ``layer_types``) updated, so a key-value cache built from the
-config has one slot per block and ``generate`` still works. Other stacks are refused with
-:class:`SurgeryError`; this module never approximates.
+``num_hidden_layers`` and ``layer_types`` (sliding-window or full attention, per block; a
+copy keeps its original's) updated, so a key-value cache built from the config has one slot
+of the right kind per block and cached ``generate`` gives the same tokens. Other models are
+refused with :class:`SurgeryError` before anything changes; this module never approximates.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +34,7 @@ from torch import nn
 
 from ..errors import NetgraftError, SurgeryError
 from ..recipe import PROBE_ARGUMENTS, recorded
+from .blocks import Stack, find_stack, restack
 from .grown import mark_grown
 from .verify import apply_growth, growth_probe
 
@@ -66,27 +70,6 @@ class GatedBlock(nn.Module):
         return (mixed, *out[1:]) if isinstance(out, tuple) else mixed
 
 
-def _find_stack(model: nn.Module) -> tuple[str, nn.ModuleList, Any]:
-    config = getattr(model, "config", None)
-    depth = getattr(config, "num_hidden_layers", None)
-    if config is None or not isinstance(depth, int):
-        raise SurgeryError(
-            f"expand_blocks works on Hugging Face transformers (GPT-2, Llama-style, BERT); "
-            f"{type(model).__name__} has no config with num_hidden_layers"
-        )
-    stacks = [
-        (n, m)
-        for n, m in model.named_modules()
-        if isinstance(m, nn.ModuleList) and len(m) == depth and depth > 0
-    ]
-    if len(stacks) != 1:
-        raise SurgeryError(
-            f"expand_blocks needs exactly one stack of {depth} blocks in "
-            f"{type(model).__name__}; found {len(stacks)} ({', '.join(n for n, _ in stacks)})"
-        )
-    return stacks[0][0], stacks[0][1], config
-
-
 def _inner(block: nn.Module) -> nn.Module:
     return block.block if isinstance(block, GatedBlock) else block
 
@@ -99,27 +82,35 @@ def _has(module: nn.Module, dotted: str) -> bool:
         return False
 
 
-def _grow_copy(block: nn.Module, stack_name: str) -> nn.Module:
+def _zeroed(source: nn.Module, stack: Stack) -> tuple[str, ...] | None:
+    """The output projections to zero in a copy of the pre-norm block ``source`` (None for
+    a post-norm block, gated instead); :class:`SurgeryError` when the block lacks the
+    modules of its family's layout."""
+    for projections, norms in _PRE_NORM if stack.layout == "pre-norm" else ():
+        if all(_has(source, n) for n in norms) and _has(source, projections[0]):
+            return tuple(name for name in projections if _has(source, name))
+    if stack.layout == "post-norm" and all(_has(source, n) for n in _POST_NORM):
+        return None
+    raise SurgeryError(
+        f"expand_blocks knows pre-norm GPT-2/Llama-style blocks (zeroed output projections) "
+        f"and post-norm BERT-style blocks (gated); the blocks of {stack.name!r} are "
+        f"{type(source).__name__}, which lacks the modules of the {stack.layout} layout"
+    )
+
+
+def _grow_copy(block: nn.Module, stack: Stack) -> nn.Module:
     """A copy of ``block`` that adds nothing to its input: zeroed output projections for a
     pre-norm block, a closed gate for a post-norm one."""
     source = _inner(block)
-    for projections, norms in _PRE_NORM:
-        if all(_has(source, n) for n in norms) and _has(source, projections[0]):
-            twin = copy.deepcopy(source)
-            with torch.no_grad():
-                for name in projections:
-                    if _has(twin, name):
-                        proj = twin.get_submodule(name)
-                        for p in proj.parameters(recurse=False):
-                            p.zero_()
-            return mark_grown(twin)
-    if all(_has(source, n) for n in _POST_NORM):
+    projections = _zeroed(source, stack)
+    if projections is None:
         return mark_grown(GatedBlock(copy.deepcopy(source)))
-    raise SurgeryError(
-        f"expand_blocks knows pre-norm GPT-2/Llama-style blocks (zeroed output projections) "
-        f"and post-norm BERT-style blocks (gated); the blocks of {stack_name!r} are "
-        f"{type(source).__name__}, neither"
-    )
+    twin = copy.deepcopy(source)
+    with torch.no_grad():
+        for name in projections:
+            for p in twin.get_submodule(name).parameters(recurse=False):
+                p.zero_()
+    return mark_grown(twin)
 
 
 def _positions(depth: int, every: int | None, after: int | list[int] | None) -> list[int]:
@@ -142,13 +133,6 @@ def _positions(depth: int, every: int | None, after: int | list[int] | None) -> 
     return sorted(set(out))
 
 
-def _renumber(stack: nn.ModuleList) -> None:
-    for j, block in enumerate(stack):
-        for sub in block.modules():
-            if isinstance(getattr(sub, "layer_idx", None), int):
-                sub.layer_idx = j
-
-
 @recorded("expand_blocks", omit=PROBE_ARGUMENTS)
 def expand_blocks(
     model: nn.Module,
@@ -169,53 +153,30 @@ def expand_blocks(
     listed by :func:`netgraft.grown_modules`. Verification works as in :func:`netgraft.deepen`
     (random token ids when no ``example_input`` is given).
     """
-    stack_name, stack, config = _find_stack(model)
-    depth = len(stack)
+    stack = find_stack(model, what="expand_blocks")
+    depth = len(stack.blocks)
     positions = _positions(depth, every, after)
+    for i in positions:
+        _zeroed(_inner(stack.blocks[i]), stack)  # refuse before anything changes
     probe = growth_probe(model, example_input, what="expand_blocks", verify=verify, atol=atol)
-    apply_growth(model, probe, lambda: _insert_copies(stack, config, positions, stack_name))
+    apply_growth(model, probe, lambda: _insert_copies(stack, positions))
     log.info(
         "expand_blocks: %s from %d to %d blocks (copies after %s)",
-        stack_name,
+        stack.name,
         depth,
-        len(stack),
+        len(stack.blocks),
         positions,
     )
     return model
 
 
-def _insert_copies(
-    stack: nn.ModuleList, config: Any, positions: list[int], stack_name: str
-) -> Callable[[], None]:
-    """Put a growing copy after each block at ``positions``, renumber the blocks and update
-    the config; return what puts the stack and config back as they were."""
-    depth = len(stack)
-    old_modules = OrderedDict(stack._modules)
-    old_idx = {
-        sub: sub.layer_idx
-        for sub in stack.modules()
-        if isinstance(getattr(sub, "layer_idx", None), int)
-    }
-    old_types = getattr(config, "layer_types", None)
-    grown: list[nn.Module] = []
-    types: list[Any] = []
-    for i, block in enumerate(old_modules.values()):
-        copies = [block, _grow_copy(block, stack_name)] if i in positions else [block]
-        grown.extend(copies)
-        if old_types is not None:
-            types.extend([old_types[i]] * len(copies))
-    stack._modules = OrderedDict((str(j), m) for j, m in enumerate(grown))
-    _renumber(stack)
-    config.num_hidden_layers = len(grown)
-    if isinstance(old_types, list) and len(old_types) == depth:
-        config.layer_types = types
-
-    def undo() -> None:
-        stack._modules = old_modules
-        for sub, idx in old_idx.items():
-            sub.layer_idx = idx
-        config.num_hidden_layers = depth
-        if isinstance(old_types, list):
-            config.layer_types = old_types
-
-    return undo
+def _insert_copies(stack: Stack, positions: list[int]) -> Callable[[], None]:
+    """Put a growing copy after each block at ``positions`` (see :func:`restack`); return
+    what puts the stack and config back as they were."""
+    blocks: list[nn.Module] = []
+    sources: list[int] = []
+    for i, block in enumerate(stack.blocks):
+        copies = [block, _grow_copy(block, stack)] if i in positions else [block]
+        blocks.extend(copies)
+        sources.extend([i] * len(copies))
+    return restack(stack, blocks, sources)
