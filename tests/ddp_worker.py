@@ -14,11 +14,17 @@ Scenarios, run in the order given, each writing ``OUT/<scenario>_rank<r>.pt``:
 - ``crash``: trains with a checkpoint every 10 steps and exits the whole process (every rank,
   after the barrier) right after the first one is written.
 - ``resume``: continues the crashed run from its checkpoint to the end.
+- ``restart``: under ``torchrun --max-restarts 1``, trains with ``resume="auto"`` and a
+  checkpoint every 10 steps; on the first attempt rank 0 is SIGKILLed halfway through
+  writing its second checkpoint, torchrun restarts both ranks and they continue from the
+  first. Records what the checkpoint folder held when the restarted rank started.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -186,6 +192,43 @@ def scenario_resume(out: Path, rank: int) -> dict:
         model, digits(), callbacks=[save], cache=False, resume=out / "ckpt", **args
     )
     return {"state": model.state_dict(), "history": history.rows}
+
+
+def _die_during_second_save() -> None:
+    """Make this process SIGKILL itself halfway through writing its second checkpoint."""
+    real, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) < 2:
+            return real(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real(obj, buffer, *args, **kwargs)
+        with open(f, "wb") as fh:
+            fh.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.save = save
+
+
+def scenario_restart(out: Path, rank: int) -> dict:
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    folder = out / "restart_ckpt"
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    step = None
+    if (folder / "last.pt").is_file():
+        step = torch.load(folder / "last.pt", weights_only=True)["global_step"]
+    if attempt == 0 and rank == 0:
+        _die_during_second_save()
+    save = netgraft.Checkpoint(folder, monitor="loss", mode="min", every_steps=CRASH_STEP)
+    model = make_model()
+    history = netgraft.fit(
+        model, digits(), callbacks=[save], cache=False, resume="auto", **fit_args()
+    )
+    return {"state": model.state_dict(), "history": history.rows, "attempt": attempt,
+            "found": found, "found_step": step}  # fmt: skip
 
 
 def main() -> None:

@@ -3,8 +3,9 @@
 A checkpoint is a plain dict of tensors and numbers, loadable with
 ``torch.load(weights_only=True)``: the model's weights, the optimizer's and scheduler's
 states, where the loop is (epoch, step within it, the epoch's running sums), the seed and
-every global random stream, what is frozen (:func:`netgraft.frozen_state`), the history
-and each callback's ``state_dict()``. :func:`checkpoint_payload` builds it from the loop's
+every global random stream, what is frozen (:func:`netgraft.frozen_state`), the history,
+each callback's ``state_dict()`` and, under fp16, the gradient scaler's state (loss scale
+and growth count). :func:`checkpoint_payload` builds it from the loop's
 state, :func:`save_checkpoint` writes it atomically, :func:`load_checkpoint` reads it and
 :func:`restore_model` / :func:`restore_training` put it back, so a resumed run continues
 exactly where the saved one was. This module never decides when to save (the
@@ -81,12 +82,19 @@ def checkpoint_payload(state: Any) -> dict[str, Any]:
         "recipe": _recipe_operations(state.model),
         # batches are global, so any number of processes can continue it; kept for the record
         "world_size": getattr(state, "world_size", 1),
+        # fp16's loss scale and its growth count: a resumed run scales as the saved one did
+        "scaler": _scaler_state(state),
         "callbacks": [
             {"type": type(cb).__name__, "state": cb.state_dict()}
             for cb in state.callbacks
             if hasattr(cb, "state_dict")
         ],
     }
+
+
+def _scaler_state(state: Any) -> dict[str, Any] | None:
+    scaler = getattr(state, "scaler", None)
+    return scaler.state_dict() if scaler is not None else None
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -142,11 +150,35 @@ def _replay_growth(payload: dict[str, Any], model: nn.Module) -> None:
     log.info("resume: replayed %s on the model", ", ".join(op["op"] for op in rest))
 
 
+def _check_same_model(saved: dict[str, Any], model: nn.Module) -> None:
+    """Refuse a checkpoint written for another model, naming what does not fit."""
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in saved]
+    unexpected = [k for k in saved if k not in mine]
+    shapes = [
+        f"{k} {tuple(saved[k].shape)} in the checkpoint, {tuple(mine[k].shape)} here"
+        for k in mine
+        if k in saved and tuple(saved[k].shape) != tuple(mine[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    found = [
+        f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+        if items
+    ]
+    raise NetgraftError(
+        f"the checkpoint was written for another model ({'; '.join(found)}): resume with the "
+        "model that wrote it, or give this run a new Checkpoint folder (or resume=None)"
+    )
+
+
 def restore_model(payload: dict[str, Any], model: nn.Module) -> None:
     """Give ``model`` the surgery the checkpointed model had on top of its own (recorded
     growth during the run is replayed), its frozen state (which parameters train, norm
     policies) and weights."""
     _replay_growth(payload, model)
+    _check_same_model(payload["model"], model)
     load_frozen_state(model, payload["frozen"])
     model.load_state_dict(payload["model"])
 
@@ -163,7 +195,20 @@ def restore_training(payload: dict[str, Any], state: Any) -> None:
     state.epoch, state.step = payload["epoch"], payload["step"]
     state.global_step, state.sums = payload["global_step"], dict(payload["sums"])
     _restore_callbacks(state.callbacks, payload.get("callbacks", []))
+    _restore_scaler(getattr(state, "scaler", None), payload.get("scaler"))
     set_rng_state(payload["rng"])
+
+
+def _restore_scaler(scaler: Any, saved: dict[str, Any] | None) -> None:
+    """Give the run's gradient scaler (fp16) the saved scale and growth count."""
+    if scaler is None:
+        if saved:
+            log.info("resume: the checkpoint's loss scale is not used (this run does not scale)")
+        return
+    if not saved:
+        log.warning("resume: the checkpoint holds no loss scale; fp16 scaling starts afresh")
+        return
+    scaler.load_state_dict(saved)
 
 
 def _align_groups(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:

@@ -123,6 +123,7 @@ class Parallel:
 
     rank = 0
     world_size = 1
+    scaler: Any = None  # the fp16 gradient scaler (a checkpoint holds its state)
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -183,20 +184,33 @@ class Parallel:
         """Undo what :meth:`prepare` did to the user's module."""
 
 
+class _Prepared(nn.Module):
+    """What Accelerate prepares in place of the user's module: Accelerate marks the module
+    it prepares and patches its ``forward`` for autocast, so it is given this shell, thrown
+    away after fit, and the user's module comes out as it went in."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
 class Accelerated(Parallel):
-    """Data parallel (DDP) and mixed precision through one ``accelerate.Accelerator``."""
+    """Data parallel (DDP) and mixed precision through one ``accelerate.Accelerator``,
+    through Accelerate's public API (collectives from ``accelerate.utils``)."""
 
     def __init__(self, device: torch.device, mixed_precision: str | None):
         accelerate = _import_accelerate()
         _forget_other_precision(accelerate, mixed_precision or "no")
+        self.ops = accelerate.utils
         self.accelerator = accelerate.Accelerator(
             cpu=device.type == "cpu",
             mixed_precision=mixed_precision or "no",
             # DDP skips parameters without requires_grad: frozen ones get no bucket, and
             # unused trainable ones would be a bug in the model, reported by DDP
-            kwargs_handlers=[
-                accelerate.utils.DistributedDataParallelKwargs(find_unused_parameters=False)
-            ],
+            kwargs_handlers=[self.ops.DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
         kind = self.accelerator.distributed_type.name
         if kind not in _DATA_PARALLEL:
@@ -204,31 +218,26 @@ class Accelerated(Parallel):
                 f"netgraft.fit runs data parallel (DDP); the launch asks for {kind}: launch "
                 "with torchrun, or an accelerate config for multi-CPU/multi-GPU"
             )
+        self.scaler = self.accelerator.scaler  # None unless fp16
         self.rank = self.accelerator.process_index
         self.world_size = self.accelerator.num_processes
         found = self.accelerator.device
         self.device = torch.device("cpu") if found.type == "cpu" else found
-        self._prepared: tuple[nn.Module, bool] | None = None
 
     def same_seed(self, seed: int | None) -> int | None:
         if self.world_size == 1:
             return seed
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-        box = [seed]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return int(box[0])
+        return int(self.ops.broadcast_object_list([seed], from_process=0)[0])
 
     @torch.no_grad()
     def sync_weights(self, model: nn.Module) -> None:
-        if self.world_size == 1:
-            return
-        for tensor in [*model.parameters(), *model.buffers()]:
-            torch.distributed.broadcast(tensor.data, src=0)
+        if self.world_size > 1:
+            self.ops.broadcast([*model.parameters(), *model.buffers()], from_process=0)
 
     def prepare(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
-        self._prepared = (module, "forward" in module.__dict__)
-        wrapped = self.accelerator.prepare_model(module, device_placement=False)
+        wrapped = self.accelerator.prepare_model(_Prepared(module), device_placement=False)
         self.optimizer = self.accelerator.prepare_optimizer(optimizer, device_placement=False)
         return wrapped
 
@@ -246,47 +255,30 @@ class Accelerated(Parallel):
             return sums
         names = list(keys)
         values = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64)
-        values = values.to(self.device)
-        torch.distributed.all_reduce(values)
+        values = self.ops.reduce(values.to(self.device), reduction="sum")
         return {k: float(v) for k, v in zip(names, values.tolist(), strict=True)}
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return tensor
         local = tensor.to(self.device)
-        counts = [
-            torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world_size)
-        ]
-        torch.distributed.all_gather(counts, torch.tensor([len(local)], device=self.device))
-        most = max(int(c) for c in counts)
-        padded = local.new_zeros((most, *local.shape[1:]))
-        padded[: len(local)] = local
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, padded)
+        counts = self.accelerator.gather(torch.tensor([len(local)], device=self.device))
+        padded = self.accelerator.pad_across_processes(local, dim=0)
+        parts = self.accelerator.gather(padded).chunk(self.world_size)
         return torch.cat([p[: int(c)] for p, c in zip(parts, counts, strict=True)]).cpu()
 
     def any(self, flag: bool) -> bool:
         if self.world_size == 1:
             return flag
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        torch.distributed.all_reduce(value)
-        return bool(value.item() > 0)
+        return bool(self.ops.reduce(value, reduction="sum").item() > 0)
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
     def finish(self) -> None:
-        # prepare_model patches forward for autocast and marks the module as prepared; the
-        # user's module must come out as it went in, ready for the next fit
-        if self._prepared is not None:
-            module, had_forward = self._prepared
-            module.__dict__.pop("_original_forward", None)
-            module.__dict__.pop("_is_accelerate_prepared", None)
-            if not had_forward:
-                module.__dict__.pop("forward", None)
-            self._prepared = None
-        self.accelerator._models.clear()
-        self.accelerator._optimizers.clear()
+        # the prepared shell (and its DDP wrapper) go; the user's module was never patched
+        self.accelerator.free_memory()
 
 
 def _import_accelerate() -> Any:
@@ -305,6 +297,9 @@ def _forget_other_precision(accelerate: Any, mixed_precision: str) -> None:
     """Let a later fit in the same process use another precision: Accelerate keeps one
     process-wide state and refuses to change it, so its precision part is reset (the
     process group is kept)."""
+    # No public API changes the precision of an initialised AcceleratorState: its
+    # _check_initialized says "restart your runtime". Accelerate's own tests reset it
+    # this way (huggingface/accelerate#1055, #1740); the one private call left here.
     state = accelerate.state.AcceleratorState
     if state._shared_state and state._shared_state.get("_mixed_precision") != mixed_precision:
         state._reset_state(reset_partial_state=False)

@@ -98,6 +98,7 @@ class TrainState:
     rank: int = 0
     world_size: int = 1
     barrier: Callable[[], None] = field(default=lambda: None, repr=False)
+    scaler: Any = field(default=None, repr=False)  # fp16's gradient scaler, checkpointed
 
     def checkpoint(self) -> dict[str, Any]:
         """The full training state as a plain dict of tensors and numbers (loadable with

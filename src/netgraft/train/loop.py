@@ -25,6 +25,8 @@ Example::
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,8 @@ from .engine import Batches, Engine, EpochSampler, Feed, TrainState
 from .history import History
 from .optimizers import make_optimizer, make_scheduler
 from .report import Reporter, format_lrs
+
+log = logging.getLogger("netgraft.train")
 
 __all__ = ["EpochSampler", "TrainState", "evaluate", "fit", "format_lrs", "predict"]
 
@@ -85,7 +89,10 @@ def fit(
     optimizer instance. ``scheduler`` (``"cosine"``, ``"onecycle"`` or a function of
     ``(optimizer, total_steps)``) steps every batch. ``loss`` defaults to cross-entropy.
     ``resume`` (a checkpoint folder or file) continues a run exactly, given the same data
-    and arguments. ``cache`` lets frozen leading layers be computed once
+    and arguments; ``resume="auto"`` continues from the :class:`~netgraft.Checkpoint`
+    callback's ``last.pt`` when it exists and starts afresh otherwise (the way to survive
+    ``torchrun --max-restarts``, which starts the script again: a launch with restarts and
+    no checkpoint to continue from is refused before training). ``cache`` lets frozen leading layers be computed once
     (:mod:`netgraft.cache`); ``cache_options`` go to :func:`netgraft.train.cached.plan`
     (``dir`` keeps the features on disk for later runs, ``dtype``, ``augment_copies`` caches
     that many augmented passes, read in turn by epoch). ``quiet`` hides the progress bar and
@@ -105,7 +112,7 @@ def fit(
     parallel = parallel_for(resolve_device(device), precision)
     device = parallel.device
     callbacks = _firing_order(callbacks)
-    saved = load_checkpoint(resume) if resume is not None else None
+    resume, saved = _resume_payload(resume, callbacks, parallel)
     seed = _prepare_model(model, device, parallel.same_seed(seed), saved)
     parallel.sync_weights(model)
     report = Reporter(quiet, main=parallel.is_main)
@@ -116,7 +123,7 @@ def fit(
     sched = make_scheduler(scheduler, opt, epochs * batches.steps_per_epoch)
     state = TrainState(model, opt, sched, History(), epochs, seed, callbacks, report, stage=stage)
     state.rank, state.world_size = parallel.rank, parallel.world_size
-    state.barrier = parallel.barrier
+    state.barrier, state.scaler = parallel.barrier, parallel.scaler
     if saved is not None:
         restore_training(saved, state)
         where = f"epoch {state.epoch + 1}, step {state.step}{_world(saved, parallel)}"
@@ -134,6 +141,51 @@ def fit(
         accumulate=accumulate,
     )
     return engine.run()
+
+
+def _resume_payload(
+    resume: str | Path | None, callbacks: list[Any], parallel: Parallel
+) -> tuple[str | Path | None, dict[str, Any] | None]:
+    """Where the run continues from and the checkpoint read there (None: a new run).
+    ``"auto"`` is the :class:`Checkpoint` callback's ``last.pt`` when every rank sees it."""
+    _check_restartable(resume, callbacks)
+    if resume is None:
+        return None, None
+    if resume != "auto":
+        return resume, load_checkpoint(resume)
+    saves = [cb for cb in callbacks if isinstance(cb, Checkpoint)]
+    if not saves:
+        raise NetgraftError(
+            "resume='auto' continues from the Checkpoint callback's folder, and fit has none: "
+            "add callbacks=[netgraft.Checkpoint(folder)]"
+        )
+    last = saves[-1].last_path
+    found = last.is_file()
+    if parallel.any(found) and parallel.any(not found):
+        raise NetgraftError(
+            f"resume='auto': {str(last)!r} exists for some processes and not others; put the "
+            "Checkpoint folder on a filesystem every process sees"
+        )
+    return (last, load_checkpoint(last)) if found else (None, None)
+
+
+def _check_restartable(resume: str | Path | None, callbacks: list[Any]) -> None:
+    """Refuse, before training, a launch that restarts its processes (``torchrun
+    --max-restarts``) when a restarted process could not continue where the run was."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) < 1:
+        return
+    if not any(isinstance(cb, Checkpoint) for cb in callbacks):
+        raise NetgraftError(
+            "torchrun --max-restarts starts the script again after a failure, and this fit "
+            "writes no checkpoint to continue from: add callbacks=[netgraft.Checkpoint(folder)] "
+            "and resume='auto' (or launch without --max-restarts)"
+        )
+    if resume is None:
+        raise NetgraftError(
+            "torchrun --max-restarts starts the script again after a failure, and this fit "
+            "would start from scratch each time: pass resume='auto' to continue from the "
+            "Checkpoint folder"
+        )
 
 
 def _world(saved: dict[str, Any], parallel: Parallel) -> str:
