@@ -102,6 +102,46 @@ def test_ray_tasks_on_a_local_two_cpu_ray_give_the_serial_rows(task, serial):
     assert same(on_ray.rows) == same(serial.rows)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_a_ray_cluster_losing_a_node_after_the_first_trial_gives_the_serial_rows(
+    task, serial, tmp_path
+):
+    """A head (no CPUs) and two one-CPU worker nodes, each with its own temporary folder;
+    the first worker node is removed (its processes killed) once the first trial is in."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    source, train, val = task
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        nodes = []
+        for i in (0, 1):
+            (tmp_path / f"node{i}").mkdir()
+            env = {"TMPDIR": str(tmp_path / f"node{i}")}
+            nodes.append(cluster.add_node(num_cpus=1, env_vars=env))
+        cluster.wait_for_nodes()
+        lines = []
+
+        def lose_a_node(line):
+            lines.append(line)
+            if len(lines) == 1:
+                cluster.remove_node(nodes[0], allow_graceful=False)
+
+        on_ray = study(source, train, val, quiet=True, backend="ray", progress=lose_a_node,
+                       ray_address=cluster.address, out_dir=tmp_path / "out", **STUDY)  # fmt: skip
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert same(on_ray.rows) == same(serial.rows)
+    assert on_ray.trials_run == 5 and len(lines) == 5  # every trial counted once
+    assert len(list((tmp_path / "out").glob("trials/*/*.json"))) == 5
+    # the surviving node read the shared pass from its own folder, filled from Ray's object
+    # store (the driver's features folder is not where its trials looked)
+    copies = list((tmp_path / "node1").glob("netgraft-ray-features/*/*/manifest.json"))
+    assert len(copies) == 6  # three cut points, train and val
+
+
 _KILLED_RUN = """
 import sys, torch
 sys.path.insert(0, {tests!r})

@@ -258,6 +258,7 @@ def _share(ctx: TrialContext, todo: list[Trial], root: Path) -> None:
         return
     shared = share_frozen_pass(ctx, todo, root)
     ctx.features_dir, ctx.cuts, ctx.val_cached = str(root), shared.cuts, shared.val_cached
+    ctx.stores = shared.stores
     log.info(
         "shared frozen pass: %d cut point(s) for %d setting(s) in %d pass(es), %.2fs "
         "(finding the cut points %.2fs)",

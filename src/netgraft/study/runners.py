@@ -2,23 +2,30 @@
 processes, or as Ray tasks.
 
 Every runner calls :func:`netgraft.study.trials.run_trial` with the same context and hands
-each result to ``on_done`` as it finishes (in the study's process, which records it), so
-the numbers are the same whichever runner is used: a trial is seeded by its own seed and
-runs with the same number of torch threads. Local workers are a ``loky`` process pool that
+each result to ``on_done`` as it finishes (in the study's process, which records it), so the
+numbers are the same whichever runner is used: a trial is seeded by its own seed and runs
+with the same number of torch threads. Local workers are a ``loky`` process pool that
 receives the context once, serialised with ``cloudpickle``: models, datasets and losses
 defined in ``__main__`` (a script read from standard input, ``python -c``, a notebook) are
-sent by value, so workers never re-import the user's script; Ray tasks
-read it from Ray's object store, on the cluster :func:`connect_ray` joins (``address=``,
-``RAY_ADDRESS``, or a local Ray started for the study). Ray is imported only here, only
-when asked for. This module never decides which trials to run.
+sent by value, so workers never re-import the user's script; Ray tasks read it from Ray's
+object store, on the cluster :func:`connect_ray` joins (``address=``, ``RAY_ADDRESS``, or a
+local Ray started for the study). On Ray the shared frozen pass's features travel through
+the object store too, written once per node into a node-local folder, so no shared
+filesystem is needed; a trial lost with its worker or node is run again on another (Ray's
+task retries), and its result is counted once. Ray is imported only here, only when asked
+for. This module never decides which trials to run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
+import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +33,7 @@ import cloudpickle
 import torch
 from loky import ProcessPoolExecutor
 
+from ..atomic import atomic_folder
 from ..errors import NetgraftError
 from .trials import Trial, TrialContext, TrialResult, run_trial, set_threads
 
@@ -34,6 +42,7 @@ __all__ = ["connect_ray", "run_trials"]
 OnDone = Callable[[Trial, TrialResult], None]
 _RAY_EXTRA = "pip install 'netgraft[ray]'"
 _CONNECT_TIMEOUT_S = 5.0
+_RAY_RETRIES = 3  # runs of a trial lost with its worker or node, beyond the first
 
 _worker_context: TrialContext | None = None
 
@@ -49,9 +58,44 @@ def _run_in_worker(trial: Trial) -> TrialResult:
     return run_trial(_worker_context, trial)
 
 
-def _run_remote(ctx: TrialContext, trial: Trial, threads: int) -> TrialResult:
+def _run_remote(ctx: TrialContext, features: Any, trial: Trial, threads: int) -> TrialResult:
     torch.set_num_threads(threads)
+    if features is not None:  # this node's copy of the shared pass, from the object store
+        ctx = replace(ctx, features_dir=str(_unpack_features(features)))
     return run_trial(ctx, trial)
+
+
+def _pack_features(ctx: TrialContext) -> dict[str, Any] | None:
+    """The shared frozen pass's stores as ``{"name": ..., "files": {path: bytes}}``, for Ray's
+    object store: a trial on another node reads them there, not from this machine's disk."""
+    if not ctx.features_dir or not ctx.stores:
+        return None
+    root = Path(ctx.features_dir)
+    files = {
+        str(path.relative_to(root)): path.read_bytes()
+        for store in ctx.stores
+        for path in sorted((root / store).rglob("*"))
+        if path.is_file()
+    }
+    # store names are content keys (weights, data, cut point): equal names, equal features
+    name = hashlib.sha256("\n".join(ctx.stores).encode()).hexdigest()[:24]
+    return {"name": name, "files": files}
+
+
+def _unpack_features(features: dict[str, Any]) -> Path:
+    """The node-local folder holding ``features`` (written once per node, atomically, by the
+    first trial that needs it)."""
+    folder = Path(tempfile.gettempdir()) / "netgraft-ray-features" / features["name"]
+    if folder.is_dir():
+        return folder
+    try:
+        with atomic_folder(folder, replace=False) as tmp:
+            for rel, data in features["files"].items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(data)
+    except FileExistsError:
+        pass  # another trial on this node wrote the same features first
+    return folder
 
 
 def _serial(ctx: TrialContext, trials: Sequence[Trial], threads: int | None, on_done: OnDone):
@@ -103,15 +147,20 @@ def _ray_tasks(
     threads: int,
     on_done: OnDone,
 ) -> None:
-    shared = ray.put(ctx)
-    task = ray.remote(num_cpus=threads)(_run_remote)
+    shared, features = ray.put(ctx), ray.put(_pack_features(ctx))
+    # a trial whose worker or node dies is run again elsewhere (Ray's task retries); one
+    # that raises is not. Each trial has one task and its result is taken once: a retried
+    # trial is never counted twice, and with its own seed it gives the same numbers
+    task = ray.remote(num_cpus=threads, max_retries=_RAY_RETRIES, retry_exceptions=False)(
+        _run_remote
+    )
     queue = list(trials)
     pending: dict[Any, Trial] = {}
     try:
         while queue or pending:
             while queue and (in_flight is None or len(pending) < in_flight):
                 trial = queue.pop(0)
-                pending[task.remote(shared, trial, threads)] = trial
+                pending[task.remote(shared, features, trial, threads)] = trial
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 on_done(pending.pop(ref), ray.get(ref))

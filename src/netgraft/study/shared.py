@@ -64,6 +64,7 @@ class FrozenPass:
         self.pass_seconds = 0.0  # the passes over the data, and storing their features
         self.passes = 0
         self.val_cached = False
+        self.stores: list[str] = []  # the store folders (under the features folder) trials read
 
 
 def _capture(
@@ -149,9 +150,13 @@ def _probe_cut(
     return cached.cut_point, cached.prefix
 
 
+def _store_name(prefix: nn.Module, data: Dataset, cut_at: str) -> str:
+    """The folder (under the features folder) the feature cache keeps these features in."""
+    return cache_key(prefix, data, cut_point=cut_at)[:32]
+
+
 def _stored(prefix: nn.Module, data: Dataset, cut_at: str, root: Path) -> bool:
-    key = cache_key(prefix, data, cut_point=cut_at)
-    return (root / key[:32] / "manifest.json").is_file()
+    return (root / _store_name(prefix, data, cut_at) / "manifest.json").is_file()
 
 
 def _chunks(
@@ -226,5 +231,12 @@ def share_frozen_pass(ctx: TrialContext, trials: Iterable[Trial], root: str | Pa
                 log.info("shared frozen pass: the validation data is not shared (%s)", exc)
                 del datasets[kind]
     result.val_cached = "val" in datasets and bool(result.cuts)
+    names = {
+        _store_name(prefix, data, cut)
+        for prefixes in wanted.values()
+        for cut, prefix in prefixes.items()
+        for data in datasets.values()
+    }
+    result.stores = sorted(n for n in names if (root / n / "manifest.json").is_file())
     result.pass_seconds = time.perf_counter() - started - result.probe_seconds
     return result

@@ -89,7 +89,9 @@ class TrialResult:
 class TrialContext:
     """What every trial of one study shares. ``features_dir`` and ``cuts`` are set by the
     shared frozen pass (:mod:`netgraft.study.shared`): the folder holding the features and,
-    per setting ``(model, mode, k)``, the cut point its frozen prefix ends at."""
+    per setting ``(model, mode, k)``, the cut point its frozen prefix ends at; ``stores``
+    names the feature stores in that folder the trials read (what Ray ships to other
+    nodes)."""
 
     models: Mapping[str, nn.Module]
     units: list[list[str]]
@@ -100,6 +102,7 @@ class TrialContext:
     features_dir: str | None = None
     cuts: dict[tuple[str, str, int], str] = field(default_factory=dict)
     val_cached: bool = False
+    stores: list[str] = field(default_factory=list)  # the shared pass's folders in features_dir
 
 
 def _head_outputs(model: nn.Module) -> int | None:
