@@ -31,6 +31,7 @@ import ddp_worker as worker  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SRC = Path(__file__).resolve().parents[1] / "src"
+WORKER = Path(__file__).parent / "ddp_worker.py"
 
 
 def _same(a: dict, b: dict, tol: float = 1e-6) -> None:
@@ -39,7 +40,9 @@ def _same(a: dict, b: dict, tol: float = 1e-6) -> None:
         assert torch.allclose(a[name], b[name], rtol=0, atol=tol), name
 
 
-def _torchrun(out: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+def _torchrun(
+    out: Path, *options: str, script: Path = WORKER, args: tuple = ("restart",), timeout: int = 400
+) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
@@ -50,10 +53,10 @@ def _torchrun(out: Path, *args: str, timeout: int = 400) -> subprocess.Completed
     for name in ("WORLD_SIZE", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_RESTART_COUNT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--standalone", *args, str(Path(__file__).parent / "ddp_worker.py"), str(out)]
+    command += ["--standalone", *options, str(script), str(out), *args]
     # a new session, so a timeout can end torchrun and every rank it started
     proc = subprocess.Popen(
-        [*command, "restart"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
     )  # fmt: skip
     try:
@@ -181,3 +184,41 @@ def test_the_gradient_scaler_state_round_trips_through_a_checkpoint(tmp_path):
     restore_training(load_checkpoint(tmp_path), state)
     assert fresh.state_dict() == scaler.state_dict()
     assert fresh.get_scale() == 2.0**12
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(450)
+def test_lightning_ddp_gradual_finetune_resumed_mid_schedule_equals_uninterrupted(tmp_path):
+    """Lightning's DDP on two CPU processes (gloo) with FineTune(unfreeze="gradual"): the
+    same trainable set on each process every epoch, and a run stopped after epoch 2 and
+    resumed from last.ckpt ends with the uninterrupted weights; plain ddp is refused."""
+    pytest.importorskip("lightning")
+    script = Path(__file__).parent / "lightning_ddp_worker.py"
+    done = _torchrun(tmp_path, script=script, args=["ddp_find_unused_parameters_true"])
+    assert done.returncode == 0, done.stderr[-4000:]
+    runs = {
+        name: [torch.load(tmp_path / f"{name}_rank{r}.pt", weights_only=False) for r in (0, 1)]
+        for name in ("whole", "stop", "resume")
+    }
+    for ranks in runs.values():
+        assert ranks[0]["trainable"] == ranks[1]["trainable"]
+    whole = runs["whole"][0]
+    assert [len(names) for names in whole["trainable"].values()] == [2, 4, 6, 6]  # gradual
+    assert runs["stop"][0]["trainable"] == {e: whole["trainable"][e] for e in (0, 1)}
+    assert runs["resume"][0]["trainable"] == {e: whole["trainable"][e] for e in (2, 3)}
+    for rank in (0, 1):
+        _same(runs["resume"][rank]["state"], whole["state"])
+        _same(runs["whole"][rank]["state"], whole["state"], 0)
+    for rank in (0, 1):
+        error = torch.load(tmp_path / f"refused_rank{rank}.pt", weights_only=False)["error"]
+        assert "strategy='ddp_find_unused_parameters_true'" in error
+
+
+def test_restarts_with_torchruns_shared_store_warn_how_to_connect_again(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    caplog.set_level("WARNING", logger="netgraft.train")
+    _fit(worker.make_model(), tmp_path, resume="auto", epochs=1)
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text

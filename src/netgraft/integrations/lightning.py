@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch.nn.parallel import DistributedDataParallel
+
 from ..errors import NetgraftError
 from ..select import Selector
 from .extras import require
@@ -88,6 +90,7 @@ class FineTune(_pl.Callback):
         """Check the arguments, regroup the optimizer by block and hold the first stage (or,
         resuming, the stage the checkpoint was taken in) before Lightning restores the
         optimizer's state."""
+        _check_ddp(trainer)
         opt, sched = self._optimizer(trainer)
         self.schedule.start(pl_module, trainer.max_epochs, opt.defaults["lr"])
         self.schedule.regroup(opt, sched)
@@ -113,3 +116,16 @@ class FineTune(_pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Remember the checkpoint's stage; ``on_fit_start`` holds it."""
         self._restored = state_dict.get("applied")
+
+
+def _check_ddp(trainer: Any) -> None:
+    """Refuse, before training, a DDP that all-reduces a fixed set of parameters: the
+    stages freeze and unfreeze parameters during the run, so DDP must look for unused ones
+    (every process then holds the same trainable set, the schedule's)."""
+    ddp = getattr(trainer.strategy, "model", None)
+    if isinstance(ddp, DistributedDataParallel) and not ddp.find_unused_parameters:
+        raise NetgraftError(
+            "FineTune freezes and unfreezes parameters during the run, and this DDP expects "
+            "every parameter to get a gradient: use strategy='ddp_find_unused_parameters_true' "
+            "(or DDPStrategy(find_unused_parameters=True))"
+        )

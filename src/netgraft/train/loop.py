@@ -180,6 +180,13 @@ def _check_restartable(resume: str | Path | None, callbacks: list[Any]) -> None:
             "writes no checkpoint to continue from: add callbacks=[netgraft.Checkpoint(folder)] "
             "and resume='auto' (or launch without --max-restarts)"
         )
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # restarted ranks can read the dead ones' addresses from the rendezvous store
+        # torchrun shares between attempts, and fail to connect (pytorch/pytorch#167288)
+        log.warning(
+            "torchrun --max-restarts: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun, "
+            "or a restarted group may fail to connect"
+        )
     if resume is None:
         raise NetgraftError(
             "torchrun --max-restarts starts the script again after a failure, and this fit "
