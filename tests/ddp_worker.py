@@ -173,8 +173,8 @@ def scenario_fine_tune(out: Path, rank: int) -> dict:
 
 def fine_tune_args() -> dict:
     """fine_tune's arguments: head first (from cached features), then everything."""
-    return {"head_epochs": 1, "epochs": 1, "base_lr": 1e-2, "batch_size": BATCH, "seed": SEED,
-            "quiet": True}  # fmt: skip
+    return {"config": netgraft.FineTuneConfig(head_epochs=1, base_lr=1e-2), "epochs": 1,
+            "batch_size": BATCH, "seed": SEED, "quiet": True}  # fmt: skip
 
 
 def scenario_crash(out: Path, rank: int) -> dict:

@@ -3,7 +3,10 @@ on real MobileNetV2 (ImageNet weights) and the real scikit-learn digits."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -14,8 +17,10 @@ from PIL import Image
 from torch import nn
 
 import netgraft
+from netgraft import FineTuneConfig
 from netgraft.errors import NetgraftError
 from netgraft.train import Callback, fine_tune
+from netgraft.train.finetune import schedule
 
 
 class Spy(Callback):
@@ -54,12 +59,11 @@ def test_gradual_unfreezing_shows_optimizer_lr_and_leaves_frozen_blocks_untouche
         model,
         train,
         val,
-        head_epochs=1,
         epochs=2,
-        base_lr=1e-2,
-        lr_mult=100,
-        unfreeze="gradual",
-        train_bn=True,  # batch norms unfreeze with their blocks: their own no-decay groups
+        # batch norms unfreeze with their blocks (train_bn): their own no-decay groups
+        config=FineTuneConfig(
+            head_epochs=1, base_lr=1e-2, lr_mult=100, unfreeze="gradual", train_bn=True
+        ),
         optimizer="sgd",
         weight_decay=0.1,
         batch_size=16,
@@ -106,14 +110,12 @@ def test_unfreeze_all_trains_everything_except_keep_frozen(small_digits):
         model,
         train,
         val,
-        head_epochs=1,
         epochs=1,
-        base_lr=1e-2,
+        config=FineTuneConfig(head_epochs=1, base_lr=1e-2, keep_frozen="type:BatchNorm2d"),
         batch_size=16,
         seed=0,
         quiet=True,
         cache=False,
-        keep_frozen="type:BatchNorm2d",
     )
     assert history["stage"] == ["head", "all"]
     lrs = history.rows[1]["lr"]
@@ -128,9 +130,9 @@ def test_unfreeze_all_trains_everything_except_keep_frozen(small_digits):
     )
 
 
-def test_bad_unfreeze_mode_is_a_clear_error(small_digits):
+def test_bad_unfreeze_mode_is_a_clear_error():
     with pytest.raises(NetgraftError, match="unfreeze must be one of"):
-        fine_tune(mobilenet(), *small_digits, epochs=1, unfreeze="sometimes")
+        FineTuneConfig(unfreeze="sometimes")
 
 
 def write_digit_images(root, digits, per_class=20, size=64):
@@ -162,14 +164,13 @@ def test_imagenet_mobilenet_fine_tunes_on_real_digit_images_and_beats_random_ini
             model,
             split.train,
             split.val,
-            head_epochs=4,
             epochs=1,
-            head_lr=1e-2,
-            base_lr=2e-4,
+            config=FineTuneConfig(
+                head_epochs=4, head_lr=1e-2, base_lr=2e-4, keep_frozen="type:BatchNorm2d"
+            ),
             batch_size=16,
             seed=0,
             quiet=True,
-            keep_frozen="type:BatchNorm2d",
         )
         scores[name] = history.last["val_acc"]
         assert scores[name] == pytest.approx(netgraft.evaluate(model, split.val)["acc"])
@@ -306,7 +307,8 @@ def test_default_unfreezing_keeps_what_the_head_learnt_on_200_digit_images(
     bn = model.features[5].conv[1][1]
     stats = bn.running_var.clone()
     # only the budget is given: rates, lr_mult, scheduler and batch norms are the defaults
-    history = fine_tune(model, train, val, head_epochs=4, epochs=2, seed=0, quiet=True)
+    config = FineTuneConfig(head_epochs=4)
+    history = fine_tune(model, train, val, epochs=2, config=config, seed=0, quiet=True)
     assert history["stage"] == ["head"] * 4 + ["all"] * 2
     head_acc, final_acc = history.rows[3]["val_acc"], history.last["val_acc"]
     assert head_acc >= 0.7, head_acc  # ImageNet features give a useful head on digits
@@ -322,18 +324,16 @@ def test_train_bn_unfreezes_batch_norms_with_the_rest(digits_64, mobilenet_v2_we
     model = imagenet_mobilenet(mobilenet_v2_weights)
     bn = model.features[5].conv[1][1]
     stats = bn.running_var.clone()
-    fine_tune(model, (train[0][:64], train[1][:64]), head_epochs=0, epochs=1, train_bn=True,
-              seed=0, quiet=True)  # fmt: skip
+    config = FineTuneConfig(head_epochs=0, train_bn=True)
+    fine_tune(model, (train[0][:64], train[1][:64]), epochs=1, config=config, seed=0, quiet=True)
     assert bn.weight.requires_grad and not torch.equal(bn.running_var, stats)
 
 
 def test_the_head_stage_of_a_distilled_deit_trains_both_heads():
     import timm
 
-    from netgraft.train.finetune import schedule
-
     model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=3)
-    stages = schedule(model, 2, head_epochs=1, unfreeze="gradual", base_lr=1e-4, lr_mult=10)
+    stages = schedule(model, 2, FineTuneConfig(head_epochs=1, unfreeze="gradual"))
     assert stages[0].trainable == ["head", "head_dist"]
     assert stages[1].name == "unfreeze norm" and stages[1].trainable[0] == "norm"
     assert stages[1].trainable[-2:] == ["head", "head_dist"]
@@ -341,3 +341,184 @@ def test_the_head_stage_of_a_distilled_deit_trains_both_heads():
     netgraft.train_only(model, stages[0].trainable)
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"head", "head_dist"}
+
+
+def digits_net():
+    """A small CNN for the real 8×8 digits: conv block, batch norm, two Linear layers."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("unfreeze", "sometimes", "unfreeze must be one of all, gradual"),
+        ("bn", "maybe", "bn must be one of eval, train, frozen"),
+        ("head_epochs", -1, "head_epochs must be >= 0"),
+        ("head_epochs", 1.5, "head_epochs must be an integer"),
+        ("base_lr", 0, "base_lr must be a positive number"),
+        ("head_lr", -1e-3, "head_lr must be a positive number"),
+        ("lr_mult", 0.5, "lr_mult must be a number >= 1"),
+        ("train_bn", "yes", "train_bn must be True or False"),
+        ("scheduler", "sometimes", "scheduler must be one of constant, cosine, onecycle"),
+    ],
+)
+def test_a_bad_config_field_is_one_clear_error_when_the_config_is_built(field, value, message):
+    with pytest.raises(NetgraftError, match=message):
+        FineTuneConfig(**{field: value})
+    with pytest.raises(NetgraftError, match=message):
+        FineTuneConfig().replace(**{field: value})
+
+
+def test_fine_tune_runs_the_stages_schedule_computes(digits):
+    x, y = digits
+    train, val = (x[:96], y[:96]), (x[96:160], y[96:160])
+    model = digits_net()
+    config = FineTuneConfig(head_epochs=2, unfreeze="gradual", base_lr=2e-3, lr_mult=4)
+    stages = schedule(model, 3, config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    history = fine_tune(
+        model, train, val, epochs=3, config=config, batch_size=32, seed=0, quiet=True
+    )
+    assert history["stage"] == [s.name for s in stages]
+    assert history["stage"] == ["head", "head", "unfreeze 4", "unfreeze 1", "unfreeze 0"]
+    assert list(history.rows[0]["lr"]) == ["6"] and list(history.rows[2]["lr"]) == ["4", "6"]
+    # four blocks (0, 1, 4, 6): the rates spread geometrically by lr_mult over them
+    rates = history.rows[4]["lr"]
+    assert rates["6"] / rates["4"] == pytest.approx(4 ** (1 / 3))
+    assert rates["6"] / rates["0"] == pytest.approx(4)
+    # the conv block was frozen until the last stage; its batch norm never trained
+    assert torch.equal(model[1].running_mean, before["1.running_mean"])
+    assert not torch.equal(model[0].weight, before["0.weight"])
+
+
+def test_old_keyword_arguments_warn_once_naming_the_config_and_mean_the_same(monkeypatch):
+    monkeypatch.setattr("netgraft.deprecation._warned", set())
+    model = digits_net()
+    with pytest.warns(DeprecationWarning, match=r"schedule\(config=FineTuneConfig\(base_lr="):
+        old = schedule(model, 2, head_epochs=2, unfreeze="gradual", base_lr=1e-3)
+    new = schedule(model, 2, FineTuneConfig(head_epochs=2, unfreeze="gradual", base_lr=1e-3))
+    assert old == new
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once already
+        schedule(model, 2, base_lr=1e-3)
+    with pytest.raises(TypeError, match="no_such_option"):
+        schedule(model, 2, no_such_option=1)
+
+
+def test_fine_tune_takes_at_most_twelve_parameters_and_no_default_of_its_own():
+    params = inspect.signature(fine_tune).parameters
+    assert len(params) <= 12
+    assert not set(params) & {f.name for f in dataclasses.fields(FineTuneConfig)}
+    assert params["config"].default is None  # built at call time: the dataclass's defaults
+
+
+def test_the_head_lookup_is_one_function_and_the_old_name_warns(monkeypatch):
+    from netgraft.heads import head_names
+    from netgraft.train import head_name
+
+    monkeypatch.setattr("netgraft.deprecation._warned", set())
+    model = mobilenet()
+    assert head_names(model) == ["classifier"] == [netgraft.find_head(model)[0]]
+    assert head_names(model, "features.18") == ["features.18"]
+    with pytest.warns(DeprecationWarning, match=r"find_head\(model\)\[0\]"):
+        assert head_name(model) == "classifier"
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_default_changed_in_the_config_is_followed_everywhere(
+    digits, tmp_path, monkeypatch, capsys
+):
+    from types import SimpleNamespace
+
+    from netgraft.cli import main
+
+    defaults = FineTuneConfig.__init__.__kwdefaults__
+    changed = {"head_epochs": 2, "base_lr": 6e-4, "lr_mult": 4.0, "unfreeze": "gradual"}
+    for field, value in {**changed, "train_bn": True}.items():
+        monkeypatch.setitem(defaults, field, value)
+    expected = FineTuneConfig()
+    assert (expected.base_lr, expected.train_bn) == (6e-4, True)
+    # fine_tune
+    x, y = digits
+    model = digits_net()
+    bn_stats = model[1].running_mean.clone()
+    history = fine_tune(model, (x[:64], y[:64]), epochs=2, batch_size=32, quiet=True)
+    assert history["stage"] == ["head", "head", "unfreeze 4", "unfreeze 1"]
+    assert not torch.equal(model[1].running_mean, bn_stats)  # train_bn: trained with the rest
+    # the folder workflow
+    for c in range(2):
+        (tmp_path / "data" / str(c)).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 60 * c + i, np.uint8)).save(
+                tmp_path / "data" / str(c) / f"{i}.png"
+            )
+    seen = {}
+
+    def spy(model, train, val, *, epochs, config, **kwargs):
+        seen["config"] = config
+        raise _Stop
+
+    monkeypatch.setattr("netgraft.workflows.fine_tune", spy)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(256, 2))
+    with pytest.raises(_Stop):
+        netgraft.workflows.finetune_folder(net, tmp_path / "data", tmp_path / "out", size=8)
+    assert seen.pop("config") == expected
+
+    # the command line
+    def finetune_folder(*args, config, **kwargs):
+        seen["config"] = config
+        return SimpleNamespace(summary=lambda: "done")
+
+    monkeypatch.setattr("netgraft.cli.finetune_folder", finetune_folder)
+    monkeypatch.setattr("sys.argv", ["netgraft", "finetune", "m.py:f", "--data", "d", "-o", "o"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    assert seen.pop("config") == expected
+    # both trainer callbacks
+    from netgraft.integrations.hf import FineTuneCallback
+    from netgraft.integrations.lightning import FineTune
+
+    for callback in (FineTune(), FineTuneCallback()):
+        assert callback.schedule.config == expected
+        # the trainer's rate scales the head stage, the config's ratio the rest
+        rated = callback.schedule.rated(1e-3)
+        assert rated.head_lr == 1e-3 and rated.base_lr == pytest.approx(1e-3 * 6e-4 / 3e-3)
+
+
+def test_every_config_field_has_a_command_line_option(monkeypatch, capsys):
+    from netgraft.cli import main
+
+    seen = {}
+
+    def finetune_folder(*args, config, **kwargs):
+        seen["config"] = config
+        return type("Result", (), {"summary": lambda self: "done"})()
+
+    monkeypatch.setattr("netgraft.cli.finetune_folder", finetune_folder)
+    options = ["--head", "classifier", "--head-epochs", "2", "--lr", "1e-3", "--head-lr", "1e-2"]
+    options += ["--lr-mult", "3", "--unfreeze", "gradual", "--bn", "frozen", "--train-bn"]
+    options += ["--freeze", "features.0", "--scheduler", "cosine"]
+    argv = ["netgraft", "finetune", "m.py:f", "--data", "d", "-o", "o", *options]
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    assert seen["config"] == FineTuneConfig(
+        head="classifier", head_epochs=2, base_lr=1e-3, head_lr=1e-2, lr_mult=3,
+        unfreeze="gradual", bn="frozen", train_bn=True, keep_frozen="features.0",
+        scheduler="cosine",
+    )  # fmt: skip
+    monkeypatch.setattr("sys.argv", [*argv[:7], "--unfreeze", "sometimes"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code != 0 and "unfreeze must be one of" in err
+    assert "Traceback" not in err

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from netgraft import FineTuneConfig
 from netgraft.data import load_digits, load_political_passages
 from netgraft.errors import NetgraftError, SelectionError
 
 transformers = pytest.importorskip("transformers")
 from netgraft.integrations.hf import FineTuneCallback, cached_head_for_trainer  # noqa: E402
-from netgraft.integrations.schedule import FineTuneSchedule, default_lr_mult  # noqa: E402
+from netgraft.integrations.schedule import FineTuneSchedule  # noqa: E402
 
 EPOCHS = 3
 
@@ -83,7 +84,7 @@ def minilm_run(minilm_dir, passages, tmp_path_factory):
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         minilm_dir, num_labels=2
     )
-    ft = FineTuneCallback(head_epochs=1, unfreeze="gradual")
+    ft = FineTuneCallback(FineTuneConfig(head_epochs=1, unfreeze="gradual"))
     record = Record()
     args = _args(tmp_path_factory.mktemp("minilm"))
     trainer = transformers.Trainer(
@@ -142,7 +143,7 @@ def test_minilm_block_rates_appear_in_the_log_history(minilm_run):
     # rates fall geometrically over the 9 blocks, from the classifier's to its / lr_mult at the
     # embeddings (still frozen, at 0), both scaled by the Trainer's schedule
     for row in unfrozen:
-        assert row["lr/bert.pooler"] * default_lr_mult() ** (1 / 8) == pytest.approx(
+        assert row["lr/bert.pooler"] * FineTuneConfig().lr_mult ** (1 / 8) == pytest.approx(
             row["lr/classifier"], rel=1e-9
         )
         assert row["lr/bert.embeddings"] == 0.0
@@ -184,9 +185,10 @@ def _resnet():
 def test_resnet_frozen_batchnorm_keeps_its_statistics_through_trainer_train(digit_images, tmp_path):
     model = _resnet()
     record = Record()
-    ft = FineTuneCallback(
+    config = FineTuneConfig(
         head_epochs=1, unfreeze="all", keep_frozen="layer1", bn="eval", train_bn=True
     )
+    ft = FineTuneCallback(config)
     trainer = transformers.Trainer(
         model, _args(tmp_path, epochs=2), train_dataset=digit_images, callbacks=[ft, record]
     )
@@ -221,7 +223,7 @@ def test_bad_input_fails_at_train_begin_before_any_step(
         model,
         _args(tmp_path, epochs=epochs),
         train_dataset=digit_images,
-        callbacks=[FineTuneCallback(**options)],
+        callbacks=[FineTuneCallback(FineTuneConfig(**options))],
     )
     with pytest.raises(error, match=message):
         trainer.train()
@@ -257,7 +259,7 @@ class StopAfter(transformers.TrainerCallback):
 
 def _resnet_run(digit_images, out, resume=None, stop=None):
     model = _resnet()
-    ft = FineTuneCallback(head_epochs=1, unfreeze="gradual")
+    ft = FineTuneCallback(FineTuneConfig(head_epochs=1, unfreeze="gradual"))
     args = _args(out, epochs=3, save_strategy="epoch" if stop else "no")
     trainer = transformers.Trainer(
         model,
@@ -302,7 +304,7 @@ def test_cached_head_trains_the_models_own_head_through_the_trainer(digit_images
 
 def test_schedulers_with_their_own_per_group_rates_are_refused_with_the_alternatives():
     model = _resnet()
-    schedule = FineTuneSchedule(head_epochs=1)
+    schedule = FineTuneSchedule(FineTuneConfig(head_epochs=1))
     schedule.start(model, 3, 1e-3)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=10)

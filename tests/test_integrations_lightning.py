@@ -16,6 +16,7 @@ import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
 import netgraft
+from netgraft import FineTuneConfig
 from netgraft.data import load_digits
 from netgraft.errors import NetgraftError, SelectionError
 from netgraft.train.engine import EpochSampler
@@ -100,7 +101,7 @@ def _fit(initial, digits, root, max_epochs, ckpt_path=None, **finetune):
         deterministic=True,
         logger=pl.loggers.CSVLogger(root, name="logs"),
         callbacks=[
-            FineTune(head_epochs=1, unfreeze="gradual", **finetune),
+            FineTune(FineTuneConfig(head_epochs=1, unfreeze="gradual", **finetune)),
             record,
             pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_last=True, save_top_k=0),
         ],
@@ -255,3 +256,64 @@ def test_cached_head_trains_the_models_own_head_inside_lightning(initial, digits
     part.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x[:8]), part(train.tensors()[0][:8]))
+
+
+class LitNet(pl.LightningModule):
+    """A LightningModule holding its model as ``self.net``, as many do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("head", ["net.3", "3", ["net.3"]])
+def test_head_named_as_named_modules_shows_it_or_inside_the_model(head):
+    x, y = load_digits()
+    lit = LitNet()
+    assert "net.3" in dict(lit.named_modules())
+    first = lit.net[1].weight.clone()
+    trainable = []
+
+    class Watch(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            trainable.append({n for n, p in pl_module.named_parameters() if p.requires_grad})
+
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[FineTune(FineTuneConfig(head=head, keep_frozen="net.1")), Watch()],
+    )
+    trainer.fit(lit, DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32))
+    assert trainable[0] == {"net.3.weight", "net.3.bias"}
+    assert trainable[1] == {"net.3.weight", "net.3.bias"}  # net.1 kept frozen, named outside
+    assert torch.equal(lit.net[1].weight, first)
+
+
+def test_callback_old_keyword_arguments_warn_once_and_map_onto_the_config(monkeypatch):
+    monkeypatch.setattr("netgraft.deprecation._warned", set())
+    with pytest.warns(DeprecationWarning, match=r"FineTune\(config=FineTuneConfig\(unfreeze="):
+        old = FineTune(head_epochs=2, unfreeze="gradual", lr_mult=None, bn="eval")
+    assert old.schedule.config == FineTuneConfig(head_epochs=2, unfreeze="gradual")
+    assert old.schedule.lr_from_optimizer
+    # the old absolute rates: the config's rates as they are
+    with pytest.warns(DeprecationWarning, match="lr_from_optimizer=False"):
+        rated = FineTune(head_lr=1e-2).schedule
+    assert not rated.lr_from_optimizer and rated.rated(1.0).head_lr == 1e-2
+    ratio = FineTuneConfig().base_lr / FineTuneConfig().head_lr
+    assert rated.config.base_lr == pytest.approx(1e-2 * ratio)
+    with pytest.raises(TypeError, match="no_such_option"):
+        FineTune(no_such_option=1)

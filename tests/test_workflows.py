@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from netgraft import FineTuneConfig
 from netgraft.demo import QUICK, DemoResult
 from netgraft.errors import DataError, NetgraftError
 from netgraft.results import rows_csv, seeded_row
@@ -201,8 +202,8 @@ def test_finetune_folder_keeps_batch_norms_frozen_unless_train_bn(image_tree, tm
     torch.manual_seed(0)
     model = load_model("torchvision:resnet18")  # random weights, its spec recorded for saving
     stats = model.layer2[0].bn1.running_mean.clone()
-    finetune_folder(
-        model, root, tmp_path / "model", size=32, epochs=1, seed=0, quiet=True, train_bn=train_bn
-    )
+    config = FineTuneConfig(train_bn=train_bn)
+    finetune_folder(model, root, tmp_path / "model", config=config, size=32, epochs=1, seed=0,
+                    quiet=True)  # fmt: skip
     changed = not torch.equal(model.layer2[0].bn1.running_mean, stats)
     assert changed == train_bn

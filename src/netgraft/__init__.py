@@ -43,6 +43,7 @@ from .study import StudyResult, study
 from .train import (
     Checkpoint,
     EarlyStopping,
+    FineTuneConfig,
     History,
     ReduceLROnPlateau,
     evaluate,
@@ -63,6 +64,7 @@ __all__ = [
     "Block",
     "Checkpoint",
     "EarlyStopping",
+    "FineTuneConfig",
     "Grow",
     "History",
     "ReduceLROnPlateau",

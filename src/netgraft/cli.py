@@ -18,12 +18,14 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 
 from .demo import run_demo
 from .errors import NetgraftError
+from .train import FineTuneConfig
 from .workflows import (
     evaluate_folder,
     finetune_folder,
@@ -341,6 +343,44 @@ def demo(
     )
 
 
+# fine-tuning options: one per FineTuneConfig field; None takes the config's default, so the
+# defaults live in the dataclass only (the help shows them)
+_FT = FineTuneConfig()
+_HEAD_OPTION = typer.Option(None, "--head", help="selector of the head (default: found)")
+_HEAD_EPOCHS_OPTION = typer.Option(
+    None, "--head-epochs", help=f"epochs training only the head [default: {_FT.head_epochs}]"
+)
+_BASE_LR_OPTION = typer.Option(
+    None, "--lr", "--base-lr", help=f"base rate, halved after the head [default: {_FT.base_lr}]"
+)
+_HEAD_LR_OPTION = typer.Option(
+    None, "--head-lr", help=f"rate of the head stage [default: {_FT.head_lr}]"
+)
+_LR_MULT_OPTION = typer.Option(
+    None, "--lr-mult", help=f"top/bottom learning-rate ratio [default: {_FT.lr_mult}]"
+)
+_UNFREEZE_OPTION = typer.Option(
+    None, "--unfreeze", help=f"all or gradual [default: {_FT.unfreeze}]"
+)
+_BN_OPTION = typer.Option(
+    None, "--bn", help=f"frozen norm layers: eval, train or frozen [default: {_FT.bn}]"
+)
+_TRAIN_BN_OPTION = typer.Option(
+    None, "--train-bn/--no-train-bn", help=f"unfreeze batch norms too [default: {_FT.train_bn}]"
+)
+_FREEZE_OPTION = typer.Option(
+    None, "--freeze", help="selector of layers that stay frozen throughout"
+)
+_SCHEDULER_OPTION = typer.Option(
+    None, "--scheduler", help=f"onecycle, cosine or constant [default: {_FT.scheduler}]"
+)
+
+
+def finetune_config(**options: Any) -> FineTuneConfig:
+    """A :class:`netgraft.FineTuneConfig` of the options given (None: the config's default)."""
+    return FineTuneConfig(**{k: v for k, v in options.items() if v is not None})
+
+
 @app.command()
 def finetune(
     spec: str = typer.Argument(
@@ -354,18 +394,17 @@ def finetune(
     num_classes: int | None = typer.Option(
         None, "--num-classes", help="classes of the new head (default: the class folders)"
     ),
-    freeze_sel: str | None = typer.Option(
-        None, "--freeze", help="selector of layers that stay frozen throughout"
-    ),
     epochs: int = typer.Option(3, "--epochs", help="epochs after the head is trained"),
-    head_epochs: int = typer.Option(1, "--head-epochs", help="epochs training only the head"),
-    lr: float = typer.Option(1e-4, "--lr", help="base learning rate (halved after the head)"),
-    head_lr: float = typer.Option(3e-3, "--head-lr", help="learning rate of the head stage"),
-    lr_mult: float = typer.Option(10.0, "--lr-mult", help="top/bottom learning-rate ratio"),
-    unfreeze: str = typer.Option("all", "--unfreeze", help="all or gradual"),
-    train_bn: bool = typer.Option(
-        False, "--train-bn", help="unfreeze batch norms too (default: they stay frozen)"
-    ),
+    head: str | None = _HEAD_OPTION,
+    head_epochs: int | None = _HEAD_EPOCHS_OPTION,
+    lr: float | None = _BASE_LR_OPTION,
+    head_lr: float | None = _HEAD_LR_OPTION,
+    lr_mult: float | None = _LR_MULT_OPTION,
+    unfreeze: str | None = _UNFREEZE_OPTION,
+    bn: str | None = _BN_OPTION,
+    train_bn: bool | None = _TRAIN_BN_OPTION,
+    freeze_sel: str | None = _FREEZE_OPTION,
+    scheduler: str | None = _SCHEDULER_OPTION,
     augment: bool = typer.Option(False, "--augment", help="random flips, crops, colour jitter"),
     size: int | None = typer.Option(None, "--size", help="input side in pixels (default: model's)"),
     batch_size: int = typer.Option(32, "--batch-size"),
@@ -382,21 +421,19 @@ def finetune(
 ) -> None:
     """Fine-tune a model on an image folder (new head first, then unfreeze) and save it to OUT
     with its history (JSON + PNG) and class names."""
+    config = finetune_config(
+        head=head, head_epochs=head_epochs, base_lr=lr, head_lr=head_lr, lr_mult=lr_mult,
+        unfreeze=unfreeze, bn=bn, train_bn=train_bn, keep_frozen=freeze_sel, scheduler=scheduler,
+    )  # fmt: skip
     result = finetune_folder(
         spec,
         data,
         out,
+        config=config,
+        epochs=epochs,
         weights=weights,
         trust_pickle=trust_pickle,
         num_classes=num_classes,
-        keep_frozen=freeze_sel,
-        epochs=epochs,
-        head_epochs=head_epochs,
-        lr=lr,
-        head_lr=head_lr,
-        lr_mult=lr_mult,
-        unfreeze=unfreeze,
-        train_bn=train_bn,
         augment=augment,
         size=size,
         batch_size=batch_size,

@@ -37,7 +37,16 @@ from .pooling import set_text_pooling, text_encoder
 from .recipe import build_module, module_spec, recorded
 from .select import Selector, resolve_module
 
-__all__ = ["Stacked", "Truncated", "attach", "find_head", "find_heads", "replace_head", "truncate"]
+__all__ = [
+    "Stacked",
+    "Truncated",
+    "attach",
+    "find_head",
+    "find_heads",
+    "head_names",
+    "replace_head",
+    "truncate",
+]
 
 log = logging.getLogger("netgraft.heads")
 
@@ -94,6 +103,16 @@ def find_heads(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if all(isinstance(c, nn.Module) for c in children):
             return list(zip(pair, children, strict=True))  # type: ignore[arg-type]
     return [find_head(model)]
+
+
+def head_names(model: nn.Module, head: str | list[str] | None = None) -> list[str]:
+    """The names of what "the head" of ``model`` is for training: ``head`` when given (a name
+    or selector, or a list of them), else every head :func:`find_heads` finds (both of a
+    distilled DeiT, which must train together). The one head lookup of fine-tuning, the
+    trainer callbacks and cached-head training."""
+    if not head:
+        return [name for name, _ in find_heads(model)]
+    return [head] if isinstance(head, str) else list(head)
 
 
 def find_head(model: nn.Module) -> tuple[str, nn.Module]:

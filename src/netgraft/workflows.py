@@ -55,6 +55,7 @@ from .saved import load as load_saved
 from .saved import save
 from .study import MODES, StudyResult, study
 from .train import History, evaluate, fine_tune, predict
+from .train.finetune import FineTuneConfig, resolve_config
 from .transfer import TransferReport, transfer
 from .zoo import input_for, load_model
 
@@ -317,14 +318,8 @@ def finetune_folder(
     weights: str | os.PathLike | None = None,
     trust_pickle: bool = False,
     num_classes: int | None = None,
-    keep_frozen: Any = None,
+    config: FineTuneConfig | None = None,
     epochs: int = 3,
-    head_epochs: int = 1,
-    lr: float = 1e-4,
-    head_lr: float | None = 3e-3,
-    lr_mult: float = 10.0,
-    unfreeze: str = "all",
-    train_bn: bool = False,
     augment: bool = False,
     size: int | None = None,
     batch_size: int = 32,
@@ -332,6 +327,7 @@ def finetune_folder(
     seed: int = 0,
     cache: bool | str = "auto",
     quiet: bool = False,
+    **deprecated: Any,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (a spec for :func:`netgraft.load_model`, or a module) on the
     class-per-folder images in ``data_dir`` and save it, servable, to ``out``.
@@ -340,12 +336,13 @@ def finetune_folder(
     included, so one seed gives one model. The images are split per class (``val_fraction``
     held out unless ``data_dir`` has ``train``/``val``), the head is replaced by one with
     ``num_classes`` outputs (default: one per class folder; another number is a
-    :class:`DataError`), then :func:`netgraft.fine_tune` trains the head for ``head_epochs``
-    at ``head_lr`` and unfreezes (``unfreeze``: ``"all"`` or ``"gradual"``, never
-    ``keep_frozen``, nor batch norms unless ``train_bn``) for ``epochs`` at ``lr`` with ``lr_mult`` between top
-    and bottom rates (the defaults are fine_tune's). ``out`` gets the
-    weights and recipe, ``history.json``/``.png`` and ``data.json``.
+    :class:`DataError`), then :func:`netgraft.fine_tune` trains it as ``config`` says (a
+    :class:`netgraft.FineTuneConfig`; None: the defaults) for ``epochs`` after the head
+    stage. ``out`` gets the weights and recipe, ``history.json``/``.png`` and ``data.json``.
+    The config's fields (and ``lr`` for ``base_lr``) are also accepted as keyword arguments:
+    deprecated spellings that warn once.
     """
+    config = resolve_config(config, deprecated, "finetune_folder", renamed={"lr": "base_lr"})
     torch.manual_seed(seed)
     if isinstance(model, str):
         model = load_model(model, weights=weights, trust_pickle=trust_pickle)
@@ -363,13 +360,7 @@ def finetune_folder(
         split.train,
         split.val,
         epochs=epochs,
-        head_epochs=head_epochs,
-        head_lr=head_lr,
-        base_lr=lr,
-        lr_mult=lr_mult,
-        unfreeze=unfreeze,
-        train_bn=train_bn,
-        keep_frozen=keep_frozen,
+        config=config,
         batch_size=batch_size,
         seed=seed,
         cache=cache,

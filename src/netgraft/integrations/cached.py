@@ -25,8 +25,8 @@ from torch import nn
 from ..cache import FeatureCache
 from ..data import as_dataset
 from ..freeze import train_only
+from ..heads import head_names
 from ..train.cached import plan
-from ..train.finetune import head_names
 
 __all__ = ["CachedHead", "cached_head"]
 

@@ -16,7 +16,7 @@ all blocks or one block per epoch from the top, at rates spread over blocks) thr
 Example::
 
     >>> from netgraft.integrations.hf import FineTuneCallback
-    >>> ft = FineTuneCallback(head_epochs=1, unfreeze="gradual")
+    >>> ft = FineTuneCallback(netgraft.FineTuneConfig(head_epochs=1, unfreeze="gradual"))
     >>> trainer = Trainer(model, args, train_dataset=train, callbacks=[ft],
     ...                   optimizers=ft.optimizers(model, args))
     >>> trainer.train()
@@ -34,10 +34,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..select import Selector
+from ..train.finetune import FineTuneConfig
 from .cached import cached_head
 from .extras import require
-from .schedule import FineTuneSchedule, unwrap
+from .schedule import callback_schedule, unwrap
 
 _transformers = require("transformers", "hf", "netgraft.integrations.hf")
 
@@ -48,32 +48,28 @@ class FineTuneCallback(_transformers.TrainerCallback):
     """Fine-tune the Trainer's model in stages, with the same arguments as
     :class:`netgraft.integrations.lightning.FineTune`.
 
-    ``head`` (a selector; the model's head by default) trains alone for ``head_epochs``
-    epochs at ``head_lr`` (None: ``TrainingArguments.learning_rate``); then
-    ``unfreeze="all"`` trains everything and ``"gradual"`` adds one block per epoch from
-    the top (then everything), at ``lr / 2`` for the top block down to
-    ``lr / 2 / lr_mult``. ``lr`` None is the head rate times ``fine_tune``'s
-    ``base_lr / head_lr`` defaults (1/30, measured); ``lr_mult`` None is ``fine_tune``'s.
-    ``keep_frozen`` stays frozen, and so do batch norms outside the head unless
-    ``train_bn``; frozen norm layers follow ``bn``. A selector that matches nothing or
-    ``head_epochs`` not shorter than the run fails at ``on_train_begin``.
+    ``config`` (a :class:`netgraft.FineTuneConfig`; None: the defaults, the same as
+    :func:`netgraft.fine_tune`'s) says what to do: the head trains alone for
+    ``config.head_epochs`` epochs, then ``unfreeze="all"`` trains everything and
+    ``"gradual"`` adds one block per epoch from the top (then everything), at rates spread
+    over blocks by ``lr_mult``; ``keep_frozen`` and (unless ``train_bn``) batch norms outside
+    the head stay frozen, frozen norm layers follow ``bn``. With ``lr_from_optimizer`` (the
+    default) the head trains at ``TrainingArguments.learning_rate`` and later stages at that
+    rate times the config's ``base_lr / head_lr``; with False, at the config's own rates.
+    ``config.scheduler`` is not used: the Trainer's ``lr_scheduler_type`` is. A selector
+    that matches nothing or ``head_epochs`` not shorter than the run fails at
+    ``on_train_begin``. The config's fields and the old ``lr`` / ``head_lr`` are also
+    accepted as keyword arguments: deprecated spellings that warn once.
     """
 
     def __init__(
         self,
-        head: str | None = None,
-        head_epochs: int = 1,
-        unfreeze: str = "all",
-        lr_mult: float | None = None,
-        bn: str = "eval",
-        keep_frozen: Selector = None,
-        lr: float | None = None,
-        head_lr: float | None = None,
-        train_bn: bool = False,
+        config: FineTuneConfig | None = None,
+        *,
+        lr_from_optimizer: bool = True,
+        **deprecated: Any,
     ):
-        self.schedule = FineTuneSchedule(
-            head, head_epochs, unfreeze, lr_mult, bn, keep_frozen, lr, head_lr, train_bn
-        )
+        self.schedule = callback_schedule("FineTuneCallback", config, lr_from_optimizer, deprecated)
 
     def optimizers(
         self, model: nn.Module, args_or_lr: Any, *, optimizer: Any = torch.optim.AdamW

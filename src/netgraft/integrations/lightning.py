@@ -14,8 +14,8 @@ does not (Lightning issue 21901). Frozen norm layers are held in eval mode
 Example::
 
     >>> from netgraft.integrations.lightning import FineTune
-    >>> trainer = lightning.Trainer(max_epochs=4,
-    ...                             callbacks=[FineTune(head_epochs=1, unfreeze="gradual")])
+    >>> config = netgraft.FineTuneConfig(head_epochs=1, unfreeze="gradual")
+    >>> trainer = lightning.Trainer(max_epochs=4, callbacks=[FineTune(config)])
     >>> trainer.fit(lit_module, train_loader)   # configure_optimizers: AdamW(self.parameters(), lr=1e-3)
 
 The learning rate of every group is logged as ``lr/<block>`` each step. Needs
@@ -29,9 +29,9 @@ from typing import Any
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import NetgraftError
-from ..select import Selector
+from ..train.finetune import FineTuneConfig
 from .extras import require
-from .schedule import FineTuneSchedule
+from .schedule import callback_schedule
 
 _pl = require("lightning.pytorch", "lightning", "netgraft.integrations.lightning")
 
@@ -41,38 +41,35 @@ __all__ = ["FineTune"]
 class FineTune(_pl.Callback):
     """Fine-tune a LightningModule's model in stages, exactly resumable from checkpoints.
 
-    ``head`` (a selector; the model's head by default) trains alone for ``head_epochs``
-    epochs at ``head_lr`` (None: the rate the optimizer was built with); then
-    ``unfreeze="all"`` trains everything and ``"gradual"`` adds one block per epoch from
-    the top (then everything), at ``lr / 2`` for the top block down to
-    ``lr / 2 / lr_mult`` for the first. ``lr`` None is the head rate times ``fine_tune``'s
-    ``base_lr / head_lr`` defaults (1/30, measured); ``lr_mult`` None is ``fine_tune``'s.
-    ``keep_frozen`` (a selector) stays frozen, and so do batch norms outside the head unless
-    ``train_bn``; frozen norm layers follow ``bn`` (see :func:`netgraft.freeze`). The model is the LightningModule, or its only child holding
-    parameters (``self.model``); selectors name layers inside it.
+    ``config`` (a :class:`netgraft.FineTuneConfig`; None: the defaults, the same as
+    :func:`netgraft.fine_tune`'s) says what to do: the head trains alone for
+    ``config.head_epochs`` epochs, then ``unfreeze="all"`` trains everything and
+    ``"gradual"`` adds one block per epoch from the top (then everything), at rates spread
+    over blocks by ``lr_mult``; ``keep_frozen`` and (unless ``train_bn``) batch norms outside
+    the head stay frozen, frozen norm layers follow ``bn``. With ``lr_from_optimizer`` (the
+    default) the head trains at the rate ``configure_optimizers`` built the optimizer with,
+    and later stages at that rate times the config's ``base_lr / head_lr``; with False, at
+    the config's own rates. ``config.scheduler`` is not used: the module's scheduler is.
 
-    ``configure_optimizers`` returns one optimizer over the module's parameters, with an
-    optional scheduler of the ``LambdaLR`` kind or a chainable one (not OneCycleLR or
-    CyclicLR, which keep their own per-group rates). A selector that matches nothing or
-    ``head_epochs`` not shorter than ``max_epochs`` fails at ``on_fit_start``.
+    The model is the LightningModule, or its only child holding parameters (``self.net``);
+    selectors name layers inside it (``"2"``) or as ``pl_module.named_modules()`` shows them
+    (``"net.2"``). ``configure_optimizers`` returns one optimizer over the module's
+    parameters, with an optional scheduler of the ``LambdaLR`` kind or a chainable one (not
+    OneCycleLR or CyclicLR, which keep their own per-group rates). A selector that matches
+    nothing or ``head_epochs`` not shorter than ``max_epochs`` fails at ``on_fit_start``.
+    The config's fields (``head_epochs=1``, ...) and the old ``lr`` / ``head_lr`` are also
+    accepted as keyword arguments: deprecated spellings that warn once.
     """
 
     def __init__(
         self,
-        head: str | None = None,
-        head_epochs: int = 1,
-        unfreeze: str = "all",
-        lr_mult: float | None = None,
-        bn: str = "eval",
-        keep_frozen: Selector = None,
-        lr: float | None = None,
-        head_lr: float | None = None,
-        train_bn: bool = False,
+        config: FineTuneConfig | None = None,
+        *,
+        lr_from_optimizer: bool = True,
+        **deprecated: Any,
     ):
         super().__init__()
-        self.schedule = FineTuneSchedule(
-            head, head_epochs, unfreeze, lr_mult, bn, keep_frozen, lr, head_lr, train_bn
-        )
+        self.schedule = callback_schedule("FineTune", config, lr_from_optimizer, deprecated)
         self._restored: str | None = None
 
     def _optimizer(self, trainer: Any) -> tuple[Any, Any]:

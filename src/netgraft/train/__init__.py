@@ -6,7 +6,7 @@ from .batches import evaluate, predict
 from .callbacks import Callback, Checkpoint, EarlyStopping, ReduceLROnPlateau
 from .checkpoint import load_checkpoint
 from .engine import EpochSampler, TrainState
-from .finetune import fine_tune, head_name
+from .finetune import FineTuneConfig, fine_tune, head_name
 from .history import History
 from .loop import fit
 
@@ -15,6 +15,7 @@ __all__ = [
     "Checkpoint",
     "EarlyStopping",
     "EpochSampler",
+    "FineTuneConfig",
     "History",
     "ReduceLROnPlateau",
     "TrainState",

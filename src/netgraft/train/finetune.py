@@ -2,47 +2,183 @@
 
 :func:`fine_tune` is fastai's one-line happy path built from pieces a user can also call
 one by one (:func:`netgraft.train_only`, :func:`netgraft.fit`, :func:`netgraft.unfreeze`,
-:func:`netgraft.param_groups`). Frozen norm layers follow the ``bn`` policy at every
-stage; parameters outside the current stage are never handed to the optimizer, so they
-get no momentum or weight-decay update. This module never changes the architecture.
+:func:`netgraft.param_groups`). What to do is one :class:`FineTuneConfig` (head, stages,
+rates, norm policy), shared by ``fine_tune``, ``netgraft finetune``, the folder workflow
+and the Lightning and Hugging Face callbacks; :func:`schedule` turns it into one
+:class:`Stage` per epoch, which ``fine_tune`` and the callbacks run. Frozen norm layers
+follow ``bn`` at every stage; parameters outside the current stage are never handed to the
+optimizer, so they get no momentum or weight-decay update. This module never changes the
+architecture.
 
 Example::
 
     >>> netgraft.replace_head(model, num_classes=10)
-    >>> history = netgraft.fine_tune(model, train, val, head_epochs=1, epochs=3,
-    ...                              unfreeze="gradual")
+    >>> config = netgraft.FineTuneConfig(head_epochs=1, unfreeze="gradual")
+    >>> history = netgraft.fine_tune(model, train, val, epochs=3, config=config)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from torch import nn
 
+from ..deprecation import warn_deprecated
 from ..errors import NetgraftError
-from ..freeze import freeze, train_only
+from ..freeze import NORM_POLICIES, freeze, train_only
 from ..freeze import unfreeze as unfreeze_layers
-from ..heads import find_head, find_heads
+from ..heads import find_head, head_names
 from ..layers import blocks, head_block_index, is_norm
 from ..select import Selector, select
 from .history import History
 from .loop import fit
+from .optimizers import SCHEDULERS
 
-__all__ = ["Stage", "fine_tune", "head_name", "hold", "schedule", "with_batch_norms"]
+__all__ = [
+    "FineTuneConfig",
+    "Stage",
+    "fine_tune",
+    "head_name",
+    "hold",
+    "schedule",
+    "with_batch_norms",
+]
 
 UNFREEZE_MODES = ("all", "gradual")
 
 
+@dataclass(frozen=True, kw_only=True)
+class FineTuneConfig:
+    """What a fine-tuning run does, shared by :func:`fine_tune`, ``netgraft finetune``,
+    :func:`netgraft.workflows.finetune_folder` and the trainer callbacks
+    (:class:`netgraft.integrations.lightning.FineTune`,
+    :class:`netgraft.integrations.hf.FineTuneCallback`). Checked when built: a bad value is a
+    :class:`NetgraftError` naming the field. Immutable; ``config.replace(field=value)``
+    gives a changed copy.
+
+    - ``head``: what trains in the head stage, a layer name or selector (or a list); None:
+      the model's heads (:func:`netgraft.heads.head_names`).
+    - ``head_epochs``: epochs training the head alone, before any unfreezing.
+    - ``head_lr``: the head stage's rate (None: ``base_lr``).
+    - ``base_lr``: after the head stage, every stage trains at ``base_lr / 2`` for the top
+      block, spread geometrically down to ``base_lr / 2 / lr_mult`` for the first block.
+    - ``lr_mult``: the ratio (>= 1) of the top block's rate to the first block's.
+    - ``unfreeze``: ``"all"`` unfreezes everything after the head stage; ``"gradual"`` adds
+      one block per epoch from the top (ULMFiT), then trains all of it.
+    - ``bn``: the mode of frozen norm layers (``"eval"``, ``"train"``, ``"frozen"``; see
+      :func:`netgraft.freeze`).
+    - ``train_bn``: False keeps batch norms (norm layers with running statistics) outside
+      the head frozen in every stage; LayerNorm and GroupNorm unfreeze with the rest.
+    - ``keep_frozen``: a selector that stays frozen throughout.
+    - ``scheduler``: the per-stage schedule of :func:`netgraft.fit` (``"onecycle"``,
+      ``"cosine"``, ``"constant"``, None or a function); the trainer callbacks use the
+      trainer's own scheduler instead.
+
+    The default values live here only; everything that fine-tunes follows them. They were
+    chosen by measurement (``bench/finetune_defaults.py``: ImageNet MobileNetV2 on 200 digit
+    images, the demo's MNIST CNN on 150 digits, MiniLM on 256 speech passages; 3 seeds):
+    with them unfreezing kept what the head stage had learnt (MobileNetV2 0.81 after the
+    head, 0.84 at the end; the CNN 0.89, 0.90; MiniLM 0.68, 0.68), while the previous ones
+    (1e-3 throughout, ``lr_mult=100``, batch norms training) took MobileNetV2 from 0.68 to
+    0.21. Training batch norms on a few small batches undoes the head most (0.29 at
+    ``base_lr=3e-4``, against 0.76 with them frozen); ``base_lr`` 3e-4 or more costs too.
+    """
+
+    head: str | list[str] | None = None
+    head_epochs: int = 1
+    head_lr: float | None = 3e-3
+    base_lr: float = 1e-4
+    lr_mult: float = 10.0
+    unfreeze: str = "all"
+    bn: str = "eval"
+    train_bn: bool = False
+    keep_frozen: Selector = None
+    scheduler: Any = "onecycle"
+
+    def __post_init__(self) -> None:
+        _check_choice("unfreeze", self.unfreeze, UNFREEZE_MODES)
+        _check_choice("bn", self.bn, NORM_POLICIES)
+        if isinstance(self.head_epochs, bool) or not isinstance(self.head_epochs, int):
+            raise NetgraftError(f"head_epochs must be an integer; found {self.head_epochs!r}")
+        if self.head_epochs < 0:
+            raise NetgraftError(f"head_epochs must be >= 0; found {self.head_epochs}")
+        _check_rate("base_lr", self.base_lr)
+        if self.head_lr is not None:
+            _check_rate("head_lr", self.head_lr)
+        if not isinstance(self.lr_mult, (int, float)) or self.lr_mult < 1:
+            raise NetgraftError(
+                f"lr_mult must be a number >= 1 (the first block's rate is the top's / "
+                f"lr_mult); found {self.lr_mult!r}"
+            )
+        if not isinstance(self.train_bn, bool):
+            raise NetgraftError(f"train_bn must be True or False; found {self.train_bn!r}")
+        if not (self.scheduler is None or self.scheduler in SCHEDULERS or callable(self.scheduler)):
+            raise NetgraftError(
+                f"scheduler must be one of {', '.join(SCHEDULERS)}, None or a function"
+                f"(optimizer, total_steps); found {self.scheduler!r}"
+            )
+
+    def replace(self, **changes: Any) -> FineTuneConfig:
+        """A copy with ``changes`` (field names), checked like a new config."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a dict (a callable scheduler as its name)."""
+        out = dataclasses.asdict(self)
+        if callable(self.scheduler):
+            out["scheduler"] = getattr(self.scheduler, "__name__", repr(self.scheduler))
+        return out
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(FineTuneConfig))
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise NetgraftError(f"{name} must be one of {', '.join(choices)}; found {value!r}")
+
+
+def _check_rate(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise NetgraftError(f"{name} must be a positive number; found {value!r}")
+
+
+def resolve_config(
+    config: FineTuneConfig | None,
+    options: dict[str, Any],
+    where: str,
+    renamed: dict[str, str] | None = None,
+    strict: bool = True,
+    stacklevel: int = 4,
+) -> FineTuneConfig:
+    """``config`` (None: ``FineTuneConfig()``, built now so it has today's defaults) with
+    the old keyword arguments of ``where`` that are config fields (or ``renamed`` ones: old
+    name -> field) moved out of ``options``; each warns once as deprecated, naming the new
+    spelling, pointed ``stacklevel`` frames up (the caller of ``where``). ``strict``: anything
+    else left in ``options`` is a TypeError."""
+    config = FineTuneConfig() if config is None else config
+    if not isinstance(config, FineTuneConfig):
+        raise NetgraftError(f"config must be a netgraft.FineTuneConfig; found {config!r}")
+    names = {name: name for name in FIELDS} | (renamed or {})
+    given = [name for name in names if name in options]
+    for name in given:
+        new = f"{where}(config=FineTuneConfig({names[name]}=...))"
+        warn_deprecated(f"{where}({name}=...)", new, stacklevel=stacklevel)
+    old = {names[name]: options.pop(name) for name in given}
+    if strict and options:
+        raise TypeError(f"{where}() got unexpected keyword arguments {', '.join(options)}")
+    return config.replace(**old) if old else config
+
+
 def head_name(model: nn.Module) -> str:
-    """The dotted name of the model's head (see :func:`netgraft.find_head`)."""
+    """Deprecated: the dotted name of the model's head; use ``netgraft.find_head(model)[0]``
+    (or :func:`netgraft.heads.head_names` for every head)."""
+    warn_deprecated("netgraft.train.head_name(model)", "netgraft.find_head(model)[0]")
     return find_head(model)[0]
-
-
-def head_names(model: nn.Module, head: str | None = None) -> list[str]:
-    """``[head]`` when given, else every head of the model (:func:`netgraft.find_heads`: both
-    of a distilled DeiT, which the head stage must train together)."""
-    return [head] if head else [name for name, _ in find_heads(model)]
 
 
 def _top_block(selectors: list[list[str]], heads: list[str]) -> int:
@@ -62,34 +198,24 @@ class Stage(NamedTuple):
 
 
 def schedule(
-    model: nn.Module,
-    epochs: int,
-    *,
-    head_epochs: int,
-    unfreeze: str,
-    base_lr: float,
-    lr_mult: float,
-    head_lr: float | None = None,
-    head: str | None = None,
+    model: nn.Module, epochs: int, config: FineTuneConfig | None = None, **old: Any
 ) -> list[Stage]:
-    """The :class:`Stage` of every epoch of ``fine_tune(model, epochs=epochs, ...)`` with
-    these arguments (``head_epochs + epochs`` entries), for trainers that run the schedule
-    epoch by epoch (:mod:`netgraft.integrations`)."""
-    if unfreeze not in UNFREEZE_MODES:
-        raise NetgraftError(
-            f"unfreeze must be one of {', '.join(UNFREEZE_MODES)}; found {unfreeze!r}"
-        )
-    heads = head_names(model, head)
-    out = [Stage("head", heads, head_lr or base_lr, None)] * head_epochs
-    lr = base_lr / 2
-    if unfreeze == "gradual":
+    """The :class:`Stage` of every epoch of ``fine_tune(model, epochs=epochs,
+    config=config)``: ``config.head_epochs + epochs`` entries, which :func:`fine_tune` and
+    the trainer callbacks run. ``old`` takes the config's fields as deprecated keyword
+    arguments."""
+    config = resolve_config(config, old, "schedule")
+    heads = head_names(model, config.head)
+    out = [Stage("head", heads, config.head_lr or config.base_lr, None)] * config.head_epochs
+    lr, lr_mult = config.base_lr / 2, config.lr_mult
+    if config.unfreeze == "gradual":
         found = blocks(model)
         selectors = [[n for n in b.layer_names if n] for b in found]
         top = _top_block(selectors, heads)
         for first in range(top - 1, max(top - 1 - epochs, -1), -1):
             names = [n for names in selectors[first:] for n in names] + heads
             out.append(Stage(f"unfreeze {found[first].name}", names, lr, lr_mult))
-    return out + [Stage("all", None, lr, lr_mult)] * (head_epochs + epochs - len(out))
+    return out + [Stage("all", None, lr, lr_mult)] * (config.head_epochs + epochs - len(out))
 
 
 def hold(model: nn.Module, trainable: Selector | None, bn: str, keep_frozen: Selector) -> None:
@@ -169,76 +295,39 @@ def fine_tune(
     val: Any = None,
     *,
     epochs: int,
-    head_epochs: int = 1,
-    base_lr: float = 1e-4,
-    head_lr: float | None = 3e-3,
-    lr_mult: float = 10,
-    unfreeze: str = "all",
-    bn: str = "eval",
-    train_bn: bool = False,
-    head: str | None = None,
-    keep_frozen: Selector = None,
-    scheduler: Any = "onecycle",
+    config: FineTuneConfig | None = None,
     callbacks: Sequence[Any] = (),
     seed: int | None = None,
     **fit_kwargs: Any,
 ) -> History:
-    """Fine-tune ``model`` in place: train only its head for ``head_epochs`` at ``head_lr``
-    (None: ``base_lr``), then ``epochs`` more with lower rates spread over blocks from
-    ``base_lr / 2 / lr_mult`` (first block) to ``base_lr / 2`` (top).
+    """Fine-tune ``model`` in place as ``config`` says (a :class:`FineTuneConfig`; None: the
+    defaults): train only its head for ``config.head_epochs`` at ``config.head_lr``, then
+    ``epochs`` more with every block unfrozen at once (``unfreeze="all"``) or one more per
+    epoch from the top (``"gradual"``), at rates spread over blocks from ``base_lr / 2 /
+    lr_mult`` (first block) to ``base_lr / 2`` (top). The stages are :func:`schedule`'s.
 
-    ``unfreeze="all"`` unfreezes everything at once; ``"gradual"`` adds one block per
-    epoch from the top (ULMFiT), then trains all of it for the epochs left. ``keep_frozen``
-    (a selector) stays frozen throughout; frozen norm layers follow ``bn``. Batch norms
-    (norm layers with running statistics) outside the head stay frozen too, in every stage,
-    unless ``train_bn`` (:func:`with_batch_norms`); LayerNorm and GroupNorm unfreeze with
-    the rest. Other keyword arguments go to :func:`netgraft.fit` (``optimizer``,
-    ``batch_size``, ``cache``, ...). Returns one :class:`History` whose rows carry their
-    ``stage``.
+    ``config.keep_frozen`` stays frozen throughout, and so do batch norms outside the head
+    unless ``config.train_bn`` (:func:`with_batch_norms`); frozen norm layers follow
+    ``config.bn``. Each stage builds a fresh optimizer over its trainable parameters only.
+    ``callbacks`` and ``seed`` (stage ``i`` is seeded ``seed + i``) and other keyword
+    arguments go to :func:`netgraft.fit` (``optimizer``, ``batch_size``, ``cache``, ...).
+    Returns one :class:`History` whose rows carry their ``stage``.
 
-    The defaults (AdamW, ``head_lr=3e-3``, ``base_lr=1e-4``, ``lr_mult=10``, onecycle,
-    batch norms frozen) were chosen by measurement (``bench/finetune_defaults.py``: ImageNet
-    MobileNetV2 on 200 digit images, the demo's MNIST CNN on 150 digits, MiniLM on 256
-    speech passages; 3 seeds): with them unfreezing kept what the head stage had learnt
-    (MobileNetV2 0.81 after the head, 0.84 at the end; the CNN 0.89, 0.90; MiniLM 0.68,
-    0.68), while the previous ones (1e-3 throughout, ``lr_mult=100``, batch norms
-    training) took MobileNetV2 from 0.68 to 0.21. Training batch norms on a few small
-    batches undoes the head most (0.29 at ``base_lr=3e-4``, against 0.76 with them frozen);
-    ``base_lr`` 3e-4 or more costs too.
+    The config's fields are also accepted as keyword arguments (``head_epochs=2``,
+    ``base_lr=...``): deprecated spellings that warn once.
     """
-    if unfreeze not in UNFREEZE_MODES:
-        raise NetgraftError(
-            f"unfreeze must be one of {', '.join(UNFREEZE_MODES)}; found {unfreeze!r}"
-        )
+    config = resolve_config(config, fit_kwargs, "fine_tune", strict=False)
     if "resume" in fit_kwargs:
         raise NetgraftError("fine_tune cannot resume; resume a stage with fit(..., resume=folder)")
-    heads = head_names(model, head)
-    if not train_bn:
-        keep_frozen = with_batch_norms(model, keep_frozen, heads)
-    shared = {"scheduler": scheduler, "callbacks": callbacks, **fit_kwargs}
-    stages = _Stages(model, (train, val), bn, keep_frozen, seed, shared)
-    stages.hold(heads)
-    stages.run("head", head_epochs, lr=head_lr or base_lr)
-    lr = base_lr / 2
-    done = _unfreeze_gradually(stages, heads, epochs, lr, lr_mult) if unfreeze == "gradual" else 0
-    if unfreeze == "all" or done < epochs:
-        stages.hold(None)
-        stages.run("all", epochs - done, lr=lr, lr_mult=lr_mult)
+    heads = head_names(model, config.head)
+    keep = config.keep_frozen
+    if not config.train_bn:
+        keep = with_batch_norms(model, keep, heads)
+    shared = {"scheduler": config.scheduler, "callbacks": callbacks, **fit_kwargs}
+    stages = _Stages(model, (train, val), config.bn, keep, seed, shared)
+    for name, group in itertools.groupby(schedule(model, epochs, config), key=lambda s: s.name):
+        epochs_in_stage = list(group)
+        first = epochs_in_stage[0]
+        stages.hold(first.trainable)
+        stages.run(name, len(epochs_in_stage), lr=first.lr, lr_mult=first.lr_mult)
     return stages.history
-
-
-def _unfreeze_gradually(
-    stages: _Stages, heads: list[str], epochs: int, lr: float, lr_mult: float
-) -> int:
-    """One epoch per block below the head, adding a block each time from the top; returns
-    the epochs run."""
-    model = stages.model
-    selectors = [[n for n in b.layer_names if n] for b in blocks(model)]
-    top = _top_block(selectors, heads)
-    done = 0
-    while done < epochs and top - done - 1 >= 0:
-        first = top - done - 1
-        stages.hold([n for names in selectors[first:] for n in names] + heads)
-        stages.run(f"unfreeze {blocks(model)[first].name}", 1, lr=lr, lr_mult=lr_mult)
-        done += 1
-    return done

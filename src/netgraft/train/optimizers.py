@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import NetgraftError
 from ..optim import param_groups
 
-__all__ = ["make_optimizer", "make_scheduler"]
+__all__ = ["SCHEDULERS", "make_optimizer", "make_scheduler"]
 
 
 def make_optimizer(
@@ -53,6 +53,9 @@ def make_optimizer(
         f"unknown optimizer {optimizer!r}; use 'adamw', 'adam', 'sgd', an optimizer or a "
         "function(param_groups) -> optimizer"
     )
+
+
+SCHEDULERS = ("constant", "cosine", "onecycle")
 
 
 def make_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
