@@ -22,5 +22,6 @@ model = nn.Sequential(
 netgraft.summary(model, x[:1])
 
 # head epochs train from cached features of the frozen layers (said in the log), then all
-history = netgraft.fine_tune(model, train, val, head_epochs=2, epochs=2, base_lr=2e-3, seed=0)
+config = netgraft.FineTuneConfig(head_epochs=2, base_lr=2e-3)
+history = netgraft.fine_tune(model, train, val, epochs=2, config=config, seed=0)
 print("validation accuracy:", history.last["val_acc"])

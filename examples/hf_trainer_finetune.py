@@ -13,6 +13,7 @@ from transformers import (
     TrainingArguments,
 )
 
+import netgraft
 from netgraft.data import load_political_passages, minilm_path
 from netgraft.integrations.hf import FineTuneCallback
 
@@ -34,7 +35,7 @@ torch.manual_seed(0)
 train, val = dataset(train_docs, 160), dataset(~train_docs, 96)
 model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
 
-ft = FineTuneCallback(head_epochs=1, unfreeze="gradual")
+ft = FineTuneCallback(netgraft.FineTuneConfig(head_epochs=1, unfreeze="gradual"))
 args = TrainingArguments(
     "hf_finetune_output", num_train_epochs=3, learning_rate=3e-3, per_device_train_batch_size=16,
     logging_steps=5, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,

@@ -46,7 +46,8 @@ ckpt = Path("checkpoints/last.ckpt")
 trainer = pl.Trainer(
     max_epochs=4,
     callbacks=[
-        FineTune(head_epochs=1, unfreeze="gradual"),  # rates logged as lr/<block>
+        # rates logged as lr/<block>
+        FineTune(netgraft.FineTuneConfig(head_epochs=1, unfreeze="gradual")),
         pl.callbacks.ModelCheckpoint(dirpath="checkpoints", save_last=True),
     ],
     enable_progress_bar=False,

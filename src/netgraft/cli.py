@@ -374,6 +374,15 @@ _FREEZE_OPTION = typer.Option(
 _SCHEDULER_OPTION = typer.Option(
     None, "--scheduler", help=f"onecycle, cosine or constant [default: {_FT.scheduler}]"
 )
+_NUM_CLASSES_OPTION = typer.Option(
+    None, "--num-classes", help="classes of the new head (default: the class folders)"
+)
+_FINETUNE_CACHE_OPTION = typer.Option(
+    None,
+    "--cache/--no-cache",
+    help="cache frozen-layer outputs: --cache insists (error if it cannot), --no-cache "
+    "never; default: when it applies",
+)
 
 
 def finetune_config(**options: Any) -> FineTuneConfig:
@@ -391,9 +400,7 @@ def finetune(
     ),
     out: Path = typer.Option(..., "-o", "--out", help="folder to save model, history, plot"),
     weights: Path | None = _WEIGHTS_OPTION,
-    num_classes: int | None = typer.Option(
-        None, "--num-classes", help="classes of the new head (default: the class folders)"
-    ),
+    num_classes: int | None = _NUM_CLASSES_OPTION,
     epochs: int = typer.Option(3, "--epochs", help="epochs after the head is trained"),
     head: str | None = _HEAD_OPTION,
     head_epochs: int | None = _HEAD_EPOCHS_OPTION,
@@ -410,12 +417,7 @@ def finetune(
     batch_size: int = typer.Option(32, "--batch-size"),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="used without a val folder"),
     seed: int = typer.Option(0, "--seed"),
-    cache: bool | None = typer.Option(
-        None,
-        "--cache/--no-cache",
-        help="cache frozen-layer outputs: --cache insists (error if it cannot), --no-cache "
-        "never; default: when it applies",
-    ),
+    cache: bool | None = _FINETUNE_CACHE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or epoch lines"),
     trust_pickle: bool = _TRUST_PICKLE_OPTION,
 ) -> None:

@@ -339,8 +339,7 @@ def finetune_folder(
     :class:`DataError`), then :func:`netgraft.fine_tune` trains it as ``config`` says (a
     :class:`netgraft.FineTuneConfig`; None: the defaults) for ``epochs`` after the head
     stage. ``out`` gets the weights and recipe, ``history.json``/``.png`` and ``data.json``.
-    The config's fields (and ``lr`` for ``base_lr``) are also accepted as keyword arguments:
-    deprecated spellings that warn once.
+    The config's fields (and ``lr``: ``base_lr``) as keywords are deprecated aliases.
     """
     config = resolve_config(config, deprecated, "finetune_folder", renamed={"lr": "base_lr"})
     torch.manual_seed(seed)
