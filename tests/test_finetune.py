@@ -522,3 +522,19 @@ def test_every_config_field_has_a_command_line_option(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code != 0 and "unfreeze must be one of" in err
     assert "Traceback" not in err
+
+
+def test_the_readme_call_with_old_keywords_trains_as_its_config_does(digits, monkeypatch):
+    monkeypatch.setattr("netgraft.deprecation._warned", set())
+    x, y = digits
+    train, val = (x[:64], y[:64]), (x[64:96], y[64:96])
+    old = dict(head_epochs=2, head_lr=1e-2, base_lr=2e-4, unfreeze="all", keep_frozen="type:BatchNorm2d")  # fmt: skip
+    common = {"batch_size": 32, "seed": 0, "quiet": True}
+    models = [digits_net(), digits_net()]
+    with pytest.warns(DeprecationWarning, match=r"fine_tune\(config=FineTuneConfig\(head_lr="):
+        before = fine_tune(models[0], train, val, epochs=1, **old, **common)
+    after = fine_tune(models[1], train, val, epochs=1, config=FineTuneConfig(**old), **common)
+    assert before["stage"] == after["stage"] == ["head", "head", "all"]
+    assert before["val_acc"] == after["val_acc"]
+    first, second = (m.state_dict() for m in models)
+    assert all(torch.equal(first[k], second[k]) for k in first)

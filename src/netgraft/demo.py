@@ -46,7 +46,7 @@ from .freeze import freeze
 from .grow import deepen
 from .reinit import reinit
 from .results import errorbars, mean_std, results_table, seeded_row, write_results
-from .train import evaluate, fine_tune, fit
+from .train import FineTuneConfig, evaluate, fine_tune, fit
 
 __all__ = [
     "METHODS",
@@ -234,15 +234,18 @@ def _train_target(
     elif method == "fine-tuned":
         model = _reused(source, seed)
         head_epochs = max(1, epochs // 2)
-        fine_tune(
-            model,
-            train,
+        stages = FineTuneConfig(
             head="classifier",
             head_epochs=head_epochs,
-            epochs=max(1, epochs - head_epochs),
             base_lr=config.lr,
             head_lr=config.lr,
             lr_mult=10,
+        )
+        fine_tune(
+            model,
+            train,
+            epochs=max(1, epochs - head_epochs),
+            config=stages,
             cache=True,  # the head stage runs from cached features, the rest on images
             **common,
         )
