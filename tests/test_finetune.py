@@ -538,3 +538,25 @@ def test_the_readme_call_with_old_keywords_trains_as_its_config_does(digits, mon
     assert before["val_acc"] == after["val_acc"]
     first, second = (m.state_dict() for m in models)
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_old_keywords_warn_at_the_users_line_for_every_entry_point(monkeypatch):
+    from netgraft.integrations import FineTuneSchedule
+
+    monkeypatch.setattr("netgraft.deprecation._warned", set())
+    model = digits_net()
+    calls = {
+        "schedule": lambda: schedule(model, 1, head_epochs=2),
+        "FineTuneSchedule": lambda: FineTuneSchedule(head_epochs=2, lr=1e-3),
+        "fine_tune": lambda: fine_tune(model, None, epochs=0, head_epochs=0, unknown_fit_kw=1),
+    }
+    for where, call in calls.items():
+        with pytest.warns(DeprecationWarning, match=rf"{where}\(") as record:
+            try:
+                call()
+            except TypeError:  # fine_tune hands the unknown keyword on to fit
+                pass
+        assert {w.filename for w in record} == {__file__}, where
+    old = FineTuneSchedule(head_epochs=2, lr=1e-3)
+    assert old.config.head_epochs == 2 and old.config.base_lr == 1e-3
+    assert not old.lr_from_optimizer

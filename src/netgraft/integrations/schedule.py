@@ -135,11 +135,11 @@ def callback_schedule(
     rates = {k: old[k] for k in _OLD_RATES if old.get(k) is not None}
     # None was the old callbacks' spelling of "the default" for every argument
     old = {k: v for k, v in old.items() if k not in _OLD_RATES and v is not None}
-    config = resolve_config(config, old, where, stacklevel=5)
+    config = resolve_config(config, old, where)
     if rates:
         new = "config=FineTuneConfig(head_lr=..., base_lr=...), lr_from_optimizer=False"
         for k in rates:
-            warn_deprecated(f"{where}({k}=...)", f"{where}({new})", stacklevel=4)
+            warn_deprecated(f"{where}({k}=...)", f"{where}({new})")
         head_lr = rates.get("head_lr", config.head_lr)
         base_lr = rates.get("lr", head_lr * _body_ratio(config) if head_lr else config.base_lr)
         config, lr_from_optimizer = config.replace(head_lr=head_lr, base_lr=base_lr), False
@@ -159,10 +159,20 @@ class FineTuneSchedule:
     is). With ``lr_from_optimizer`` (the default) the head stage runs at the rate the
     trainer's optimizer was built with, and the later stages at that rate times the
     config's ``base_lr / head_lr`` (its ratio kept, its scale the trainer's); without, the
-    config's rates are used as they are.
+    config's rates are used as they are. The old keyword arguments (the config's fields,
+    ``lr``, ``head_lr``) are deprecated aliases that warn once.
     """
 
-    def __init__(self, config: FineTuneConfig | None = None, *, lr_from_optimizer: bool = True):
+    def __init__(
+        self,
+        config: FineTuneConfig | None = None,
+        *,
+        lr_from_optimizer: bool = True,
+        **deprecated: Any,
+    ):
+        if deprecated:  # the old keyword arguments, as the callbacks take them
+            built = callback_schedule("FineTuneSchedule", config, lr_from_optimizer, deprecated)
+            config, lr_from_optimizer = built.config, built.lr_from_optimizer
         self.config = resolve_config(config, {}, "FineTuneSchedule")
         self.lr_from_optimizer = lr_from_optimizer
         self.model: nn.Module | None = None

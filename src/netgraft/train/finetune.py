@@ -153,13 +153,11 @@ def resolve_config(
     where: str,
     renamed: dict[str, str] | None = None,
     strict: bool = True,
-    stacklevel: int = 4,
 ) -> FineTuneConfig:
     """``config`` (None: ``FineTuneConfig()``, built now so it has today's defaults) with
     the old keyword arguments of ``where`` that are config fields (or ``renamed`` ones: old
     name -> field) moved out of ``options``; each warns once as deprecated, naming the new
-    spelling, pointed ``stacklevel`` frames up (the caller of ``where``). ``strict``: anything
-    else left in ``options`` is a TypeError."""
+    spelling. ``strict``: anything else left in ``options`` is a TypeError."""
     config = FineTuneConfig() if config is None else config
     if not isinstance(config, FineTuneConfig):
         raise NetgraftError(f"config must be a netgraft.FineTuneConfig; found {config!r}")
@@ -167,7 +165,7 @@ def resolve_config(
     given = [name for name in names if name in options]
     for name in given:
         new = f"{where}(config=FineTuneConfig({names[name]}=...))"
-        warn_deprecated(f"{where}({name}=...)", new, stacklevel=stacklevel)
+        warn_deprecated(f"{where}({name}=...)", new)
     old = {names[name]: options.pop(name) for name in given}
     if strict and options:
         raise TypeError(f"{where}() got unexpected keyword arguments {', '.join(options)}")
