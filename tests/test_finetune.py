@@ -560,3 +560,15 @@ def test_old_keywords_warn_at_the_users_line_for_every_entry_point(monkeypatch):
     old = FineTuneSchedule(head_epochs=2, lr=1e-3)
     assert old.config.head_epochs == 2 and old.config.base_lr == 1e-3
     assert not old.lr_from_optimizer
+
+
+@pytest.mark.parametrize("head", ["classifier", "classifier.*", "type:Linear", ["classifier.1"]])
+def test_the_head_may_be_any_selector(head):
+    model = mobilenet()
+    stages = schedule(model, 2, FineTuneConfig(head=head, unfreeze="gradual"))
+    assert [s.name for s in stages] == ["head", "unfreeze features.18", "unfreeze features.17"]
+    netgraft.train_only(model, stages[0].trainable)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "classifier.1.weight",
+        "classifier.1.bias",
+    }

@@ -112,7 +112,7 @@ def head_names(model: nn.Module, head: str | list[str] | None = None) -> list[st
     trainer callbacks and cached-head training."""
     if not head:
         return [name for name, _ in find_heads(model)]
-    return [head] if isinstance(head, str) else list(head)
+    return list(head) if isinstance(head, (list, tuple)) else [head]
 
 
 def find_head(model: nn.Module) -> tuple[str, nn.Module]:

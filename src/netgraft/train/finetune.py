@@ -179,9 +179,9 @@ def head_name(model: nn.Module) -> str:
     return find_head(model)[0]
 
 
-def _top_block(selectors: list[list[str]], heads: list[str]) -> int:
-    """The index of the first block holding a head."""
-    return min(head_block_index(selectors, h) for h in heads)
+def _top_block(model: nn.Module, selectors: list[list[str]], heads: list[Any]) -> int:
+    """The index of the first block holding a layer of the heads (names or any selector)."""
+    return min(head_block_index(selectors, h) for h in select(model, heads) or heads)
 
 
 class Stage(NamedTuple):
@@ -209,7 +209,7 @@ def schedule(
     if config.unfreeze == "gradual":
         found = blocks(model)
         selectors = [[n for n in b.layer_names if n] for b in found]
-        top = _top_block(selectors, heads)
+        top = _top_block(model, selectors, heads)
         for first in range(top - 1, max(top - 1 - epochs, -1), -1):
             names = [n for names in selectors[first:] for n in names] + heads
             out.append(Stage(f"unfreeze {found[first].name}", names, lr, lr_mult))
