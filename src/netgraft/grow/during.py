@@ -1,9 +1,10 @@
 """Grow a model in the middle of a training run, carrying the optimizer's state across.
 
 :class:`Grow` is a :func:`netgraft.fit` callback: before epoch ``at_epoch`` it runs a growth
-operation (``"expand_blocks"``, ``"widen_transformer"``, ``"deepen"``, ``"widen"`` or any
-callable ``op(model, **kwargs)``), checks that the loss on a fixed probe batch is the same
-right after as right before (and reports both), and rewrites the optimizer in place so its
+operation (``"expand_blocks"``, ``"widen_transformer"``, ``"deepen"``, ``"widen"``,
+``"stack_blocks"`` or any callable ``op(model, **kwargs)``), checks that the loss on a fixed
+probe batch is the same right after as right before (and reports both; ``stack_blocks``,
+which is not function-preserving, is only reported), and rewrites the optimizer in place so its
 scheduler continues: every group keeps its hyper-parameters (``lr``, ``initial_lr``,
 weight decay, ...), parameters the growth kept keep their state, parameters it replaced get
 their old state mapped through the growth, and new parameters start with none (zero
@@ -61,7 +62,9 @@ __all__ = ["Grow", "GrowthEvent", "grow_with_optimizer"]
 
 log = logging.getLogger("netgraft.train")
 
-GROWTH_OPERATIONS = ("expand_blocks", "widen_transformer", "deepen", "widen")
+GROWTH_OPERATIONS = ("expand_blocks", "widen_transformer", "deepen", "widen", "stack_blocks")
+# growth operations that change the function on purpose: their loss jump is reported, not checked
+NOT_PRESERVING = ("stack_blocks",)
 # optimizer state entries that sum gradients, sum squared gradients, or count steps
 _FIRST = ("exp_avg", "momentum_buffer")
 _SECOND = ("exp_avg_sq", "max_exp_avg_sq")
@@ -257,8 +260,9 @@ class Grow(Callback):
     """Grow the model before epoch ``at_epoch`` (0-based: after ``at_epoch`` epochs) of
     :func:`netgraft.fit`, carrying the optimizer's state across (see the module docstring).
 
-    ``op`` is ``"expand_blocks"``, ``"widen_transformer"``, ``"deepen"``, ``"widen"`` or a
-    function ``op(model, **op_kwargs)``; ``op_kwargs`` go to it. ``probe`` is a batch
+    ``op`` is ``"expand_blocks"``, ``"widen_transformer"``, ``"deepen"``, ``"widen"``,
+    ``"stack_blocks"`` (not function-preserving: its loss jump is reported, not checked) or
+    a function ``op(model, **op_kwargs)``; ``op_kwargs`` go to it. ``probe`` is a batch
     ``(inputs, targets)`` (or a dict with ``labels``) whose loss under ``loss`` (fit's
     default: cross-entropy) is measured right before and right after the growth and must
     agree within ``probe_atol`` (by default 1e-10 in float64, 1e-5 in float32, relative to
@@ -338,7 +342,7 @@ class Grow(Callback):
         return loss, out
 
     def _check(self, model: nn.Module, event: GrowthEvent) -> None:
-        if event.loss_before is None or event.loss_after is None:
+        if event.loss_before is None or event.loss_after is None or self.op in NOT_PRESERVING:
             return
         tol = self.probe_atol
         if tol is None:

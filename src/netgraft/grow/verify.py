@@ -277,9 +277,11 @@ def apply_growth(
 def _lm_loss(outputs: dict[str, torch.Tensor], inputs: Any) -> float | None:
     """Next-token cross-entropy of ``logits`` on the probe's ``input_ids`` (None when the
     probe is not a language model's)."""
-    logits = outputs.get("logits")
-    ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
-    if logits is None or ids is None or ids.shape[-1] < 2 or logits.dim() != 3:
+    logits = outputs.get("logits", outputs.get(""))
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
+    if not torch.is_tensor(ids) or ids.is_floating_point():
+        return None
+    if logits is None or ids.shape[-1] < 2 or logits.dim() != 3:
         return None
     pred = logits[:, :-1].reshape(-1, logits.shape[-1]).to(torch.float64)
     return float(F.cross_entropy(pred, ids[:, 1:].reshape(-1).to(pred.device)))
