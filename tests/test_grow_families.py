@@ -164,3 +164,71 @@ def test_stacking_refuses_factors_and_modes_it_does_not_know():
         with pytest.raises(NetgraftError, match=match):
             netgraft.stack_blocks(model, **kwargs)
     assert model.config.num_hidden_layers == 3
+
+
+# These families' RMSNorms normalise in float32 whatever the model's dtype, and the mean
+# over [h, h] rounds differently from the mean over h: a widened model is exact up to float32
+# rounding of its norms (a deepened one, whose norms see the same vectors, bit for bit).
+WIDTH_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_widened_family_keeps_logits_and_cached_generation(family):
+    model = build(family)
+    old = model.config
+    hidden, heads, kv = old.hidden_size, old.num_attention_heads, old.num_key_value_heads
+    logits, tokens = behaviour(model)
+    netgraft.widen_transformer(model, hidden_size=2 * hidden, intermediate_size=100)
+    config = model.config
+    assert (config.hidden_size, config.intermediate_size) == (2 * hidden, 100)
+    # whole key-value groups copied with their query heads; head_dim kept
+    assert (config.num_attention_heads, config.num_key_value_heads) == (2 * heads, 2 * kv)
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (2 * kv * 8, 2 * hidden)
+    if config.tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    grown_logits, grown_tokens = behaviour(model)
+    assert (grown_logits - logits).abs().max().item() <= WIDTH_ATOL
+    assert torch.equal(grown_tokens, tokens)
+    with torch.no_grad():  # the config rebuilds the same model (embedding scale included)
+        assert torch.equal(rebuilt(model)(IDS).logits, grown_logits)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3"])
+def test_widening_heads_only_keeps_head_dim_and_logits(family):
+    model = build(family)
+    logits, _ = behaviour(model)
+    netgraft.widen_transformer(model, num_heads=8)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (8, 4)
+    assert model.config.head_dim == 8
+    with torch.no_grad():
+        delta = (model(IDS).logits - logits).abs().max().item()
+    assert delta <= WIDTH_ATOL
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma", "gemma3"])
+def test_width_it_cannot_keep_exact_is_refused_before_anything_changes(family):
+    model = build(family)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SurgeryError, match="multiple of 32"):
+        netgraft.widen_transformer(model, hidden_size=48)
+    with pytest.raises(SurgeryError, match="multiple of 4"):
+        netgraft.widen_transformer(model, num_heads=6)
+    assert model.config.hidden_size == 32
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_grown_gemma3_saves_and_reloads_by_replaying_its_recipe(tmp_path):
+    folder = tmp_path / "gemma3"
+    FAMILIES["gemma3"]().save_pretrained(folder)
+    model = netgraft.load_model(f"hf:{folder}", task="causal-lm").eval()
+    netgraft.widen_transformer(model, hidden_size=64, example_input=IDS)
+    netgraft.expand_blocks(model, after=[0, 2], example_input=IDS)
+    netgraft.stack_blocks(model, 2, example_input=IDS)
+    ops = [op["op"] for op in netgraft.get_recipe(model).operations]
+    assert ops == ["widen_transformer", "expand_blocks", "stack_blocks"]
+    netgraft.save(model, tmp_path / "saved")
+    again = netgraft.load(tmp_path / "saved").eval()
+    assert again.config.num_hidden_layers == 10
+    assert again.config.layer_types == model.config.layer_types
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, model(IDS).logits)

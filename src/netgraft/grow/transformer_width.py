@@ -1,8 +1,8 @@
 """Widen a trained Hugging Face transformer without changing what it computes.
 
 :func:`widen_transformer` grows the hidden size, the MLP width and the number of attention
-heads of GPT-2, BERT-style encoders (BERT, MiniLM) and Llama-style decoders (Llama, Mistral,
-Qwen2) by copying units, as Net2WiderNet and bert2BERT's function-preserving
+heads of GPT-2, BERT-style encoders (BERT, MiniLM) and Llama-layout decoders (Llama and
+SmolLM2, Mistral, Qwen2, Qwen3, Gemma 1/2/3) by copying units, as Net2WiderNet and bert2BERT's function-preserving
 initialisation do:
 
 - hidden size ×k: every hidden vector ``h`` becomes ``[h, h, …]`` (k copies). Embeddings,
@@ -22,6 +22,17 @@ A tied output head (GPT-2's ``lm_head`` is its token embedding) stays tied. It r
 copies of the final norm's output through the copied embedding, which would multiply the
 logits by k, so the final norm's affine parameters are divided by k instead: that norm's
 output is ``[h, h, …]/k`` and the logits are unchanged.
+
+The Gemma variants: its RMSNorm scales by ``1 + w``, so the final norm's division is
+``w' = (1 + w)/d − 1``; its token embeddings are multiplied by ``sqrt(hidden_size)``, so
+the grown embedding is divided by ``sqrt(k)`` (and the stored ``embed_scale`` set to the
+grown ``sqrt(hidden_size)``), which makes a tied head's division ``d = sqrt(k)``; its norms
+after attention and MLP (Gemma 2/3) are copied like any other. Qwen3's and Gemma 3's
+per-head query/key norms are kept (whole heads are copied).
+
+Llama-family RMSNorms normalise in float32 whatever the model's dtype, and the mean over
+``[h, h]`` rounds differently from the mean over ``h``: those models are verified at the
+float32 tolerance (outputs agree to about 1e-6), also when the model is in float64.
 
 With ``noise`` the division among copies uses random shares that still sum to one, which
 leaves the function exact and lets training tell the copies apart.
@@ -82,6 +93,9 @@ class _Family:
     rules: tuple[tuple[str, tuple[Axis, ...]], ...]  # parameter-name suffix (regex) -> axes
     final_norm: str  # the norm a tied output head reads (module-name suffix, regex)
     attrs: dict[str, str]  # size-caching attribute of its modules -> size
+    norm_offset: float = 0.0  # RMSNorm scales by offset + weight (Gemma: 1 + w)
+    computes_in: torch.dtype | None = None  # norms compute in it whatever the model's dtype
+    scaled_embedding: str | None = None  # the embedding multiplied by sqrt(hidden_size)
 
 
 _GPT2 = _Family(
@@ -135,7 +149,7 @@ _BERT = _Family(
 
 _LLAMA = _Family(
     name="Llama-style",
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
     fields={
         "hidden": "hidden_size",
         "heads": "num_attention_heads",
@@ -147,6 +161,7 @@ _LLAMA = _Family(
     rules=(
         (r"embed_tokens\.weight", (None, _H)),
         (r"(input_layernorm|post_attention_layernorm|norm)\.weight", (_H,)),
+        (r"self_attn\.[qk]_norm\.weight", (None,)),  # per head: whole heads are copied
         (r"self_attn\.q_proj\.weight", (_Q, _H_IN)),
         (r"self_attn\.q_proj\.bias", (_Q,)),
         (r"self_attn\.[kv]_proj\.weight", (_KV, _H_IN)),
@@ -160,9 +175,24 @@ _LLAMA = _Family(
     ),
     final_norm=r"norm",
     attrs={"hidden_size": "hidden", "intermediate_size": "intermediate"},
+    computes_in=torch.float32,  # their RMSNorms normalise in float32 whatever the dtype
 )
 
-_FAMILIES = (_GPT2, _BERT, _LLAMA)
+# Gemma 1/2/3: Llama's layout plus norms after attention and MLP (2, 3), RMSNorm scaling by
+# 1 + w, and token embeddings multiplied by sqrt(hidden_size)
+_GEMMA = dataclasses.replace(
+    _LLAMA,
+    name="Gemma",
+    model_types=("gemma", "gemma2", "gemma3_text"),
+    rules=(
+        (r"(pre|post)_feedforward_layernorm\.weight", (_H,)),
+        *_LLAMA.rules,
+    ),
+    norm_offset=1.0,
+    scaled_embedding=r"embed_tokens\.weight",
+)
+
+_FAMILIES = (_GPT2, _BERT, _LLAMA, _GEMMA)
 # outputs of a base model that are hidden vectors: compared on their first copy
 _HIDDEN_OUTPUTS = ("last_hidden_state", "pooler_output")
 
@@ -373,8 +403,12 @@ def _plan(
             )
         _check_shape(name, p, axes, maps)
         value, index, scale = _grown_tensor(p, axes, maps, noise, g)
+        if family.scaled_embedding and _suffix(family.scaled_embedding, name):
+            # the model multiplies it by sqrt(hidden_size), now sqrt(factor) times larger
+            value, scale = value / factor**0.5, scale / factor**0.5
         if tied is not None and _suffix(family.final_norm + r"\.(weight|bias)", name):
-            value, scale, norm_found = value / factor, scale / factor, True
+            value, scale = _divided_norm(family, value, scale, factor)
+            norm_found = True
         if any(a is not None for a in axes):
             plan.append((owners, value, index, scale))
     if unknown:
@@ -388,6 +422,18 @@ def _plan(
             f"({family.final_norm}) feeds it, so its logits could not be kept exact"
         )
     return plan
+
+
+def _divided_norm(
+    family: _Family, value: torch.Tensor, scale: torch.Tensor, factor: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final norm's grown weight (or bias) and factor, its output divided so that a tied
+    head reading ``factor`` copies (of an embedding scaled down by sqrt(factor) where the
+    family scales it up) gives the same logits. A ``1 + w`` norm gets ``w' = (1 + w)/d − 1``;
+    its recorded factor ``1/d`` is then the derivative, which is what moments follow."""
+    d = factor**0.5 if family.scaled_embedding else float(factor)
+    offset = family.norm_offset
+    return (offset + value) / d - offset, scale / d
 
 
 def _check_shape(name: str, p: torch.Tensor, axes: tuple[Axis, ...], maps: dict) -> None:
@@ -420,14 +466,30 @@ def _sync_sizes(model: nn.Module, family: _Family, new: _Sizes) -> None:
                 setattr(m, attr, getattr(new, size))
 
 
+def _rescale_embeddings(model: nn.Module, hidden: int) -> None:
+    """Set the sqrt(hidden_size) factor scaled embeddings hold (transformers'
+    ``...ScaledWordEmbedding``: ``embed_scale`` buffer and ``scalar_embed_scale``) to what
+    the grown config gives, as a model rebuilt from it would hold."""
+    for m in model.modules():
+        buffer = m._buffers.get("embed_scale")
+        if buffer is not None and "scalar_embed_scale" in m.__dict__:
+            m.scalar_embed_scale = hidden**0.5
+            m._buffers["embed_scale"] = torch.full_like(buffer, hidden**0.5)
+
+
 def _apply(
     model: nn.Module, family: _Family, config: Any, plan: Plan, new: _Sizes
 ) -> Callable[[], None]:
     """Put the planned parameters in place, resize cached sizes and the config; return
     what undoes it all."""
-    attrs = (*_LAYER_SIZES, *family.attrs)
+    attrs = (*_LAYER_SIZES, *family.attrs, "scalar_embed_scale")
     saved = [
-        (m, dict(m._parameters), {a: m.__dict__[a] for a in attrs if a in m.__dict__})
+        (
+            m,
+            dict(m._parameters),
+            dict(m._buffers),
+            {a: m.__dict__[a] for a in attrs if a in m.__dict__},
+        )
         for m in model.modules()
     ]
     old_config = {f: getattr(config, f, None) for f in family.fields.values()}
@@ -439,13 +501,16 @@ def _apply(
             module._parameters[attr] = param
         record_growth(param, old, lambda t, index=index: t.flatten()[index], factor=scale)
     _sync_sizes(model, family, new)
+    if family.scaled_embedding:
+        _rescale_embeddings(model, new.hidden)
     sizes = dataclasses.asdict(new)
     for size, field in family.fields.items():
         setattr(config, field, sizes[size])
 
     def undo() -> None:
-        for m, params, cached in saved:
+        for m, params, buffers, cached in saved:
             m._parameters.update(params)
+            m._buffers.update(buffers)
             m.__dict__.update(cached)
         for field, value in old_config.items():
             setattr(config, field, value)
@@ -505,7 +570,9 @@ def widen_transformer(
     verify: bool = True,
     atol: float | None = None,
 ) -> nn.Module:
-    """Widen a Hugging Face GPT-2, BERT-style or Llama-style model so it computes exactly
+    """Widen a Hugging Face GPT-2, BERT-style or Llama-layout model (Llama, SmolLM2, Mistral,
+    Qwen2/3, Gemma 1/2/3; see the module docstring for each family's norms and embeddings)
+    so it computes exactly
     what it computed before; return the model, changed in place (parameters are replaced:
     build the optimizer after growing, or grow with :class:`netgraft.Grow` /
     :func:`netgraft.grow.grow_with_optimizer`, which carry its state).
@@ -531,7 +598,14 @@ def widen_transformer(
     old = _read_sizes(config, family)
     new = _target_sizes(old, family, hidden_size, intermediate_size, num_heads)
     plan = _plan(model, family, old, new, noise, seed)
-    probe = growth_probe(model, example_input, what="widen_transformer", verify=verify, atol=atol)
+    probe = growth_probe(
+        model,
+        example_input,
+        what="widen_transformer",
+        verify=verify,
+        atol=atol,
+        computes_in=family.computes_in,
+    )
     apply_growth(
         model,
         probe,

@@ -126,11 +126,14 @@ def check_growth(
     atol: float | None,
     what: str,
     undo: Callable[[], None] | None = None,
+    computes_in: torch.dtype | None = None,
 ) -> float:
     """Verify a growth operation and return the measured max |Δ|.
 
     The tolerance is ``atol``, by default :func:`default_atol` scaled by the output's
-    magnitude when that exceeds 1. When the outputs differ by more, ``undo`` (which puts
+    magnitude when that exceeds 1 (that of ``computes_in`` when the model computes parts of
+    its function in a coarser precision than its parameters', as Gemma's norms do in
+    float32). When the outputs differ by more, ``undo`` (which puts
     the model back as it was) runs and :class:`EquivalenceError` names ``what``.
     """
     out_before = _run(before, inputs)
@@ -145,6 +148,8 @@ def check_growth(
         ) from exc
     delta, _ = _max_delta(out_before, out_after)
     tol = default_atol(after) if atol is None else atol
+    if atol is None and computes_in is not None:
+        tol = max(tol, _ATOL.get(computes_in, tol))
     if atol is None:
         scale = max((t.abs().max().item() for t in out_before.values() if t.numel()), default=1.0)
         tol *= max(1.0, scale)
@@ -197,12 +202,14 @@ def probe_input(model: nn.Module, example_input: Any = None, *, what: str) -> An
 @dataclass(frozen=True)
 class GrowthProbe:
     """How one growth operation checks itself: its name (``what``, used in messages), the
-    probe batch (None when nothing is checked) and the tolerance (None: the default)."""
+    probe batch (None when nothing is checked), the tolerance (None: the default) and the
+    coarsest precision the model computes in, when coarser than its parameters'."""
 
     what: str
     inputs: Any
     check: bool
     atol: float | None = None
+    computes_in: torch.dtype | None = None
 
 
 def growth_probe(
@@ -213,6 +220,7 @@ def growth_probe(
     verify: bool,
     atol: float | None = None,
     needs_inputs: bool = False,
+    computes_in: torch.dtype | None = None,
 ) -> GrowthProbe:
     """The probe a growth operation uses: it checks itself when ``verify`` is set and no
     recipe is replaying (a replay loads the weights afterwards, so a check on the fresh base
@@ -220,7 +228,7 @@ def growth_probe(
     ``needs_inputs`` to trace the model."""
     check = verify and not is_replaying()
     inputs = probe_input(model, example_input, what=what) if check or needs_inputs else None
-    return GrowthProbe(what, inputs, check, atol)
+    return GrowthProbe(what, inputs, check, atol, computes_in)
 
 
 @dataclass(frozen=True)
@@ -256,7 +264,13 @@ def apply_growth(
     after = view(model) if view is not None else model
     if exact:
         delta = check_growth(
-            before, after, probe.inputs, atol=probe.atol, what=probe.what, undo=undo
+            before,
+            after,
+            probe.inputs,
+            atol=probe.atol,
+            what=probe.what,
+            undo=undo,
+            computes_in=probe.computes_in,
         )
         log.info("%s: verified on the probe batch, max |Δ| = %.3g", probe.what, delta)
         return GrowthCheck(delta)
