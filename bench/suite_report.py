@@ -1,0 +1,185 @@
+"""The suite's summary from its run log: rows (task × budget × method, mean ± std, every
+seed), average ranks, the leave-one-task-out choice of defaults, suggest against surgical,
+a markdown table and a PNG. Bench code only."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from netgraft.atomic import atomic_write
+
+# methods that are a fixed fine_tune setting, so could be the defaults
+CHOOSABLE = (
+    "defaults before (1e-4 x10)",
+    "previous defaults (1e-3 x100, bn)",
+    "fastai",
+    "full, one rate 3e-4",
+    "gradual (1e-3 x10)",
+    "candidate 1e-3 x10",
+    "candidate 3e-4 x10",
+)
+
+
+def load_runs(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, budget, method): accuracies over seeds, mean ± std, seconds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(r["task"], r["budget"], r["method"])].append(r)
+    rows = []
+    for (task, budget, method), rs in groups.items():
+        accs = [r["acc"] for r in sorted(rs, key=lambda r: r["seed"])]
+        rows.append({
+            "task": task, "budget": budget, "method": method, "seeds": len(accs),
+            "accs": accs, "acc_mean": round(statistics.fmean(accs), 4),
+            "acc_std": round(statistics.pstdev(accs), 4),
+            "seconds": round(statistics.fmean(r["seconds"] for r in rs), 1),
+        })  # fmt: skip
+    return rows
+
+
+def _cells(rows: list[dict]) -> dict[tuple, dict[str, float]]:
+    cells: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in rows:
+        cells[(r["task"], r["budget"])][r["method"]] = r["acc_mean"]
+    return cells
+
+
+def average_ranks(rows: list[dict], methods: list[str]) -> dict[str, float]:
+    """Mean rank of each method (1 = best, ties share their mean rank) over the cells
+    (task, budget) where every one of ``methods`` was measured."""
+    ranks: dict[str, list[float]] = defaultdict(list)
+    for scores in _cells(rows).values():
+        if not all(m in scores for m in methods):
+            continue
+        ordered = sorted(methods, key=lambda m: -scores[m])
+        for m in methods:
+            better = sum(1 for o in ordered if scores[o] > scores[m])
+            same = sum(1 for o in ordered if scores[o] == scores[m])
+            ranks[m].append(better + (same + 1) / 2)
+    return {m: round(statistics.fmean(v), 2) for m, v in ranks.items()}
+
+
+def _regret(scores: dict[str, float], method: str) -> float:
+    return max(scores.values()) - scores[method]
+
+
+def leave_one_task_out(rows: list[dict]) -> dict[str, Any]:
+    """For each task: the fixed setting (of :data:`CHOOSABLE`) with the smallest mean
+    regret (best method's accuracy minus its own) over the other tasks' cells, and its
+    regret on the held-out task's cells."""
+    cells = {k: v for k, v in _cells(rows).items() if all(m in v for m in CHOOSABLE)}
+    tasks = sorted({t for t, _ in cells})
+    folds = {}
+    for held in tasks:
+        others = [v for (t, _), v in cells.items() if t != held]
+        if not others:
+            continue
+        mean = {m: statistics.fmean(_regret(v, m) for v in others) for m in CHOOSABLE}
+        pick = min(mean, key=mean.get)
+        held_cells = {b: round(_regret(v, pick), 4) for (t, b), v in cells.items() if t == held}
+        folds[held] = {"picked": pick, "train_mean_regret": round(mean[pick], 4),
+                       "held_out_regret": held_cells}  # fmt: skip
+    overall = {m: round(statistics.fmean(_regret(v, m) for v in cells.values()), 4)
+               for m in CHOOSABLE} if cells else {}  # fmt: skip
+    worst = (
+        {m: round(max(_regret(v, m) for v in cells.values()), 4) for m in CHOOSABLE}
+        if cells
+        else {}
+    )
+    return {"folds": folds, "mean_regret_all_tasks": overall, "worst_regret_all_tasks": worst}
+
+
+def agreement(runs: list[dict]) -> list[dict[str, Any]]:
+    """Per (task, budget, seed): the surgical study's best block, suggest's first block, and
+    suggest's first among the surgical study's candidates."""
+    by_key = {(r["task"], r["budget"], r["seed"], r["method"]): r for r in runs}
+    out = []
+    for (task, budget, seed, method), r in sorted(by_key.items()):
+        other = by_key.get((task, budget, seed, "suggest"))
+        if method != "surgical" or other is None:
+            continue
+        among = next(b for b in other["ranking"] if b in r["scores"])
+        out.append({"task": task, "budget": budget, "seed": seed, "surgical": r["block"],
+                    "suggest": other["block"], "suggest_among_candidates": among,
+                    "agree": among == r["block"], "surgical_scores": r["scores"]})  # fmt: skip
+    return out
+
+
+def markdown(rows: list[dict], methods: list[str], ranks: dict[str, float]) -> str:
+    """Task × method table of mean ± std accuracy, best per row in bold, then the ranks."""
+    head = "| task | budget | " + " | ".join(methods) + " |"
+    lines = [head, "|---" * (len(methods) + 2) + "|"]
+    for (task, budget), scores in sorted(_cells(rows).items()):
+        cell = {r["method"]: r for r in rows if r["task"] == task and r["budget"] == budget}
+        best = max(scores.values())
+        parts = []
+        for m in methods:
+            if m not in cell:
+                parts.append("–")
+                continue
+            text = f"{cell[m]['acc_mean']:.3f} ± {cell[m]['acc_std']:.3f}"
+            parts.append(f"**{text}**" if cell[m]["acc_mean"] == best else text)
+        lines.append(f"| {task} | {budget} | " + " | ".join(parts) + " |")
+    lines.append("| average rank | | " + " | ".join(str(ranks.get(m, "–")) for m in methods) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], methods: list[str], ranks: dict[str, float], path: Path) -> None:
+    """Heat map of mean accuracy (cells × methods) beside the average ranks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells = sorted(_cells(rows).items())
+    grid = np.array([[s.get(m, np.nan) for m in methods] for _, s in cells])
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(16, 0.4 * len(cells) + 3),
+                                 gridspec_kw={"width_ratios": [3, 1]})  # fmt: skip
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(cells)), [f"{t} {b}" for (t, b), _ in cells], fontsize=8)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
+    fig.colorbar(im, ax=ax, label="test accuracy (mean over seeds)")
+    ranked = sorted(ranks, key=ranks.get)
+    bx.barh(ranked[::-1], [ranks[m] for m in ranked[::-1]])
+    bx.set_xlabel("average rank (1 = best)")
+    bx.tick_params(labelsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def write(runs_path: Path, json_path: Path, png_path: Path, settings: dict[str, Any]) -> None:
+    """Rebuild the summary JSON and PNG from every run logged so far."""
+    runs = load_runs(runs_path)
+    rows = summarise(runs)
+    present = {r["method"] for r in rows}
+    methods = [m for m in settings["methods"] if m in present]
+    ranks = average_ranks(rows, methods)
+    result = {
+        "benchmark": "suite",
+        "settings": {k: v for k, v in settings.items() if k != "methods"},
+        "methods": methods,
+        "rows": rows,
+        "average_rank": ranks,
+        "leave_one_task_out": leave_one_task_out(rows),
+        "suggest_vs_surgical": agreement(runs),
+        "table": markdown(rows, methods, ranks),
+        "runs": runs,
+    }
+    text = json.dumps(result, indent=1, default=str)
+    atomic_write(json_path, lambda p: p.write_text(text))
+    if rows:
+        plot(rows, methods, ranks, png_path)
