@@ -14,6 +14,7 @@ docs/notes/ holds helpers' drafts outside the site and is not read.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,14 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # a page writing under ~ writes here
     namespace = {"__name__": "__main__"}
     torch.manual_seed(0)
-    for block in runnable:
-        code = compile(block.code, f"{page_id(path)}:{block.line}", "exec")
-        exec(code, namespace)  # the documentation's own examples
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for block in runnable:
+            code = compile(block.code, f"{page_id(path)}:{block.line}", "exec")
+            exec(code, namespace)  # the documentation's own examples
+    old_spellings = [
+        f"{w.filename}:{w.lineno}: {w.message}"
+        for w in caught
+        if issubclass(w.category, (DeprecationWarning, FutureWarning)) and ".md:" in w.filename
+    ]
+    assert not old_spellings, "the docs use deprecated names:\n" + "\n".join(old_spellings)
