@@ -270,3 +270,29 @@ def test_frozen_modules_run_in_inference_and_unfreeze_releases_them(minilm_dir):
     assert quiet_dropout(model.bert.encoder.layer[2].attention.self.dropout)
     assert model.bert.encoder.layer[3].attention.self.training  # its attention module too
     assert not model.bert.encoder.layer[2].attention.self.training
+
+
+@pytest.mark.slow
+def test_train_only_on_a_model_sharing_one_module_under_two_names(imagenet_batch):
+    """timm's coat_mini registers its convolutional position encodings under two names
+    (``serial_blocks1.0.cpe`` is ``cpe1``): the layer table, freeze and train_only see the
+    module once, and after an optimizer step only the head moved."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("coat_mini", pretrained=False, num_classes=5)
+    x, _ = imagenet_batch
+    x, y = x[:4], torch.tensor([0, 1, 2, 3])
+    netgraft.train_only(model, "head")
+    table = netgraft.layers(model, x[:1])
+    assert len(table.names) == len(set(table.names))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "head.weight",
+        "head.bias",
+    }
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == {"head.weight", "head.bias"}

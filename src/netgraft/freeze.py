@@ -160,7 +160,7 @@ def _sync_inference(model: nn.Module) -> None:
     """Hold every fully frozen module (norm layers aside: they follow ``bn``; the root aside:
     its flag is the mode asked of the model) in inference mode; release the others back to
     the model's mode."""
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     for name, frozen in _fully_frozen(model).items():
         module = modules[name]
         if not name or is_norm(module):  # the root keeps the mode asked of the model
