@@ -294,3 +294,22 @@ def test_resume_after_a_growth_with_a_new_block_continues_its_optimizer_groups(t
     assert [r["loss"] for r in again.rows] == [r["loss"] for r in full.rows]
     for (name, a), b in zip(whole.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_stacking_in_fit_reports_its_loss_jump_and_trains_the_copies_from_fresh_state(text):
+    x, y = text
+    model = gpt2()
+    probe = (x[:8], y[:8])
+    grow = netgraft.Grow(at_epoch=1, op="stack_blocks", factor=2, probe=probe, loss=lm_loss)
+    netgraft.fit(
+        model, (x, y), epochs=2, lr=1e-3, loss=lm_loss, metrics=(), batch_size=16,
+        callbacks=[grow], seed=0, quiet=True, device="cpu",
+    )  # fmt: skip
+    event = grow.events[0]
+    assert model.config.n_layer == 4
+    assert event.loss_after != pytest.approx(event.loss_before, abs=1e-6)  # not preserving
+    assert (event.kept, event.new) == (len(list(gpt2().parameters())), 2 * 12)
+    assert netgraft.get_recipe(model).operations[-1] == {
+        "op": "stack_blocks",
+        "args": {"factor": 2},
+    }

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ParamGrowth", "record_growth", "tracking"]
+__all__ = ["ParamGrowth", "is_tracking", "record_growth", "tracking"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,12 @@ def tracking() -> Iterator[list[ParamGrowth]]:
         yield records
     finally:
         _records.reset(token)
+
+
+def is_tracking() -> bool:
+    """Whether a caller collects growth records (an operation can then skip building them,
+    which for a large model saves memory of the grown model's size several times over)."""
+    return _records.get() is not None
 
 
 def record_growth(

@@ -58,7 +58,7 @@ from torch import nn
 
 from ..errors import NetgraftError, SurgeryError
 from ..recipe import PROBE_ARGUMENTS, recorded
-from .carry import record_growth
+from .carry import is_tracking, record_growth
 from .verify import apply_growth, growth_probe
 
 __all__ = ["widen_transformer"]
@@ -324,21 +324,25 @@ def _grown_tensor(
     maps: dict[str, tuple[torch.Tensor, int]],
     noise: float,
     g: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The grown value of ``p``, and for each of its elements the flat index of the old
-    element it copies and the factor that element was multiplied by."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The grown value of ``p`` (in float64), and, when growth is being tracked
+    (:func:`is_tracking`), for each of its elements the flat index of the old element it
+    copies and the factor that element was multiplied by (else None: they cost as much
+    memory as the grown model)."""
+    track = is_tracking()
     out = p.detach().to(torch.float64)
-    index = torch.arange(p.numel()).reshape(p.shape)
+    index = torch.arange(p.numel()).reshape(p.shape) if track else None
     for dim, axis in enumerate(axes):
         if axis is not None:
             out = out.index_select(dim, maps[axis[0]][0].to(out.device))
-            index = index.index_select(dim, maps[axis[0]][0])
-    factor = torch.ones(out.shape, dtype=torch.float64)
+            if index is not None:
+                index = index.index_select(dim, maps[axis[0]][0])
+    factor = torch.ones(out.shape, dtype=torch.float64) if track else None
     for dim, axis in enumerate(axes):
         if axis is not None and axis[1]:
             share = _shares(out, dim, *maps[axis[0]], noise, g)
             out = out * share.to(out.device)
-            factor = factor * share
+            factor = factor * share if factor is not None else None
     return out, index, factor
 
 
@@ -370,8 +374,11 @@ def _shared_parameters(model: nn.Module) -> dict[int, list[tuple[nn.Module, str,
     return owners
 
 
-# (every place a parameter is held, its new value, the old element and factor of each value)
-Plan = list[tuple[list[tuple[nn.Module, str, str]], torch.Tensor, torch.Tensor, torch.Tensor]]
+# (every place a parameter is held, its new value in its dtype, the old element and factor of
+# each value: None unless growth is tracked)
+Plan = list[
+    tuple[list[tuple[nn.Module, str, str]], torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+]
 
 
 def _plan(
@@ -405,12 +412,12 @@ def _plan(
         value, index, scale = _grown_tensor(p, axes, maps, noise, g)
         if family.scaled_embedding and _suffix(family.scaled_embedding, name):
             # the model multiplies it by sqrt(hidden_size), now sqrt(factor) times larger
-            value, scale = value / factor**0.5, scale / factor**0.5
+            value, scale = _divided(value, scale, factor**0.5)
         if tied is not None and _suffix(family.final_norm + r"\.(weight|bias)", name):
             value, scale = _divided_norm(family, value, scale, factor)
             norm_found = True
         if any(a is not None for a in axes):
-            plan.append((owners, value, index, scale))
+            plan.append((owners, value.to(p.dtype), index, scale))
     if unknown:
         raise SurgeryError(
             f"widen_transformer has no {family.name} rule for {len(unknown)} parameter(s) "
@@ -424,16 +431,22 @@ def _plan(
     return plan
 
 
+def _divided(
+    value: torch.Tensor, scale: torch.Tensor | None, d: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return value / d, None if scale is None else scale / d
+
+
 def _divided_norm(
-    family: _Family, value: torch.Tensor, scale: torch.Tensor, factor: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    family: _Family, value: torch.Tensor, scale: torch.Tensor | None, factor: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The final norm's grown weight (or bias) and factor, its output divided so that a tied
     head reading ``factor`` copies (of an embedding scaled down by sqrt(factor) where the
     family scales it up) gives the same logits. A ``1 + w`` norm gets ``w' = (1 + w)/d − 1``;
     its recorded factor ``1/d`` is then the derivative, which is what moments follow."""
     d = factor**0.5 if family.scaled_embedding else float(factor)
     offset = family.norm_offset
-    return (offset + value) / d - offset, scale / d
+    return (offset + value) / d - offset, None if scale is None else scale / d
 
 
 def _check_shape(name: str, p: torch.Tensor, axes: tuple[Axis, ...], maps: dict) -> None:
@@ -496,10 +509,11 @@ def _apply(
     for owners, value, index, scale in plan:
         module, attr, _ = owners[0]
         old = module._parameters[attr]
-        param = nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad)
+        param = nn.Parameter(value, requires_grad=old.requires_grad)
         for module, attr, _ in owners:
             module._parameters[attr] = param
-        record_growth(param, old, lambda t, index=index: t.flatten()[index], factor=scale)
+        if index is not None:
+            record_growth(param, old, lambda t, index=index: t.flatten()[index], factor=scale)
     _sync_sizes(model, family, new)
     if family.scaled_embedding:
         _rescale_embeddings(model, new.hidden)
