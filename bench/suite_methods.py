@@ -36,7 +36,7 @@ SOURCES = {
     "speeches": "minilm",
 }
 # (head epochs, body epochs) per budget; the head-only method trains for their sum
-EPOCHS = {"small": (5, 5), "large": (1, 2)}
+EPOCHS = {"small": (3, 3), "large": (1, 2)}
 PER_CLASS = {"small": 10, "large": 100}
 MAX_TRAIN = 1000
 BATCH = 16
@@ -273,9 +273,9 @@ def _candidate(base_lr: float, lr_mult: float = 10.0):
 METHODS = {
     "head only": head_only,
     "defaults before (1e-4 x10)": _configured(BEFORE),
-    "previous defaults (1e-3 x100, bn)": _configured(PREVIOUS),
+    "previous defaults (1e-3 x100 bn)": _configured(PREVIOUS),
     "fastai": fastai,
-    "full, one rate 3e-4": full_one_rate,
+    "full one rate 3e-4": full_one_rate,
     "gradual (1e-3 x10)": _configured({**BEFORE, "base_lr": 1e-3, "unfreeze": "gradual"}),
     "candidate 1e-3 x10": _candidate(1e-3),
     "candidate 3e-4 x10": _candidate(3e-4),

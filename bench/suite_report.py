@@ -15,9 +15,9 @@ from netgraft.atomic import atomic_write
 # methods that are a fixed fine_tune setting, so could be the defaults
 CHOOSABLE = (
     "defaults before (1e-4 x10)",
-    "previous defaults (1e-3 x100, bn)",
+    "previous defaults (1e-3 x100 bn)",
     "fastai",
-    "full, one rate 3e-4",
+    "full one rate 3e-4",
     "gradual (1e-3 x10)",
     "candidate 1e-3 x10",
     "candidate 3e-4 x10",
@@ -31,8 +31,11 @@ def load_runs(path: Path) -> list[dict[str, Any]]:
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (task, budget, method): accuracies over seeds, mean ± std, seconds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in runs:
-        groups[(r["task"], r["budget"], r["method"])].append(r)
+    seen = set()
+    for r in runs:  # two runs of the suite side by side may both finish a run: keep the first
+        if (key := (r["task"], r["budget"], r["seed"], r["method"])) not in seen:
+            seen.add(key)
+            groups[key[:2] + key[3:]].append(r)
     rows = []
     for (task, budget, method), rs in groups.items():
         accs = [r["acc"] for r in sorted(rs, key=lambda r: r["seed"])]

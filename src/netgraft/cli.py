@@ -396,7 +396,10 @@ def finetune(
         ..., help="torchvision:NAME, timm:NAME, hf:PATH, file.py:fn or a saved folder"
     ),
     data: Path = typer.Option(
-        ..., "--data", help="image folder: DIR/CLASS/*.png, or DIR/train + DIR/val"
+        ...,
+        "--data",
+        help="image folder: DIR/CLASS/*.png, or DIR/train + DIR/val; or a text table "
+        "(.csv/.jsonl with text and label columns) for an hf:PATH model",
     ),
     out: Path = typer.Option(..., "-o", "--out", help="folder to save model, history, plot"),
     weights: Path | None = _WEIGHTS_OPTION,
@@ -420,9 +423,10 @@ def finetune(
     cache: bool | None = _FINETUNE_CACHE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or epoch lines"),
     trust_pickle: bool = _TRUST_PICKLE_OPTION,
+    max_length: int = typer.Option(128, "--max-length", help="tokens per text (text tables)"),
 ) -> None:
-    """Fine-tune a model on an image folder (new head first, then unfreeze) and save it to OUT
-    with its history (JSON + PNG) and class names."""
+    """Fine-tune a model on an image folder or a text table (new head first, then unfreeze)
+    and save it to OUT with its history (JSON + PNG) and class names."""
     config = finetune_config(
         head=head, head_epochs=head_epochs, base_lr=lr, head_lr=head_lr, lr_mult=lr_mult,
         unfreeze=unfreeze, bn=bn, train_bn=train_bn, keep_frozen=freeze_sel, scheduler=scheduler,
@@ -443,6 +447,7 @@ def finetune(
         seed=seed,
         cache="auto" if cache is None else cache,
         quiet=quiet,
+        max_length=max_length,
     )
     _console().print(result.summary(), markup=False)
 
@@ -501,7 +506,9 @@ def pretrain(
 @app.command("evaluate")
 def evaluate_cmd(
     folder: Path = typer.Argument(..., help="a folder written by netgraft finetune"),
-    data: Path = typer.Option(..., "--data", help="image folder DIR/CLASS/*.png to score"),
+    data: Path = typer.Option(
+        ..., "--data", help="image folder DIR/CLASS/*.png, or a text table, to score"
+    ),
     batch_size: int = typer.Option(64, "--batch-size"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
@@ -511,14 +518,15 @@ def evaluate_cmd(
         print(json.dumps(scores))
         return
     _console().print(
-        f"{scores['n']} images · loss {scores['loss']:.4f} · acc {scores['acc']:.4f}", markup=False
+        f"{scores['n']} {'texts' if data.suffix.lower() in ('.csv', '.jsonl') else 'images'} · loss {scores['loss']:.4f} · acc {scores['acc']:.4f}",
+        markup=False,
     )
 
 
 @app.command("predict")
 def predict_cmd(
     folder: Path = typer.Argument(..., help="a folder written by netgraft finetune"),
-    images: list[Path] = typer.Argument(..., help="image files"),
+    images: list[Path] = typer.Argument(..., help="image files (text tables for a text model)"),
     top_k: int = typer.Option(3, "--top-k", "-k", help="how many classes to show per image"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:

@@ -43,6 +43,7 @@ from .data import (
     read_data_info,
     write_data_info,
 )
+from .data.tables import is_text_table
 from .errors import DataError, NetgraftError
 from .grow import deepen as deepen_op
 from .grow import expand_blocks
@@ -54,6 +55,7 @@ from .recipe import get_recipe
 from .saved import load as load_saved
 from .saved import save
 from .study import MODES, StudyResult, study
+from .text_workflows import evaluate_table, finetune_table, predict_table, read_text_info
 from .train import History, evaluate, fine_tune, predict
 from .train.finetune import FineTuneConfig, resolve_config
 from .transfer import TransferReport, transfer
@@ -327,6 +329,7 @@ def finetune_folder(
     seed: int = 0,
     cache: bool | str = "auto",
     quiet: bool = False,
+    max_length: int = 128,
     **deprecated: Any,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (a spec for :func:`netgraft.load_model`, or a module) on the
@@ -339,9 +342,16 @@ def finetune_folder(
     :class:`DataError`), then :func:`netgraft.fine_tune` trains it as ``config`` says (a
     :class:`netgraft.FineTuneConfig`; None: the defaults) for ``epochs`` after the head
     stage. ``out`` gets the weights and recipe, ``history.json``/``.png`` and ``data.json``.
-    The config's fields (and ``lr``: ``base_lr``) as keywords are deprecated aliases.
+    ``data_dir`` may instead be a text table (``.csv``/``.jsonl`` with ``text`` and
+    ``label``) for an ``hf:PATH`` model, tokenized to ``max_length``
+    (:func:`netgraft.text_workflows.finetune_table`). The config's fields (and ``lr``:
+    ``base_lr``) as keywords are deprecated aliases.
     """
     config = resolve_config(config, deprecated, "finetune_folder", renamed={"lr": "base_lr"})
+    if is_text_table(data_dir):  # a CSV/JSONL text table: netgraft.text_workflows
+        return finetune_table(model, data_dir, out, num_classes=num_classes, config=config,
+                              epochs=epochs, max_length=max_length, batch_size=batch_size,
+                              val_fraction=val_fraction, seed=seed, cache=cache, quiet=quiet)  # fmt: skip
     torch.manual_seed(seed)
     if isinstance(model, str):
         model = load_model(model, weights=weights, trust_pickle=trust_pickle)
@@ -376,7 +386,10 @@ def evaluate_folder(
 ) -> dict[str, Any]:
     """Loss, accuracy and count (``{"loss", "acc", "n"}``, :func:`netgraft.evaluate`) of the
     model in a servable ``folder`` on every image of the class-per-folder ``data_dir``; a
-    class folder the model was not trained on is a :class:`DataError`."""
+    class folder the model was not trained on is a :class:`DataError`. A text table
+    (``.csv``/``.jsonl``) scores a text model (:func:`netgraft.text_workflows.evaluate_table`)."""
+    if is_text_table(data_dir):
+        return evaluate_table(folder, data_dir, batch_size=batch_size)
     classes, config = read_data_info(folder)
     model = load_saved(folder)
     return evaluate(model, labelled_images(data_dir, config, classes), batch_size=batch_size)
@@ -387,7 +400,11 @@ def predict_files(
 ) -> dict[str, list[dict[str, Any]]]:
     """The top-``k`` classes of the model in a servable ``folder`` for each image file, read
     and transformed as at training time: ``{path: [{"class": name, "prob": p}, ...]}`` in the
-    order of ``images``, most probable first, probabilities rounded to 6 digits."""
+    order of ``images``, most probable first, probabilities rounded to 6 digits. A text
+    model takes text tables instead: one entry per row, ``TABLE:ROW``
+    (:func:`netgraft.text_workflows.predict_table`)."""
+    if read_text_info(folder) is not None:
+        return {key: top for t in images for key, top in predict_table(folder, t, k=k).items()}
     classes, config = read_data_info(folder)
     model = load_saved(folder)
     tf = image_transform(config)

@@ -17,6 +17,8 @@ The package is split by job; every public name is re-exported here, so
 - :mod:`~netgraft.data.images` — :func:`image_folder` (``root/CLASS/*.png`` or
   ``root/train|val/CLASS``), :func:`labelled_images`, :class:`ImageFiles`;
 - :mod:`~netgraft.data.text` — :class:`TokenizedTexts`;
+- :mod:`~netgraft.data.tables` — text tables (CSV/JSONL with ``text`` and ``label``):
+  :func:`read_text_table`, :func:`text_table`, :func:`labelled_texts`, :func:`is_text_table`;
 - :mod:`~netgraft.data.served` — :func:`write_data_info`, :func:`read_data_info`.
 
 Nothing here downloads anything.
@@ -44,6 +46,7 @@ from .images import (
     load_image,
 )
 from .served import read_data_info, write_data_info
+from .tables import TextSplit, is_text_table, labelled_texts, read_text_table, text_table
 from .text import TokenizedTexts
 from .transforms import (
     AUGMENTATIONS,
@@ -64,6 +67,7 @@ __all__ = [
     "FolderSplit",
     "ImageFiles",
     "TextPassages",
+    "TextSplit",
     "TokenizedTexts",
     "as_dataset",
     "data_config",
@@ -71,7 +75,9 @@ __all__ = [
     "image_folder",
     "image_transform",
     "input_of",
+    "is_text_table",
     "labelled_images",
+    "labelled_texts",
     "load_digits",
     "load_english_text",
     "load_image",
@@ -81,7 +87,9 @@ __all__ = [
     "mobilenet_v2_weights_path",
     "package_dir",
     "read_data_info",
+    "read_text_table",
     "split_example",
+    "text_table",
     "to_device",
     "write_data_info",
 ]
