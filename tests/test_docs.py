@@ -159,3 +159,69 @@ def test_every_example_of_the_readme_before_issue_21_still_runs():
     """The README's examples from before the API was made consistent (issue 21) run as they
     were written: old names warn, nothing breaks."""
     run_blocks(OLD_README, allow_old_names=True)
+
+
+def _architecture_rows() -> list[list[str]]:
+    """The layering table of docs/architecture.md: per row, lowest first, the module names
+    (``grow/`` as ``grow``; ``grow/during`` as ``grow.during``)."""
+    rows = []
+    for line in (DOCS / "architecture.md").read_text().splitlines():
+        cells = line.split("|")
+        if len(cells) == 4 and "`" in cells[2] and not cells[1].strip().startswith("-"):
+            names = re.findall(r"`([\w/]+?)/?`", cells[2])
+            rows.append([n.replace("/", ".") for n in names])
+    return rows
+
+
+def _row_of(module: str, rows: list[list[str]]) -> int | None:
+    """The row of ``module`` (dotted, without ``netgraft.``): its longest listed prefix."""
+    found = [
+        (len(name), i)
+        for i, row in enumerate(rows)
+        for name in row
+        if module == name or module.startswith(name + ".")
+    ]
+    return max(found)[1] if found else None
+
+
+def _relative_imports(path: Path, module: str) -> set[str]:
+    """The netgraft modules ``path`` (module ``module``) imports with relative imports."""
+    import ast
+
+    is_package = path.name == "__init__.py"
+    base = module if is_package else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            parts = base.split(".") if base else []
+            parent = ".".join(parts[: len(parts) - node.level + 1])
+            target = ".".join(p for p in (parent, node.module) if p)
+            found |= {target, *(f"{target}.{a.name}" for a in node.names)}
+    return found
+
+
+def test_the_architecture_page_layout_exists_and_its_layers_point_down():
+    """Every path the layout names exists, and no module imports from a layer above its own
+    (a package's ``__init__`` re-exporting a submodule's names is how it is reached, not a
+    dependency, so it is left out)."""
+    page = (DOCS / "architecture.md").read_text()
+    layout = page.split("```", 2)[1]
+    src = ROOT / "src" / "netgraft"
+    for name in re.findall(r"^  (\w+(?:\.py|/))", layout, re.M):
+        assert (src / name).exists(), f"docs/architecture.md names {name}, which is gone"
+    rows = _architecture_rows()
+    assert len(rows) >= 5, rows
+    modules = {}
+    for path in src.rglob("*.py"):
+        parts = path.relative_to(src).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    upward = []
+    for module, path in modules.items():
+        mine = _row_of(module, rows)
+        if not module or mine is None or path.name == "__init__.py":
+            continue
+        for target in _relative_imports(path, module) & modules.keys():
+            theirs = _row_of(target, rows)
+            if theirs is not None and theirs > mine:
+                upward.append(f"{module} (row {mine}) imports {target} (row {theirs})")
+    assert not upward, "\n".join(upward)
