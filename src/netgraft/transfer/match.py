@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -289,16 +290,7 @@ def _align(
 ) -> list[tuple[int, int]]:
     """Needleman-Wunsch over layer sequences; returns aligned (dst index, src index) pairs."""
     n, m = len(dst), len(src)
-    sig_d = [_signature(x.tensors, shapes_d) for x in dst]
-    sig_s = [_signature(x.tensors, shapes_s) for x in src]
-    kind_d = [_kind(x.tensors, shapes_d) for x in dst]
-    kind_s = [_kind(x.tensors, shapes_s) for x in src]
-    # intern signatures so the inner loop compares small ints
-    ids: dict[tuple, int] = {}
-    sd = [ids.setdefault(s, len(ids)) for s in sig_d]
-    ss = [ids.setdefault(s, len(ids)) for s in sig_s]
-    kd = [ids.setdefault(("kind", k), len(ids)) for k in kind_d]
-    ks = [ids.setdefault(("kind", k), len(ids)) for k in kind_s]
+    sd, ss, kd, ks = _interned(dst, src, shapes_d, shapes_s)
     want = [partner.get(x.name) for x in dst]
     src_names = [x.name for x in src]
     neg = float("-inf")
@@ -331,6 +323,27 @@ def _align(
                 row[j], brow[j] = up, 1
             else:
                 row[j], brow[j] = left, 2
+    return _trace_back(back, n, m)
+
+
+def _interned(
+    dst: list[DstLayer],
+    src: list[SourceLayer],
+    shapes_d: Mapping[str, tuple],
+    shapes_s: Mapping[str, tuple],
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Signatures and kinds of both sequences as small ints, so the inner loop of
+    :func:`_align` compares ints: ``(dst signatures, src signatures, dst kinds, src kinds)``."""
+    ids: dict[tuple, int] = {}
+    sd = [ids.setdefault(_signature(x.tensors, shapes_d), len(ids)) for x in dst]
+    ss = [ids.setdefault(_signature(x.tensors, shapes_s), len(ids)) for x in src]
+    kd = [ids.setdefault(("kind", _kind(x.tensors, shapes_d)), len(ids)) for x in dst]
+    ks = [ids.setdefault(("kind", _kind(x.tensors, shapes_s)), len(ids)) for x in src]
+    return sd, ss, kd, ks
+
+
+def _trace_back(back: list[list[int]], n: int, m: int) -> list[tuple[int, int]]:
+    """The aligned (dst index, src index) pairs read back from the alignment's moves."""
     pairs = []
     i, j = n, m
     while i > 0 or j > 0:
@@ -368,10 +381,33 @@ def plan_pairs(
     src_owner = {full: layer.name for layer in src_layers for full in layer.tensors.values()}
     if mapping:
         plan.pairs.update(_mapping_pairs(mapping, dst_layers, src_names))
-
     dst_names = [full for layer in dst_layers for full in layer.tensors.values()]
     named = name_matches(dst_names, sorted(src_names), steps)
-    # the name partner of a destination layer: the source layer most of its tensors name
+    _vote_name_partners(plan, dst_layers, named, src_owner)
+    mapped_dst = {
+        layer.name for layer in dst_layers if any(f in plan.pairs for f in layer.tensors.values())
+    }
+    free_dst = [x for x in dst_layers if x.name not in mapped_dst]
+    # a source layer a mapping used stays available: one source may feed several layers
+    layer_pairs = _pair_layers(plan, free_dst, src_layers, (shapes_d, shapes_s), steps)
+    src_by_name = {x.name: x for x in src_layers}
+    for x in dst_layers:
+        if x.name in layer_pairs:
+            s_name, how = layer_pairs[x.name]
+            plan.layer_pairs.append((x.name, s_name))
+            _pair_tensors(plan, x, src_by_name[s_name], how, named, src_owner)
+    for layer in dst_layers:  # mapped layers: remaining tensors by name only
+        if layer.name in mapped_dst:
+            for full in layer.tensors.values():
+                if full not in plan.pairs and full in named:
+                    plan.pairs[full] = Pair(full, *named[full])
+    return plan
+
+
+def _vote_name_partners(
+    plan: Plan, dst_layers: list[DstLayer], named: Mapping[str, Any], src_owner: Mapping[str, str]
+) -> None:
+    """The name partner of each destination layer: the source layer most of its tensors name."""
     for layer in dst_layers:
         votes: dict[str, int] = {}
         for full in layer.tensors.values():
@@ -381,57 +417,58 @@ def plan_pairs(
         if votes:
             plan.name_partner[layer.name] = max(votes, key=votes.get)
 
-    mapped_dst = {
-        layer.name for layer in dst_layers if any(f in plan.pairs for f in layer.tensors.values())
-    }
-    free_dst = [x for x in dst_layers if x.name not in mapped_dst]
-    # a source layer a mapping used stays available: one source may feed several layers
-    free_src = list(src_layers)
+
+def _pair_layers(
+    plan: Plan,
+    free_dst: list[DstLayer],
+    src_layers: list[SourceLayer],
+    shapes: tuple[Mapping[str, tuple], Mapping[str, tuple]],
+    steps: tuple[str, ...],
+) -> dict[str, tuple[str, str]]:
+    """Destination layer -> (source layer, how): by name when every free layer has a distinct
+    name partner of the same signature (or structure is not a step), else by aligning the
+    two sequences, with layers the alignment could not place still paired by name."""
+    shapes_d, shapes_s = shapes
     src_by_name = {x.name: x for x in src_layers}
-
-    layer_pairs: dict[str, tuple[str, str]] = {}  # dst layer -> (src layer, how)
+    partner = plan.name_partner
     fast = all(
-        plan.name_partner.get(x.name) in src_by_name
+        partner.get(x.name) in src_by_name
         and _signature(x.tensors, shapes_d)
-        == _signature(src_by_name[plan.name_partner[x.name]].tensors, shapes_s)
+        == _signature(src_by_name[partner[x.name]].tensors, shapes_s)
         for x in free_dst
-    ) and len({plan.name_partner.get(x.name) for x in free_dst}) == len(free_dst)
+    ) and len({partner.get(x.name) for x in free_dst}) == len(free_dst)
     if fast or "structure" not in steps:
-        for x in free_dst:
-            if x.name in plan.name_partner:
-                layer_pairs[x.name] = (plan.name_partner[x.name], "name")
-    else:
-        partner = {k: v for k, v in plan.name_partner.items()}
-        for i, j in _align(free_dst, free_src, shapes_d, shapes_s, partner):
-            d, s = free_dst[i], free_src[j]
-            layer_pairs[d.name] = (s.name, "name" if partner.get(d.name) == s.name else "structure")
-        # layers the alignment could not place (out of order) still pair by name
-        taken = {s for s, _ in layer_pairs.values()}
-        for x in free_dst:
-            want = plan.name_partner.get(x.name)
-            if x.name not in layer_pairs and want is not None and want not in taken:
-                layer_pairs[x.name] = (want, "name")
-                taken.add(want)
+        return {x.name: (partner[x.name], "name") for x in free_dst if x.name in partner}
+    layer_pairs: dict[str, tuple[str, str]] = {}
+    for i, j in _align(free_dst, src_layers, shapes_d, shapes_s, dict(partner)):
+        d, s = free_dst[i], src_layers[j]
+        layer_pairs[d.name] = (s.name, "name" if partner.get(d.name) == s.name else "structure")
+    taken = {s for s, _ in layer_pairs.values()}
+    for x in free_dst:
+        want = partner.get(x.name)
+        if x.name not in layer_pairs and want is not None and want not in taken:
+            layer_pairs[x.name] = (want, "name")
+            taken.add(want)
+    return layer_pairs
 
-    for x in dst_layers:
-        if x.name not in layer_pairs:
+
+def _pair_tensors(
+    plan: Plan,
+    dst: DstLayer,
+    src: SourceLayer,
+    how: str,
+    named: Mapping[str, Any],
+    src_owner: Mapping[str, str],
+) -> None:
+    """Pair the tensors of two paired layers: by name where the name points into ``src``,
+    else by local name (``weight`` with ``weight``)."""
+    for local, full in dst.tensors.items():
+        if full in plan.pairs:
             continue
-        s_name, how = layer_pairs[x.name]
-        plan.layer_pairs.append((x.name, s_name))
-        s_layer = src_by_name[s_name]
-        for local, full in x.tensors.items():
-            if full in plan.pairs:
-                continue
-            if how == "name" and full in named and src_owner[named[full][0]] == s_name:
-                src, step = named[full]
-            elif local in s_layer.tensors:
-                src, step = s_layer.tensors[local], "structure"
-            else:
-                continue
-            plan.pairs[full] = Pair(full, src, step)
-    for layer in dst_layers:  # mapped layers: remaining tensors by name only
-        if layer.name in mapped_dst:
-            for full in layer.tensors.values():
-                if full not in plan.pairs and full in named:
-                    plan.pairs[full] = Pair(full, *named[full])
-    return plan
+        if how == "name" and full in named and src_owner[named[full][0]] == src.name:
+            source, step = named[full]
+        elif local in src.tensors:
+            source, step = src.tensors[local], "structure"
+        else:
+            continue
+        plan.pairs[full] = Pair(full, source, step)

@@ -300,91 +300,121 @@ def _gru_reorder(array: np.ndarray, axis: int) -> np.ndarray:
     return np.concatenate([r, z, h], axis=axis)
 
 
-def _convert(layer: _KLayer) -> list[tuple[str, dict[str, torch.Tensor], float | None]]:
-    """One Keras layer -> torch layers ``(name, {local: tensor}, eps)``."""
-    w, cls, name = layer.weights, layer.cls, layer.name
-    if cls == "Dense":
-        kernel = w["kernel"]
-        if layer.flatten_from is not None:
-            *spatial, channels = layer.flatten_from
-            kernel = kernel.reshape(*spatial, channels, kernel.shape[-1])
-            kernel = np.moveaxis(kernel, len(spatial), 0).reshape(-1, kernel.shape[-1])
-        out = {"weight": _t(kernel.T)}
-        if "bias" in w:
-            out["bias"] = _t(w["bias"])
-        return [(name, out, None)]
-    if cls in ("Conv1D", "Conv2D", "Conv3D"):
-        kernel = w["kernel"]
-        perm = (kernel.ndim - 1, kernel.ndim - 2, *range(kernel.ndim - 2))
-        out = {"weight": _t(kernel.transpose(perm))}
-        if "bias" in w:
-            out["bias"] = _t(w["bias"])
-        return [(name, out, None)]
-    if cls in ("DepthwiseConv1D", "DepthwiseConv2D"):
-        out = {"weight": _t(_depthwise(w["kernel"]))}
-        if "bias" in w:
-            out["bias"] = _t(w["bias"])
-        return [(name, out, None)]
-    if cls in ("SeparableConv1D", "SeparableConv2D"):
-        point = w["pointwise_kernel"]
-        perm = (point.ndim - 1, point.ndim - 2, *range(point.ndim - 2))
-        pw = {"weight": _t(point.transpose(perm))}
-        if "bias" in w:
-            pw["bias"] = _t(w["bias"])
-        return [
-            (f"{name}.depthwise", {"weight": _t(_depthwise(w["depthwise_kernel"]))}, None),
-            (f"{name}.pointwise", pw, None),
-        ]
-    if cls == "BatchNormalization":
-        mean = w["moving_mean"]
-        out = {
-            "weight": _t(w["gamma"]) if "gamma" in w else torch.ones(mean.shape),
-            "bias": _t(w["beta"]) if "beta" in w else torch.zeros(mean.shape),
-            "running_mean": _t(mean),
-            "running_var": _t(w["moving_variance"]),
-        }
-        return [(name, out, float(layer.config.get("epsilon", 1e-3)))]
-    if cls == "LayerNormalization":
-        size = next(iter(w.values())).shape
-        out = {
-            "weight": _t(w["gamma"]) if "gamma" in w else torch.ones(size),
-            "bias": _t(w["beta"]) if "beta" in w else torch.zeros(size),
-        }
-        return [(name, out, float(layer.config.get("epsilon", 1e-3)))]
-    if cls == "Embedding":
-        return [(name, {"weight": _t(w["embeddings"])}, None)]
-    if cls == "LSTM":
-        units = w["recurrent_kernel"].shape[0]
-        out = {"weight_ih_l0": _t(w["kernel"].T), "weight_hh_l0": _t(w["recurrent_kernel"].T)}
-        if "bias" in w:  # Keras gate order i, f, c, o is torch's i, f, g, o
-            out["bias_ih_l0"] = _t(w["bias"])
-            out["bias_hh_l0"] = torch.zeros(4 * units, dtype=out["bias_ih_l0"].dtype)
-        return [(name, out, None)]
-    if cls == "GRU":
-        if layer.config and not layer.config.get("reset_after", True):
+_Converted = list[tuple[str, dict[str, torch.Tensor], float | None]]
+
+
+def _biased(out: dict[str, torch.Tensor], w: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    if "bias" in w:
+        out["bias"] = _t(w["bias"])
+    return out
+
+
+def _dense(layer: _KLayer) -> _Converted:
+    kernel = layer.weights["kernel"]
+    if layer.flatten_from is not None:  # Keras flattens channels-last: reorder the inputs
+        *spatial, channels = layer.flatten_from
+        kernel = kernel.reshape(*spatial, channels, kernel.shape[-1])
+        kernel = np.moveaxis(kernel, len(spatial), 0).reshape(-1, kernel.shape[-1])
+    return [(layer.name, _biased({"weight": _t(kernel.T)}, layer.weights), None)]
+
+
+def _channels_first(kernel: np.ndarray) -> torch.Tensor:
+    """A Keras ``(*k, in, out)`` kernel as torch's ``(out, in, *k)``."""
+    return _t(kernel.transpose((kernel.ndim - 1, kernel.ndim - 2, *range(kernel.ndim - 2))))
+
+
+def _conv(layer: _KLayer) -> _Converted:
+    weight = _channels_first(layer.weights["kernel"])
+    return [(layer.name, _biased({"weight": weight}, layer.weights), None)]
+
+
+def _depthwise_conv(layer: _KLayer) -> _Converted:
+    weight = _t(_depthwise(layer.weights["kernel"]))
+    return [(layer.name, _biased({"weight": weight}, layer.weights), None)]
+
+
+def _separable(layer: _KLayer) -> _Converted:
+    w, name = layer.weights, layer.name
+    pointwise = _biased({"weight": _channels_first(w["pointwise_kernel"])}, w)
+    return [
+        (f"{name}.depthwise", {"weight": _t(_depthwise(w["depthwise_kernel"]))}, None),
+        (f"{name}.pointwise", pointwise, None),
+    ]
+
+
+def _norm(layer: _KLayer) -> _Converted:
+    w = layer.weights
+    size = w["moving_mean"].shape if "moving_mean" in w else next(iter(w.values())).shape
+    out = {
+        "weight": _t(w["gamma"]) if "gamma" in w else torch.ones(size),
+        "bias": _t(w["beta"]) if "beta" in w else torch.zeros(size),
+    }
+    if "moving_mean" in w:
+        out["running_mean"] = _t(w["moving_mean"])
+        out["running_var"] = _t(w["moving_variance"])
+    return [(layer.name, out, float(layer.config.get("epsilon", 1e-3)))]
+
+
+def _embedding(layer: _KLayer) -> _Converted:
+    return [(layer.name, {"weight": _t(layer.weights["embeddings"])}, None)]
+
+
+def _lstm(layer: _KLayer) -> _Converted:
+    w = layer.weights
+    units = w["recurrent_kernel"].shape[0]
+    out = {"weight_ih_l0": _t(w["kernel"].T), "weight_hh_l0": _t(w["recurrent_kernel"].T)}
+    if "bias" in w:  # Keras gate order i, f, c, o is torch's i, f, g, o
+        out["bias_ih_l0"] = _t(w["bias"])
+        out["bias_hh_l0"] = torch.zeros(4 * units, dtype=out["bias_ih_l0"].dtype)
+    return [(layer.name, out, None)]
+
+
+def _gru(layer: _KLayer) -> _Converted:
+    w, name = layer.weights, layer.name
+    if layer.config and not layer.config.get("reset_after", True):
+        raise WeightsError(
+            f"Keras GRU {name!r} has reset_after=False, which torch.nn.GRU cannot compute "
+            f"(torch applies the reset gate after the recurrent matmul); expected "
+            f"reset_after=True (the Keras 3 default)"
+        )
+    out = {
+        "weight_ih_l0": _t(_gru_reorder(w["kernel"], 1).T),
+        "weight_hh_l0": _t(_gru_reorder(w["recurrent_kernel"], 1).T),
+    }
+    if "bias" in w:
+        bias = _gru_reorder(w["bias"], w["bias"].ndim - 1)
+        if bias.ndim != 2:
             raise WeightsError(
-                f"Keras GRU {name!r} has reset_after=False, which torch.nn.GRU cannot compute "
-                f"(torch applies the reset gate after the recurrent matmul); expected "
-                f"reset_after=True (the Keras 3 default)"
+                f"Keras GRU {name!r} has a single bias of shape {bias.shape}; expected "
+                f"(2, 3*units) from reset_after=True"
             )
-        out = {
-            "weight_ih_l0": _t(_gru_reorder(w["kernel"], 1).T),
-            "weight_hh_l0": _t(_gru_reorder(w["recurrent_kernel"], 1).T),
-        }
-        if "bias" in w:
-            bias = _gru_reorder(w["bias"], w["bias"].ndim - 1)
-            if bias.ndim != 2:
-                raise WeightsError(
-                    f"Keras GRU {name!r} has a single bias of shape {bias.shape}; expected "
-                    f"(2, 3*units) from reset_after=True"
-                )
-            out["bias_ih_l0"], out["bias_hh_l0"] = _t(bias[0]), _t(bias[1])
-        return [(name, out, None)]
-    raise WeightsError(
-        f"Keras layer {name!r} ({cls or 'unknown class'}) holds weights "
-        f"({', '.join(f'{k} {tuple(v.shape)}' for k, v in w.items())}) but is not supported; "
-        f"supported: {', '.join(SUPPORTED)}"
-    )
+        out["bias_ih_l0"], out["bias_hh_l0"] = _t(bias[0]), _t(bias[1])
+    return [(name, out, None)]
+
+
+_CONVERTERS = {
+    "Dense": _dense,
+    **dict.fromkeys(("Conv1D", "Conv2D", "Conv3D"), _conv),
+    **dict.fromkeys(("DepthwiseConv1D", "DepthwiseConv2D"), _depthwise_conv),
+    **dict.fromkeys(("SeparableConv1D", "SeparableConv2D"), _separable),
+    **dict.fromkeys(("BatchNormalization", "LayerNormalization"), _norm),
+    "Embedding": _embedding,
+    "LSTM": _lstm,
+    "GRU": _gru,
+}
+
+
+def _convert(layer: _KLayer) -> _Converted:
+    """One Keras layer -> torch layers ``(name, {local: tensor}, eps)``."""
+    convert = _CONVERTERS.get(layer.cls)
+    if convert is None:
+        w = layer.weights
+        raise WeightsError(
+            f"Keras layer {layer.name!r} ({layer.cls or 'unknown class'}) holds weights "
+            f"({', '.join(f'{k} {tuple(v.shape)}' for k, v in w.items())}) but is not "
+            f"supported; supported: {', '.join(SUPPORTED)}"
+        )
+    return convert(layer)
 
 
 def _depthwise(kernel: np.ndarray) -> np.ndarray:

@@ -54,6 +54,101 @@ def _layer_name(node: Any, index: int, names: list[str]) -> str:
     return _scope_name(node, index)
 
 
+_Tensors = dict[str, tuple[str, np.ndarray]]
+
+
+class _Reader:
+    """One pass over an ONNX graph: the constant tensors each weight-bearing node reads,
+    gathered into a :class:`Source` in node order."""
+
+    def __init__(self, graph: Any, numpy_helper: Any, label: str):
+        self.graph = graph
+        self.init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.consumed: set[str] = set()
+        self.source = Source(label, {}, [])
+        self.consumers: dict[str, list[Any]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+
+    def const(self, name: str) -> np.ndarray | None:
+        return self.init.get(name) if name else None
+
+    def add(self, node: Any, index: int, tensors: _Tensors, eps: float | None = None) -> None:
+        lname = _layer_name(node, index, [n for n, _ in tensors.values()])
+        full: dict[str, str] = {}
+        for local, (orig, array) in tensors.items():
+            name = orig if orig.rpartition(".")[2] == local else f"{lname}.{local}"
+            full[local] = name
+            self.source.tensors[name] = torch.from_numpy(np.array(array, copy=True, order="C"))
+            self.consumed.add(orig)
+        self.source.layers.append(SourceLayer(lname, full, eps))
+
+    def weight_and_bias(self, ins: list[str]) -> _Tensors:
+        tensors = {"weight": (ins[1], self.init[ins[1]])}
+        if self.const(ins[2]) is not None:
+            tensors["bias"] = (ins[2], self.init[ins[2]])
+        return tensors
+
+    def gemm(self, node: Any, ins: list[str]) -> _Tensors:
+        a = _attrs(node)
+        if a.get("transA", 0):
+            raise WeightsError(
+                f"ONNX Gemm {node.name!r} transposes its input (transA=1), which no torch "
+                f"Linear does; expected transA=0"
+            )
+        weight = self.init[ins[1]] if a.get("transB", 0) else self.init[ins[1]].T
+        weight = weight * a.get("alpha", 1.0) if a.get("alpha", 1.0) != 1.0 else weight
+        tensors = {"weight": (ins[1], weight)}
+        bias = self.const(ins[2])
+        if bias is not None:
+            tensors["bias"] = (ins[2], bias.reshape(-1) * a.get("beta", 1.0))
+        if a.get("transB", 0) == 0:
+            self.source.notes.append(f"{node.name or ins[1]}: Gemm transB=0 weight transposed")
+        return tensors
+
+    def matmul(self, node: Any, ins: list[str]) -> _Tensors:
+        tensors = {"weight": (ins[1], self.init[ins[1]].T)}
+        after = self.consumers.get(node.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Add":
+            other = [n for n in after[0].input if n != node.output[0]]
+            if other and self.const(other[0]) is not None and self.init[other[0]].ndim == 1:
+                tensors["bias"] = (other[0], self.init[other[0]])
+        return tensors
+
+    def node(self, node: Any, index: int) -> None:
+        """Add the layer ``node`` holds, if it reads constant weights."""
+        ins = list(node.input) + [""] * 5
+        op, weight = node.op_type, self.const(ins[1])
+        eps = float(_attrs(node).get("epsilon", 1e-5))
+        if op in ("Conv", "ConvTranspose") and weight is not None:
+            self.add(node, index, self.weight_and_bias(ins))
+        elif op == "Gemm" and weight is not None:
+            self.add(node, index, self.gemm(node, ins))
+        elif op == "MatMul" and weight is not None and weight.ndim == 2:
+            self.add(node, index, self.matmul(node, ins))
+        elif op == "BatchNormalization" and weight is not None:
+            names = zip(("weight", "bias", "running_mean", "running_var"), ins[1:5], strict=True)
+            tensors = {k: (v, self.init[v]) for k, v in names if self.const(v) is not None}
+            self.add(node, index, tensors, eps)
+        elif op in ("LayerNormalization", "InstanceNormalization") and weight is not None:
+            self.add(node, index, self.weight_and_bias(ins), eps)
+        elif op == "Gather" and self.const(ins[0]) is not None and self.init[ins[0]].ndim == 2:
+            if ins[0] not in self.consumed:
+                self.add(node, index, {"weight": (ins[0], self.init[ins[0]])})
+
+    def leftovers(self) -> None:
+        """Keep every other floating initializer under its own name: nothing is dropped."""
+        names = [
+            n
+            for n, a in self.init.items()
+            if n not in self.consumed and a.ndim >= 1 and np.issubdtype(a.dtype, np.floating)
+        ]
+        for name in names:
+            self.source.tensors[name] = torch.from_numpy(np.ascontiguousarray(self.init[name]))
+        self.source.layers += [SourceLayer(o, t) for o, t in group_layers(names)]
+
+
 def read_onnx(path: str | Path) -> Source:
     """Read an ``.onnx`` file's initializers into a :class:`Source` of torch-layout layers."""
     path = Path(path)
@@ -66,87 +161,10 @@ def read_onnx(path: str | Path) -> Source:
         model = onnx.load(str(path))
     except Exception as exc:
         raise WeightsError(f"ONNX file {str(path)!r} is not a readable ONNX model: {exc}") from exc
-    graph = model.graph
-    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    consumed: set[str] = set()
-    source = Source(f"ONNX file {path.name}", {}, [])
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    def add(node: Any, index: int, tensors: dict[str, tuple[str, np.ndarray]], eps=None) -> None:
-        lname = _layer_name(node, index, [n for n, _ in tensors.values()])
-        full: dict[str, str] = {}
-        for local, (orig, array) in tensors.items():
-            name = orig if orig.rpartition(".")[2] == local else f"{lname}.{local}"
-            full[local] = name
-            source.tensors[name] = torch.from_numpy(np.array(array, copy=True, order="C"))
-            consumed.add(orig)
-        source.layers.append(SourceLayer(lname, full, eps))
-
-    def const(name: str) -> np.ndarray | None:
-        return init.get(name) if name else None
-
-    for i, node in enumerate(graph.node):
-        ins = list(node.input) + [""] * 5
-        op = node.op_type
-        if op in ("Conv", "ConvTranspose") and const(ins[1]) is not None:
-            tensors = {"weight": (ins[1], init[ins[1]])}
-            if const(ins[2]) is not None:
-                tensors["bias"] = (ins[2], init[ins[2]])
-            add(node, i, tensors)
-        elif op == "Gemm" and const(ins[1]) is not None:
-            a = _attrs(node)
-            if a.get("transA", 0):
-                raise WeightsError(
-                    f"ONNX Gemm {node.name!r} transposes its input (transA=1), which no torch "
-                    f"Linear does; expected transA=0"
-                )
-            weight = init[ins[1]] if a.get("transB", 0) else init[ins[1]].T
-            weight = weight * a.get("alpha", 1.0) if a.get("alpha", 1.0) != 1.0 else weight
-            tensors = {"weight": (ins[1], weight)}
-            bias = const(ins[2])
-            if bias is not None:
-                bias = bias.reshape(-1) * a.get("beta", 1.0)
-                tensors["bias"] = (ins[2], bias)
-            if a.get("transB", 0) == 0:
-                source.notes.append(f"{node.name or ins[1]}: Gemm transB=0 weight transposed")
-            add(node, i, tensors)
-        elif op == "MatMul" and const(ins[1]) is not None and init[ins[1]].ndim == 2:
-            tensors = {"weight": (ins[1], init[ins[1]].T)}
-            after = consumers.get(node.output[0], [])
-            if len(after) == 1 and after[0].op_type == "Add":
-                other = [n for n in after[0].input if n != node.output[0]]
-                if other and const(other[0]) is not None and init[other[0]].ndim == 1:
-                    tensors["bias"] = (other[0], init[other[0]])
-            add(node, i, tensors)
-        elif op == "BatchNormalization" and const(ins[1]) is not None:
-            names = dict(
-                zip(("weight", "bias", "running_mean", "running_var"), ins[1:5], strict=True)
-            )
-            add(
-                node,
-                i,
-                {k: (v, init[v]) for k, v in names.items() if const(v) is not None},
-                float(_attrs(node).get("epsilon", 1e-5)),
-            )
-        elif op in ("LayerNormalization", "InstanceNormalization") and const(ins[1]) is not None:
-            tensors = {"weight": (ins[1], init[ins[1]])}
-            if const(ins[2]) is not None:
-                tensors["bias"] = (ins[2], init[ins[2]])
-            add(node, i, tensors, float(_attrs(node).get("epsilon", 1e-5)))
-        elif op == "Gather" and const(ins[0]) is not None and init[ins[0]].ndim == 2:
-            if ins[0] not in consumed:
-                add(node, i, {"weight": (ins[0], init[ins[0]])})
-    leftovers = [
-        n
-        for n, a in init.items()
-        if n not in consumed and a.ndim >= 1 and np.issubdtype(a.dtype, np.floating)
-    ]
-    for name in leftovers:
-        source.tensors[name] = torch.from_numpy(np.ascontiguousarray(init[name]))
-    source.layers += [SourceLayer(owner, tensors) for owner, tensors in group_layers(leftovers)]
-    if not source.layers:
+    reader = _Reader(model.graph, numpy_helper, f"ONNX file {path.name}")
+    for i, node in enumerate(model.graph.node):
+        reader.node(node, i)
+    reader.leftovers()
+    if not reader.source.layers:
         raise WeightsError(f"ONNX file {str(path)!r} holds no weight initializers")
-    return source
+    return reader.source
