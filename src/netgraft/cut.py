@@ -13,6 +13,12 @@ stores, and :func:`netgraft.truncate` keeps only the prefix.
 - A forward fx cannot trace (Hugging Face models, timm models with value-dependent
   control flow) is cut by substitution when an example input is given
   (:mod:`netgraft.substitute`), checked on that input.
+- torch.fx reads ``self.training`` once, while tracing, and would bake it into the code
+  (``F.dropout(x, p, training=True)`` for good). The forward is traced in training and in
+  evaluation mode, and a flag that differs between the two becomes the half's own live
+  ``self.training``, so both halves follow ``.train()``/``.eval()`` as the model does. A
+  forward that takes a different *path* in the two modes (``if self.training: ...``) is
+  treated as untraceable (cut by substitution, or :class:`SurgeryError`).
 
 Both halves hold the *original* parameter and buffer objects (never copies), under their
 original dotted names, so freezing or caching the prefix refers to the real weights.
@@ -157,8 +163,97 @@ class _Untraceable(SurgeryError):
     """torch.fx could not trace the forward (a cut by substitution may still work)."""
 
 
+class _ModeDependent(_Untraceable):
+    """The forward takes a different path in training than in evaluation."""
+
+
+def _trace_both_modes(model: nn.Module, name: str) -> torch.fx.Graph:
+    """One graph that computes what the forward computes in either mode: traced after
+    ``model.train()`` and after ``model.eval()`` (every module's own flag restored after),
+    with each constant that is ``True`` in training and ``False`` in evaluation replaced by
+    a read of ``self.training``."""
+    modes = {n: m.training for n, m in model.named_modules()}
+    try:
+        model.train()
+        trained = _trace(model, name)
+        model.eval()
+        evaluated = _trace(model, name)
+    finally:
+        for n, m in model.named_modules():
+            if n in modes:
+                m.training = modes[n]
+    return _merge_modes(model, name, trained, evaluated)
+
+
+def _merge_modes(
+    model: nn.Module, name: str, trained: torch.fx.Graph, evaluated: torch.fx.Graph
+) -> torch.fx.Graph:
+    nodes, others = list(trained.nodes), list(evaluated.nodes)
+    same = len(nodes) == len(others) and all(
+        a.op == b.op and a.target == b.target for a, b in zip(nodes, others, strict=True)
+    )
+    twin = dict(zip(others, nodes, strict=False))
+    merged: list[tuple[torch.fx.Node, Any, Any]] = []
+    try:
+        if not same:
+            raise _ModeDependent
+        for a, b in zip(nodes, others, strict=True):
+            args, kwargs = (
+                _merge_value(x, y, twin) for x, y in ((a.args, b.args), (a.kwargs, b.kwargs))
+            )
+            merged.append((a, args, kwargs))
+    except _ModeDependent:
+        raise _ModeDependent(
+            f"cannot cut {type(model).__name__} at {name!r} with torch.fx: its forward takes a "
+            "different path in training than in evaluation (it branches on self.training), "
+            "which a traced graph cannot follow (pass example_input= to cut by substitution)"
+        ) from None
+    flag = None
+    for node, args, kwargs in merged:
+        if _reads_mode(args) or _reads_mode(kwargs):
+            if flag is None:
+                first = next(n for n in nodes if n.op != "placeholder")
+                with trained.inserting_before(first):
+                    flag = trained.get_attr("training")
+            node.args = torch.fx.node.map_aggregate(args, lambda v, f=flag: f if v is _MODE else v)
+            node.kwargs = torch.fx.node.map_aggregate(
+                kwargs, lambda v, f=flag: f if v is _MODE else v
+            )
+    return trained
+
+
+_MODE = object()  # stands for "self.training" while two traces are merged
+
+
+def _merge_value(a: Any, b: Any, twin: dict[torch.fx.Node, torch.fx.Node]) -> Any:
+    """``a`` (from the training trace) where it equals ``b`` (from the evaluation trace),
+    ``_MODE`` where it is ``True`` against ``False``; raises ``_ModeDependent`` otherwise."""
+    if isinstance(a, torch.fx.Node) or isinstance(b, torch.fx.Node):
+        if isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and twin.get(b) is a:
+            return a
+        raise _ModeDependent
+    if isinstance(a, slice) and isinstance(b, slice):
+        return slice(*_merge_value((a.start, a.stop, a.step), (b.start, b.stop, b.step), twin))
+    if isinstance(a, (tuple, list)) and type(a) is type(b) and len(a) == len(b):
+        items = [_merge_value(x, y, twin) for x, y in zip(a, b, strict=True)]
+        return type(a)(*items) if hasattr(a, "_fields") else type(a)(items)
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return {k: _merge_value(a[k], b[k], twin) for k in a}
+    if a is True and b is False:
+        return _MODE
+    if type(a) is type(b) and (a is b or (not isinstance(a, torch.Tensor) and a == b)):
+        return a
+    raise _ModeDependent
+
+
+def _reads_mode(value: Any) -> bool:
+    found = []
+    torch.fx.node.map_aggregate(value, lambda v: found.append(v is _MODE))
+    return any(found)
+
+
 def _split_fx(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
-    graph = _trace(model, name)
+    graph = _trace_both_modes(model, name)
     nodes = list(graph.nodes)
     calls = [n for n in nodes if n.op == "call_module" and n.target == name]
     if not calls:
