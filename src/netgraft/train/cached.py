@@ -4,7 +4,12 @@
 cuts it there (:func:`netgraft.cut`) and caches the training data through the frozen
 prefix (:class:`netgraft.FeatureCache`), or says why it cannot. The cut is placed at the
 last module before the first trainable layer whose output is the only tensor crossing,
-with every parameter before it frozen and nothing random or batch-dependent there.
+with every parameter before it frozen and nothing random, batch-dependent or
+train/eval-dependent there (dropout modules, functional dropout, random tensor functions,
+reads of ``self.training``), and only where the two halves, run on a few training inputs
+with the same random seed, compute what the whole model computes in training and in
+evaluation. A cut that fails any of this is never used: an earlier one is tried, or caching
+is refused.
 
 Example::
 
@@ -32,6 +37,8 @@ from ..data import input_of
 from ..errors import CacheError, SurgeryError
 from ..freeze import held_in_inference, is_dropout, norm_policy
 from ..layers import Layer, layers, trace_order
+from ..rng import forked
+from .determinism import cached_training_differs, random_operations
 
 __all__ = ["CachePlan", "plan"]
 
@@ -133,8 +140,10 @@ def plan(
 
     The cut is placed at the last module before the first trainable layer (in execution
     order) whose output is the only tensor crossing, with every parameter before it frozen
-    and nothing random or batch-dependent there (dropout, batch norm not frozen with
-    ``bn="eval"``). ``cache=False`` returns None; ``"auto"`` returns None (logging why) when
+    and nothing random, batch- or mode-dependent there (dropout modules or functions, random
+    tensor functions, ``self.training`` reads, batch norm not frozen with ``bn="eval"``),
+    and where the halves, run on the first few training inputs with one random seed, give
+    what the whole model gives in training and in evaluation. ``cache=False`` returns None; ``"auto"`` returns None (logging why) when
     it does not apply (also when the prefix holds under 10% of the parameters, too little to
     gain); ``True`` raises :class:`CacheError` saying why. ``val`` (a dataset) is cached
     too when its pipeline is deterministic, else left for the full model. Under a
@@ -155,7 +164,9 @@ def plan(
     }
     try:
         first, order, shapes, example = _first_trainable(model, train_data)
-        name, prefix, suffix, reasons = _cut_before(model, first, order, example)
+        name, prefix, suffix, reasons = _cut_before(
+            model, first, order, example, _probe_batch(train_data)
+        )
         if cache == "auto":
             _check_worth(model, name, prefix, reasons)
         if dir is None:
@@ -203,11 +214,12 @@ def _first_trainable(
 
 
 def _cut_before(
-    model: nn.Module, first: Layer, order: list[str], example: Any
+    model: nn.Module, first: Layer, order: list[str], example: Any, probe: Any
 ) -> tuple[str, nn.Module, nn.Module, list[str]]:
-    """The latest cut before ``first`` that gives a frozen, deterministic prefix:
-    ``(cut point, prefix, suffix, why later cuts failed)``. Where torch.fx cannot trace the
-    model, it is cut by substitution, checked on ``example``."""
+    """The latest cut before ``first`` that gives a frozen, deterministic prefix and trains
+    as the whole model does (checked on the ``probe`` batch): ``(cut point, prefix, suffix,
+    why later cuts failed)``. Where torch.fx cannot trace the model, it is cut by
+    substitution, checked on ``example``."""
     position = order.index(first.name)
     candidates = [
         name
@@ -225,12 +237,9 @@ def _cut_before(
         if trainable:
             reasons.append(f"cutting at {name!r} leaves trainable {trainable[0]!r} in the prefix")
             continue
-        random_parts = _stochastic_parts(prefix)
-        if random_parts:
-            reasons.append(
-                f"the prefix up to {name!r} is not deterministic in training: "
-                f"{', '.join(random_parts[:3])}"
-            )
+        why = _not_the_same_training(model, name, prefix, suffix, probe)
+        if why:
+            reasons.append(why)
             continue
         return name, prefix, suffix, reasons
     detail = reasons[0] if reasons else "no module runs before it"
@@ -238,6 +247,26 @@ def _cut_before(
         f"no cut before the first trainable layer {first.name!r} gives a frozen, deterministic "
         f"prefix ({detail})"
     )
+
+
+def _not_the_same_training(
+    model: nn.Module, name: str, prefix: nn.Module, suffix: nn.Module, probe: Any
+) -> str | None:
+    """Why training from the prefix's cached outputs would differ from training the model:
+    random or batch-dependent modules or operations before the cut (named), or a probe
+    showing that the halves do not compute what the model computes in training or in
+    evaluation (:func:`~netgraft.train.determinism.cached_training_differs`)."""
+    parts = _stochastic_parts(prefix) + random_operations(prefix)
+    if parts:
+        return f"the prefix up to {name!r} is not deterministic in training: {', '.join(parts[:3])}"
+    return cached_training_differs(model, name, prefix, suffix, probe)
+
+
+def _probe_batch(train_data: Dataset, size: int = 2) -> Any:
+    """The first few training inputs as one batch (random transforms drawn off the record:
+    the global random streams are left as they were)."""
+    with forked():
+        return default_collate([input_of(train_data[i]) for i in range(min(size, len(train_data)))])  # type: ignore[arg-type]
 
 
 def _check_worth(model: nn.Module, name: str, prefix: nn.Module, reasons: list[str]) -> None:
