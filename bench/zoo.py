@@ -13,6 +13,11 @@ default weights), with a batch of 2:
 3. ``cut``: at the latest module before the first trainable layer that gives a frozen prefix
    (what the feature cache does), ``netgraft.cut(model, at, example_input=x)`` (torch.fx, or
    substitution where fx cannot trace); ``suffix(prefix(x))`` is allclose to ``model(x)``.
+4. ``cache``: what a user does next: one epoch of ``netgraft.fit(cache=True)`` against the
+   same epoch with ``cache=False`` (same seed, same starting weights, 4 examples in batches
+   of 2, validated on the same 4): the training and validation losses agree within 1e-5
+   relative. A refusal (``CacheError``) fails the step as ``refused``; a difference is
+   ``trains differently with the cache`` (counted apart in the summary: must be zero).
 
 Architectures over about 300M parameters (310M) are skipped with the reason recorded (timm
 counted on the meta device, torchvision from its weights' metadata; never built). Results go to ``bench/results/zoo.json`` (written after every model,
@@ -29,6 +34,7 @@ dozen architectures (both libraries, the two-head and untraceable cases).
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -323,12 +329,47 @@ def _step_cut(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     )
 
 
+def _epoch_losses(model: nn.Module, data: Any, cache: bool) -> tuple[float, float]:
+    history = netgraft.fit(
+        model, data, epochs=1, lr=0.01, batch_size=BATCH, seed=0, cache=cache, val=data, quiet=True
+    )
+    row = history.rows[0]
+    return float(row["loss"]), float(row["val_loss"])
+
+
+def _step_cache(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(1)
+    inputs = torch.cat([x, torch.randn(x.shape, generator=g)])
+    data = torch.utils.data.TensorDataset(inputs, torch.arange(len(inputs)) % NUM_CLASSES)
+    start = copy.deepcopy(model.state_dict())
+    uncached = _epoch_losses(model, data, cache=False)
+    model.load_state_dict(start)
+    try:
+        cached = _epoch_losses(model, data, cache=True)
+    except netgraft.CacheError as exc:
+        raise _Refused(str(exc)) from None
+    finally:
+        model.load_state_dict(start)
+    for what, a, b in zip(("loss", "val_loss"), uncached, cached, strict=True):
+        if not abs(a - b) <= 1e-5 * max(1.0, abs(a)):
+            raise _TrainsDifferently(f"{what}: cached {b:.6g} vs uncached {a:.6g}")
+    return {"cache_losses": list(cached)}
+
+
+class _Refused(Exception):
+    """fit(cache=True) refused to cache (a CacheError)."""
+
+
+class _TrainsDifferently(Exception):
+    """The cached epoch's losses differ from the uncached one's."""
+
+
 def _on_alarm(_signum, _frame):
     raise _Timeout(f"over {MODEL_TIMEOUT_S}s")
 
 
 def run_one(spec: str) -> dict[str, Any]:
-    """Build one architecture and run the three steps; a dict with pass/fail and timings."""
+    """Build one architecture and run the four steps; a dict with pass/fail and timings."""
     row: dict[str, Any] = {"model": spec, "library": spec.split(":")[0]}
     params = _count(spec)
     row["params"] = params
@@ -350,6 +391,7 @@ def run_one(spec: str) -> dict[str, Any]:
             ("replace_head", _step_replace),
             ("train_only", _step_train),
             ("cut", _step_cut),
+            ("cache", _step_cache),
         ):
             start = time.perf_counter()
             out = fn(model, x)
@@ -412,6 +454,10 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             f"{sum(r['library'] == lib for r in ran)}"
             for lib in ("torchvision", "timm")
         },
+        "trains_differently": [
+            r["model"] for r in ran if r.get("error", "").startswith("_TrainsDifferently")
+        ],
+        "cache_refused": [r["model"] for r in ran if r.get("error", "").startswith("_Refused")],
         "failures": {
             r["model"]: f"{r['step']}: {r['error'][:200]}" for r in ran if r["status"] == "fail"
         },
