@@ -163,10 +163,11 @@ def plan(
         "parallel": parallel,
     }
     try:
-        first, order, shapes, example = _first_trainable(model, train_data)
-        name, prefix, suffix, reasons = _cut_before(
-            model, first, order, example, _probe_batch(train_data)
-        )
+        with forked():  # probing runs the forward: a model that draws random numbers
+            first, order, shapes, example = _first_trainable(model, train_data)
+            name, prefix, suffix, reasons = _cut_before(
+                model, first, order, example, _probe_batch(train_data)
+            )
         if cache == "auto":
             _check_worth(model, name, prefix, reasons)
         if dir is None:
@@ -263,10 +264,8 @@ def _not_the_same_training(
 
 
 def _probe_batch(train_data: Dataset, size: int = 2) -> Any:
-    """The first few training inputs as one batch (random transforms drawn off the record:
-    the global random streams are left as they were)."""
-    with forked():
-        return default_collate([input_of(train_data[i]) for i in range(min(size, len(train_data)))])  # type: ignore[arg-type]
+    """The first few training inputs as one batch."""
+    return default_collate([input_of(train_data[i]) for i in range(min(size, len(train_data)))])  # type: ignore[arg-type]
 
 
 def _check_worth(model: nn.Module, name: str, prefix: nn.Module, reasons: list[str]) -> None:
