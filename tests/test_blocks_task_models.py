@@ -208,3 +208,27 @@ def test_hf_fine_tune_callback_unfreezes_one_minilm_layer_per_epoch(minilm_dir, 
     _assert_one_layer_per_epoch_from_the_top(
         record.trainable, record.embeddings, _embeddings(model)
     )
+
+
+class _Listed(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_layer_decay_and_suggest_see_the_minilm_layers(minilm_dir, passages):
+    model = _minilm(minilm_dir)
+    groups = netgraft.optim.param_groups(model, 1e-3, layer_decay=0.5, weight_decay=0.0)
+    rates = {g["name"]: g["lr"] for g in groups}
+    assert list(rates) == MINILM_BLOCKS
+    assert rates["bert.encoder.layer.5"] == pytest.approx(1e-3 * 0.5**2)
+    assert rates["bert.embeddings"] == pytest.approx(1e-3 * 0.5**8)
+    ranked = netgraft.suggest(
+        model, _Listed(passages), batches=1, batch_size=8, exclude=["classifier"]
+    )
+    assert sorted(ranked.ranking) == sorted(MINILM_BLOCKS[:-1])
