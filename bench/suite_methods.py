@@ -7,7 +7,6 @@ and returns its test accuracy (and what it chose). Bench code only.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,20 +143,23 @@ def test_acc(task: SuiteTask, model: nn.Module) -> float:
     return round(float(evaluate(model, task.test(), batch_size=64)["acc"]), 4)
 
 
-def _fine_tune(task, idx, budget, seed, **kwargs) -> dict[str, Any]:
-    """One ``fine_tune`` call from a fresh head at the budget's epochs (overridable)."""
-    head_epochs, epochs = EPOCHS[budget]
-    kwargs = {"head_epochs": head_epochs, "epochs": epochs, **kwargs}
+def _fine_tune(task, idx, budget, seed, epochs=None, **fields) -> dict[str, Any]:
+    """One ``fine_tune`` call from a fresh head at the budget's epochs (overridable), the
+    :class:`netgraft.FineTuneConfig` fields given over its defaults."""
+    head_epochs, body_epochs = EPOCHS[budget]
+    config = netgraft.FineTuneConfig(**{"head_epochs": head_epochs, **fields})
     model = task.source_model(seed)
-    netgraft.fine_tune(model, task.subset(idx), batch_size=BATCH, seed=seed, quiet=True, **kwargs)
+    netgraft.fine_tune(model, task.subset(idx), epochs=body_epochs if epochs is None else epochs,
+                       config=config, batch_size=BATCH, seed=seed, quiet=True)  # fmt: skip
     return {"acc": test_acc(task, model)}
 
 
 def fine_tune_defaults() -> dict[str, Any]:
-    """``fine_tune``'s keyword defaults as they are in this tree (what "defaults" ran)."""
-    names = ("head_lr", "base_lr", "lr_mult", "unfreeze", "train_bn", "bn")
-    params = inspect.signature(netgraft.fine_tune).parameters
-    return {n: params[n].default for n in names if n in params}
+    """``FineTuneConfig``'s defaults as they are in this tree (what "defaults" ran)."""
+    config = netgraft.FineTuneConfig()
+    return {
+        n: getattr(config, n) for n in ("head_lr", "base_lr", "lr_mult", "unfreeze", "train_bn")
+    }
 
 
 def head_only(task, idx, budget, seed):
@@ -202,8 +204,9 @@ def one_block(task, idx, budget, seed, block: str) -> float:
     model = task.source_model(seed)
     frozen = [n for b in netgraft.blocks(model)[:-1] if b.name != block for n in b.layer_names if n]
     head_epochs, epochs = EPOCHS[budget]
-    netgraft.fine_tune(model, task.subset(idx), head_epochs=head_epochs, epochs=epochs,
-                       base_lr=1e-3, lr_mult=1.0, keep_frozen=frozen, batch_size=BATCH,
+    config = netgraft.FineTuneConfig(head_epochs=head_epochs, head_lr=3e-3, base_lr=1e-3,
+                                     lr_mult=1.0, keep_frozen=frozen)  # fmt: skip
+    netgraft.fine_tune(model, task.subset(idx), epochs=epochs, config=config, batch_size=BATCH,
                        seed=seed, quiet=True)  # fmt: skip
     return test_acc(task, model)
 
