@@ -9,7 +9,7 @@ pretrained all-MiniLM-L6-v2 sequence classifier on 20 Newsgroups, Reuters R8, SM
 task, ``small`` (10 examples per class) and ``large`` (100 per class, at most 1,000 in all:
 20 Newsgroups gets 50), drawn per seed from the pool; the test set is fixed per task.
 
-Every method trains for the same fixed epochs (``small``: 3 head + 3 body, ``large``: 1 + 2;
+Every method trains for the same fixed epochs (``small``: 5 head + 5 body, ``large``: 1 + 2;
 batch 16, AdamW, onecycle) from the same fresh head (seeded), side by side on every
 task, budget and seed (:data:`METHODS`): the head alone (feature cache), ``fine_tune``'s
 defaults as they are now, the previous defaults, fastai's recipe, full fine-tuning at one

@@ -35,7 +35,7 @@ SOURCES = {
     "speeches": "minilm",
 }
 # (head epochs, body epochs) per budget; the head-only method trains for their sum
-EPOCHS = {"small": (3, 3), "large": (1, 2)}
+EPOCHS = {"small": (5, 5), "large": (1, 2)}
 PER_CLASS = {"small": 10, "large": 100}
 MAX_TRAIN = 1000
 BATCH = 16
