@@ -75,6 +75,8 @@ def run_cell(task: sm.SuiteTask, budget: str, seed: int, methods: list[str], run
     todo = [m for m in methods if (task.name, budget, seed, m) not in done]
     train = task.train_set(budget, seed) if todo else None
     for method in todo:
+        if (task.name, budget, seed, method) in _done(runs):  # another run of the suite did it
+            continue
         started = time.perf_counter()
         result = {**sm.METHODS, **sm.EXTRA}[method](task, train, budget, seed)
         row = {"task": task.name, "budget": budget, "seed": seed, "method": method,
