@@ -10,18 +10,23 @@ task, ``small`` (10 examples per class) and ``large`` (100 per class, at most 1,
 20 Newsgroups gets 50), drawn per seed from the pool; the test set is fixed per task.
 
 Every method trains for the same fixed epochs (``small``: 5 head + 5 body, ``large``: 1 + 2;
-batch 16, AdamW, onecycle) from the same fresh head (seeded), side by side on every
-task, budget and seed (:data:`METHODS`): the head alone (feature cache), ``fine_tune``'s
-defaults as they are now, the previous defaults, fastai's recipe, full fine-tuning at one
-rate, gradual unfreezing, the surgical study's best block and the block ``suggest`` ranks
-first (both chosen on the training draw only: surgical by a 70/30 split of it), plus the
-candidate settings the defaults are chosen from (``candidate ...``).
+batch 16, AdamW, onecycle) from the same fresh head (seeded), side by side on every task,
+budget and seed (:data:`suite_methods.METHODS`, each pinned): the head alone (feature
+cache), ``fine_tune``'s defaults before the suite (head 3e-3, ``base_lr`` 1e-4, ``lr_mult``
+10, batch norms frozen), the previous defaults (1e-3, 1e-3, 100, batch norms trained),
+fastai's recipe, full fine-tuning at one rate (3e-4), gradual unfreezing (``base_lr``
+1e-3), two candidate settings the defaults are chosen from (``base_lr`` 1e-3 and 3e-4 at
+``lr_mult`` 10), the block ``suggest`` ranks first and the surgical study's best block
+(both chosen on the training draw only: surgical by a 70/30 split of it, over four evenly
+spread blocks). ``--methods defaults`` also runs this tree's ``FineTuneConfig()``.
 
 Every run is one line of ``bench/results/suite-runs.jsonl`` as it finishes (a rerun skips
 what is there: the run resumes); ``bench/results/suite.json`` (rows: task × budget ×
 method, mean ± std and every seed; average ranks; leave-one-task-out choice; suggest
-against surgical) and ``suite.png`` are rewritten after every task. ``--quick``: three
-tasks, small budget, one seed, few methods. Run niced on a shared machine:
+against surgical) and ``suite.png`` are rewritten after every task. ``--quick``: every
+task at the small budget, one seed, the head alone and this tree's ``fine_tune`` defaults
+(``suite-quick.json``; a smoke test of the whole pipeline, minutes on an idle 2-core CPU).
+Run niced on a shared machine:
 ``nice -n 15 python bench/suite.py [--quick] [--tasks mnist,sms] [--threads 2]``.
 """
 
@@ -44,7 +49,6 @@ import suite_methods as sm  # noqa: E402
 import suite_report  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-QUICK_TASKS = ("digits", "sms", "animals")
 SLOW = ("suggest", "surgical")
 QUICK_METHODS = (
     "head only",
@@ -88,7 +92,7 @@ def run_cell(task: sm.SuiteTask, budget: str, seed: int, methods: list[str], run
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="3 tasks, small budget, 1 seed")
+    parser.add_argument("--quick", action="store_true", help="small budget, 1 seed, 2 methods")
     parser.add_argument("--tasks", default=",".join(suite_data.LOADERS))
     parser.add_argument("--methods", default=",".join(sm.METHODS))
     parser.add_argument("--budgets", default="small,large")
@@ -99,8 +103,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     args = parser.parse_args()
     if args.quick:
-        args.tasks, args.budgets, args.seeds = ",".join(QUICK_TASKS), "small", 1
-        args.methods = ",".join(QUICK_METHODS)
+        args.budgets, args.seeds, args.methods = "small", 1, ",".join(QUICK_METHODS)
     args.tasks = args.tasks.split(",")
     args.methods = args.methods.split(",")
     args.budgets = args.budgets.split(",")
