@@ -40,6 +40,7 @@ from .reinit import reinit
 from .saved import load, save
 from .select import select
 from .study import StudyResult, study
+from .tokenizer import load_tokenizer
 from .train import (
     Checkpoint,
     EarlyStopping,
@@ -102,6 +103,7 @@ __all__ = [
     "layers",
     "load_frozen_state",
     "load_model",
+    "load_tokenizer",
     "load_weights",
     "pretrain_layerwise",
     "reinit",

@@ -1,4 +1,4 @@
-"""Model specs -> modules: ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH``,
+"""Model specs -> modules: ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH``, ``gguf:PATH``,
 ``path/to/file.py:function`` and saved netgraft folders.
 
 :func:`load_model` builds the architecture, optionally loads weights from a local
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import NetgraftError, SpecError, WeightsError, closest, key_mismatch
+from .gguf import load_gguf_model
 from .recipe import set_base
 from .transfer.formats.torch_files import load_state_dict_file
 
@@ -50,16 +51,18 @@ HF_TASKS = {
 _PREFIX_WRAPPERS = ("module.", "_orig_mod.", "model.")
 _SPEC_HELP = (
     "expected torchvision:NAME, timm:NAME, hf:PATH (a local Hugging Face folder), "
+    "gguf:PATH (a local .gguf file), "
     "path/to/file.py:function, or a saved netgraft folder"
 )
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-    """Split a spec into ``(kind, rest)`` with kind in torchvision, timm, hf, file, folder."""
+    """Split a spec into ``(kind, rest)`` with kind in torchvision, timm, hf, gguf, file,
+    folder."""
     if not isinstance(spec, str) or not spec.strip():
         raise SpecError(f"empty model spec; {_SPEC_HELP}")
     spec = spec.strip()
-    for kind in ("torchvision", "timm", "hf"):
+    for kind in ("torchvision", "timm", "hf", "gguf"):
         if spec.startswith(kind + ":"):
             rest = spec[len(kind) + 1 :]
             if not rest:
@@ -150,6 +153,13 @@ def _hf(path: str, task: str | None, pretrained: bool, kwargs: dict[str, Any]) -
         ) from exc
 
 
+def _gguf(path: str, task: str | None, kwargs: dict[str, Any]) -> nn.Module:
+    task = task or "causal-lm"
+    if task not in HF_TASKS:
+        raise SpecError(f"unknown Hugging Face task {task!r}; known: {', '.join(HF_TASKS)}")
+    return load_gguf_model(path, auto_class=HF_TASKS[task], **kwargs)
+
+
 def _from_file(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     path_part, _, fn_name = spec.rpartition(":")
     path = Path(path_part)
@@ -227,7 +237,9 @@ def load_model(
 
     ``spec`` is ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` (a local Hugging Face
     folder, loaded with its weights; ``task=`` picks a task model such as
-    ``"sequence-classification"``), ``path/to/file.py:function`` (called with ``kwargs``),
+    ``"sequence-classification"``), ``gguf:PATH`` (a local GGUF file: the Hugging Face
+    model it holds, a causal LM unless ``task=`` says otherwise, its weights dequantized to
+    float32; needs ``netgraft[gguf]``), ``path/to/file.py:function`` (called with ``kwargs``),
     or a folder written by :func:`netgraft.save`. Extra keyword arguments go to the
     builder (``num_classes=10``). ``pretrained=True`` uses the source library's own
     downloader; ``weights=FILE`` loads a local ``.safetensors``/``.pt``/``.pth``/``.bin``
@@ -248,6 +260,8 @@ def load_model(
         model = _timm(rest, pretrained, kwargs)
     elif kind == "hf":
         model = _hf(rest, task, pretrained, kwargs)
+    elif kind == "gguf":
+        model = _gguf(rest, task, kwargs)
     else:
         model = _from_file(rest, kwargs)
     base: dict[str, Any] = dict(kwargs)
@@ -256,8 +270,8 @@ def load_model(
     if kind == "file":  # absolute, so a saved folder reloads from any working directory
         path_part, _, fn_name = rest.rpartition(":")
         base_spec = f"{Path(path_part).resolve()}:{fn_name}"
-    elif kind == "hf":
-        base_spec = f"hf:{Path(rest).resolve()}"
+    elif kind in ("hf", "gguf"):
+        base_spec = f"{kind}:{Path(rest).resolve()}"
     else:
         base_spec = spec
     set_base(model, base_spec, **base)
