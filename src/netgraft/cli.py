@@ -83,7 +83,7 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 @app.command()
 def inspect(
     spec: str = typer.Argument(
-        ..., help="torchvision:NAME, timm:NAME, hf:PATH, file.py:fn or a saved folder"
+        ..., help="torchvision:NAME, timm:NAME, hf:PATH, gguf:PATH, file.py:fn or a saved folder"
     ),
     input_shape: str | None = typer.Option(
         None,
@@ -118,7 +118,7 @@ def inspect(
 @app.command()
 def grow(
     spec: str = typer.Argument(
-        ..., help="torchvision:NAME, timm:NAME, hf:PATH, file.py:fn or a saved folder"
+        ..., help="torchvision:NAME, timm:NAME, hf:PATH, gguf:PATH, file.py:fn or a saved folder"
     ),
     out: Path = typer.Option(..., "-o", "--out", help="folder to save the grown model to"),
     deepen: str | None = typer.Option(
@@ -393,7 +393,7 @@ def finetune_config(**options: Any) -> FineTuneConfig:
 @app.command()
 def finetune(
     spec: str = typer.Argument(
-        ..., help="torchvision:NAME, timm:NAME, hf:PATH, file.py:fn or a saved folder"
+        ..., help="torchvision:NAME, timm:NAME, hf:PATH, gguf:PATH, file.py:fn or a saved folder"
     ),
     data: Path = typer.Option(
         ...,
@@ -455,7 +455,7 @@ def finetune(
 @app.command()
 def pretrain(
     spec: str = typer.Argument(
-        ..., help="torchvision:NAME, timm:NAME, hf:PATH, file.py:fn or a saved folder"
+        ..., help="torchvision:NAME, timm:NAME, hf:PATH, gguf:PATH, file.py:fn or a saved folder"
     ),
     data: Path = typer.Option(..., "--data", help="image folder DIR/CLASS/*.png"),
     out: Path = typer.Option(..., "-o", "--out", help="folder to save the pretrained model to"),
