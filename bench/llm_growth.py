@@ -16,7 +16,10 @@ Arms, each over the same data orders, at equal training compute:
 - **pro_all**: the same grown model with every parameter trained;
 - **grow_mid**: the original trained fully for half of the full arm's steps, then grown by
   a :class:`netgraft.Grow` callback (the same ``expand_blocks``) inside the same ``fit`` run,
-  the AdamW state carried over, and trained on until the compute is spent.
+  the AdamW state carried over, and trained on until the compute is spent;
+- **gstack**: G_stack (Du et al. 2024): ``stack_blocks(factor=2)``, the whole stack repeated
+  (30 -> 60 blocks; not function-preserving, so it starts from a worse loss), every
+  parameter trained; each step costs twice as much, so it gets about half the steps.
 
 Compute is counted in FLOPs (tokens × FLOPs per token), frozen parts included: per token a
 Linear of ``P`` weights costs ``2P`` forward, ``2P`` for the gradient of its input when
@@ -65,7 +68,7 @@ from netgraft.data import load_english_text, load_political_passages, package_di
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ARMS = ("full", "pro_new", "pro_all", "grow_mid")
+ARMS = ("full", "pro_new", "pro_all", "grow_mid", "gstack")
 LR = 2e-4
 EVERY = 4  # expand_blocks(every=4): one identity copy per group of four blocks
 PLANS: dict[str, dict[str, Any]] = {
@@ -208,7 +211,8 @@ def evaluate(model: nn.Module, data: dict[str, torch.Tensor], device: str) -> di
 
 
 class Track(netgraft.train.callbacks.Callback):
-    """Training FLOPs, the training steps' wall time and both losses after every epoch."""
+    """Training FLOPs and the training steps' wall time after every step (a fit epoch is one
+    step here), both losses every ``eval_every`` steps and after the last."""
 
     def __init__(self, data: dict[str, torch.Tensor], plan: dict[str, Any], device: str):
         self.data, self.plan, self.device = data, plan, device
@@ -222,10 +226,15 @@ class Track(netgraft.train.callbacks.Callback):
 
     def on_epoch_end(self, state: Any) -> None:
         self.train_s += time.perf_counter() - self._t0
-        tokens = self.plan["eval_every"] * self.plan["batch"] * self.plan["seq"]
+        tokens = self.plan["batch"] * self.plan["seq"]
         self.flops += tokens * train_flops_per_token(state.model, self.plan["seq"])
+        step = state.epoch + 1
+        if step % self.plan["eval_every"] and step != state.epochs:
+            return
         point = evaluate(state.model, self.data, self.device)
-        self.curve.append({"flops": self.flops, "train_s": round(self.train_s, 1), **point})
+        self.curve.append(
+            {"step": step, "flops": self.flops, "train_s": round(self.train_s, 1), **point}
+        )
 
 
 _BASE: dict[str, Any] = {}
@@ -243,9 +252,9 @@ def base_model(data: dict[str, torch.Tensor], device: str) -> tuple[nn.Module, d
 
 
 def prepare(arm: str, model: nn.Module, plan: dict[str, Any]) -> tuple[int, int | None]:
-    """Grow and freeze ``model`` for ``arm``; return its epoch count for the full arm's
-    compute and, for ``grow_mid``, the epoch before which it grows."""
-    seq, budget_epochs = plan["seq"], plan["steps"] // plan["eval_every"]
+    """Grow and freeze ``model`` for ``arm``; return its step count for the full arm's
+    compute and, for ``grow_mid``, the step before which it grows."""
+    seq, budget_epochs = plan["seq"], plan["steps"]
     full = train_flops_per_token(model, seq)
     if arm == "grow_mid":
         at = budget_epochs // 2
@@ -253,6 +262,8 @@ def prepare(arm: str, model: nn.Module, plan: dict[str, Any]) -> tuple[int, int 
         return at + max(1, round(after)), at
     if arm in ("pro_new", "pro_all"):
         netgraft.expand_blocks(model, every=EVERY)
+    if arm == "gstack":
+        netgraft.stack_blocks(model, factor=2)
     if arm == "pro_new":
         netgraft.train_only(model, netgraft.grown_modules(model))
     cost = train_flops_per_token(model, seq)
@@ -265,8 +276,9 @@ def run(arm: str, order: int, plan: dict[str, Any], data: dict[str, torch.Tensor
     torch.set_num_threads(plan["threads"])
     model, original = base_model(data, device)
     epochs, grow_at = prepare(arm, model, plan)
+    start = evaluate(model, data, device) if arm == "gstack" else original
     x, y = data["train"][:, :-1], data["train"][:, 1:]
-    chunk = plan["eval_every"] * plan["batch"]
+    chunk = plan["batch"]  # one step per fit epoch: every arm's step count is free
     loader = DataLoader(TensorDataset(x, y), batch_size=plan["batch"],
                         sampler=Stream(len(x), chunk, order))  # fmt: skip
     track = Track(data, plan, device)
@@ -286,14 +298,15 @@ def run(arm: str, order: int, plan: dict[str, Any], data: dict[str, torch.Tensor
         "blocks": len(model.model.layers),
         "params": sum(p.numel() for p in model.parameters()),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "steps": epochs * plan["eval_every"],
-        "grow_at_step": None if grow_at is None else grow_at * plan["eval_every"],
+        "steps": epochs,
+        "grow_at_step": grow_at,
         "tokens": epochs * chunk * plan["seq"],
         "flops": track.flops,
         "train_s": round(track.train_s, 1),
         "wall_s": round(time.perf_counter() - started, 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
         "original": original,
+        "start": start,
         "final": {k: v for k, v in last.items() if k not in ("flops", "train_s")},
         "forgetting": last["old"] - original["old"],
         "curve": track.curve,
@@ -332,7 +345,9 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
     fig = Figure(figsize=(11, 4.5))
     FigureCanvasAgg(fig)
-    colors = dict(zip(ARMS, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
+    colors = dict(
+        zip(ARMS, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"), strict=True)
+    )
     styles = ("-", "--", ":", "-.")
     for col, (key, title) in enumerate(
         (("val_new", "new domain: 2012 convention speeches (val)"),
@@ -341,7 +356,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         ax = fig.add_subplot(1, 2, col + 1)
         for r in sorted(runs, key=lambda r: (ARMS.index(r["arm"]), r["order"])):
             xs = [0.0] + [p["flops"] / 1e12 for p in r["curve"]]
-            ys = [r["original"][key]] + [p[key] for p in r["curve"]]
+            ys = [r.get("start", r["original"])[key]] + [p[key] for p in r["curve"]]
             ax.plot(xs, ys, color=colors[r["arm"]], linestyle=styles[r["order"] % 4],
                     marker=".", label=f"{r['arm']} (order {r['order']})")  # fmt: skip
         ax.set_xlabel("training compute (TFLOPs, frozen parts' forward included)")
@@ -349,7 +364,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M (GGUF) taught a new domain: full vs LLaMA Pro vs grown mid-run")
+    fig.suptitle("SmolLM2-135M (GGUF) taught a new domain: full, LLaMA Pro, grown mid-run, G_stack")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -367,12 +382,10 @@ def write(result: dict[str, Any], out: Path) -> None:
 def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     kind = "quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")
     plan = dict(PLANS[kind], kind=kind, device=args.device, lr=LR, every=EVERY)
-    for key in ("steps", "seq", "batch", "eval_every", "orders"):
+    for key in ("steps", "seq", "batch", "eval_every", "orders", "val_new", "val_old"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
     plan["threads"] = args.threads or max(1, (os.cpu_count() or 2) // args.workers)
-    if plan["steps"] % plan["eval_every"]:
-        raise SystemExit("--steps must be a multiple of --eval-every")
     return plan
 
 
@@ -385,6 +398,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="sequences per step")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations")
     parser.add_argument("--orders", type=int, help="data orders (seeds of the batch order)")
+    parser.add_argument("--val-new", type=int, help="new-domain validation windows")
+    parser.add_argument("--val-old", type=int, help="pydoc and Hamlet windows (each)")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel processes")
     parser.add_argument("--threads", type=int, help="torch threads per worker")
     parser.add_argument("--out", default=None, help="JSON path (PNG written beside it)")

@@ -9,6 +9,7 @@ matter on a small shared CPU).
 from __future__ import annotations
 
 import copy
+import logging
 import resource
 import sys
 
@@ -104,6 +105,22 @@ def test_widen_transformer_doubles_smollm2_hidden_size_with_same_logits_and_toke
     logits, tokens = reference
     assert (_logits(model, hamlet_ids) - logits).abs().max() < 1e-3
     assert torch.equal(_greedy(model, hamlet_ids), tokens)
+    del model
+
+
+def test_stack_blocks_doubles_smollm2_depth_logs_its_loss_jump_and_records_itself(
+    smollm2, hamlet_ids, caplog
+):
+    model = copy.deepcopy(smollm2)
+    with caplog.at_level(logging.INFO, logger="netgraft"):
+        netgraft.stack_blocks(model, factor=2, example_input=dict(hamlet_ids))
+    assert model.config.num_hidden_layers == len(model.model.layers) == 60
+    assert netgraft.get_recipe(model).operations[-1] == {
+        "op": "stack_blocks",
+        "args": {"factor": 2, "how": "whole"},
+    }
+    assert "not function-preserving" in caplog.text and "next-token loss" in caplog.text
+    assert len(_greedy(model, hamlet_ids)) == GEN_TOKENS  # the cache has a slot per block
     del model
 
 
