@@ -385,6 +385,10 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("steps", "seq", "batch", "eval_every", "orders", "val_new", "val_old"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
+    plan["arms"] = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(plan["arms"]) - set(ARMS))
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
     plan["threads"] = args.threads or max(1, (os.cpu_count() or 2) // args.workers)
     return plan
 
@@ -400,6 +404,7 @@ def main() -> None:
     parser.add_argument("--orders", type=int, help="data orders (seeds of the batch order)")
     parser.add_argument("--val-new", type=int, help="new-domain validation windows")
     parser.add_argument("--val-old", type=int, help="pydoc and Hamlet windows (each)")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel processes")
     parser.add_argument("--threads", type=int, help="torch threads per worker")
     parser.add_argument("--out", default=None, help="JSON path (PNG written beside it)")
@@ -407,7 +412,8 @@ def main() -> None:
     plan = make_plan(args)
     workers = 1 if plan["device"].startswith("cuda") else args.workers
     data = build_data(plan)
-    jobs = [(arm, order, plan, data) for arm in ARMS for order in range(plan["orders"])]
+    # one order after the other: the two largest runs (gstack) never share the memory
+    jobs = [(arm, order, plan, data) for order in range(plan["orders"]) for arm in plan["arms"]]
     out = Path(args.out or f"bench/results/llm_growth{'-quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {

@@ -117,7 +117,7 @@ def test_stack_blocks_doubles_smollm2_depth_logs_its_loss_jump_and_records_itsel
     assert model.config.num_hidden_layers == len(model.model.layers) == 60
     assert netgraft.get_recipe(model).operations[-1] == {
         "op": "stack_blocks",
-        "args": {"factor": 2, "how": "whole"},
+        "args": {"factor": 2},
     }
     assert "not function-preserving" in caplog.text and "next-token loss" in caplog.text
     assert len(_greedy(model, hamlet_ids)) == GEN_TOKENS  # the cache has a slot per block
