@@ -274,7 +274,15 @@ def apply_growth(
         )
         log.info("%s: verified on the probe batch, max |Δ| = %.3g", probe.what, delta)
         return GrowthCheck(delta)
-    out_before, out_after = _run(before, probe.inputs), _run(after, probe.inputs)
+    out_before = _run(before, probe.inputs)
+    try:
+        out_after = _run(after, probe.inputs)
+    except Exception as exc:
+        undo()
+        raise SurgeryError(
+            f"{probe.what} produced a model that no longer runs on the probe batch "
+            f"({type(exc).__name__}: {exc}); the model was left unchanged"
+        ) from exc
     delta = _max_delta(out_before, out_after)[0]
     result = GrowthCheck(
         delta, _lm_loss(out_before, probe.inputs), _lm_loss(out_after, probe.inputs)
