@@ -14,7 +14,7 @@ from torch import nn
 
 import netgraft
 from netgraft.data import load_digits, load_english_text
-from netgraft.grow import grow_with_optimizer
+from netgraft.train import grow_with_optimizer
 
 transformers = pytest.importorskip("transformers")
 

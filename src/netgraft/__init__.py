@@ -22,7 +22,6 @@ from .errors import (
 )
 from .freeze import freeze, frozen_state, load_frozen_state, train_only, trainable_report, unfreeze
 from .grow import (
-    Grow,
     deepen,
     expand_blocks,
     grown_modules,
@@ -45,6 +44,7 @@ from .train import (
     Checkpoint,
     EarlyStopping,
     FineTuneConfig,
+    Grow,
     History,
     ReduceLROnPlateau,
     evaluate,

@@ -7,14 +7,12 @@
 - :func:`stack_blocks` repeats their whole stack (G_stack; not function-preserving);
 - :func:`verify_equivalence` measures how much two models' outputs differ;
 - :func:`grown_modules` lists what growth added, for ``train_only``;
-- :class:`Grow` grows a model during :func:`netgraft.fit`, carrying the optimizer's state.
 
 Every function-preserving growth operation verifies itself on a probe batch by default and records itself in
 the model's recipe.
 """
 
 from .deepen import Deepened, Residual, deepen
-from .during import Grow, grow_with_optimizer
 from .expand import GatedBlock, expand_blocks
 from .grown import grown_modules
 from .stack import stack_blocks
@@ -25,14 +23,15 @@ from .widen import widen
 __all__ = [
     "Deepened",
     "GatedBlock",
-    "Grow",
     "Residual",
     "deepen",
     "expand_blocks",
-    "grow_with_optimizer",
     "grown_modules",
     "stack_blocks",
     "verify_equivalence",
     "widen",
     "widen_transformer",
 ]
+
+# Growth *during* training (netgraft.Grow, grow_with_optimizer) lives in netgraft.train.growing:
+# it calls these operations, and this package never imports train/.

@@ -30,7 +30,7 @@ class ParamGrowth:
 
     ``grad``, when given, is the exact factor between the new element's gradient and the
     old element's gradient right after the growth (an operation that knows it records it);
-    without it the factor is derived from the copies (:func:`netgraft.grow.during`).
+    without it the factor is derived from the copies (:mod:`netgraft.train.growing`).
     """
 
     new: torch.Tensor

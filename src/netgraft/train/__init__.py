@@ -7,6 +7,7 @@ from .callbacks import Callback, Checkpoint, EarlyStopping, ReduceLROnPlateau
 from .checkpoint import load_checkpoint
 from .engine import EpochSampler, TrainState
 from .finetune import FineTuneConfig, fine_tune, head_name
+from .growing import Grow, GrowthEvent, grow_with_optimizer
 from .history import History
 from .loop import fit
 
@@ -16,12 +17,15 @@ __all__ = [
     "EarlyStopping",
     "EpochSampler",
     "FineTuneConfig",
+    "Grow",
+    "GrowthEvent",
     "History",
     "ReduceLROnPlateau",
     "TrainState",
     "evaluate",
     "fine_tune",
     "fit",
+    "grow_with_optimizer",
     "head_name",
     "load_checkpoint",
     "predict",

@@ -50,13 +50,13 @@ from torch import nn
 
 from ..data import to_device
 from ..errors import EquivalenceError, NetgraftError, SurgeryError
+from ..grow.carry import ParamGrowth, tracking
+from ..grow.verify import default_atol, probe_input
 from ..layers import evaluating
 from ..optim import param_groups
 from ..recipe import operation
-from ..train.batches import loss_fn, predictions, split_batch
-from ..train.callbacks import Callback
-from .carry import ParamGrowth, tracking
-from .verify import default_atol, probe_input
+from .batches import loss_fn, predictions, split_batch
+from .callbacks import Callback
 
 __all__ = ["Grow", "GrowthEvent", "grow_with_optimizer"]
 
