@@ -33,12 +33,11 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..cache import FeatureCache
 from ..cut import cut
-from ..data import input_of
+from ..data import input_of, to_device
 from ..errors import CacheError, SurgeryError
 from ..freeze import held_in_inference, is_dropout, norm_policy
 from ..layers import Layer, layers, trace_order
-from ..rng import forked
-from .determinism import cached_training_differs, random_operations
+from .determinism import cached_training_differs, off_the_record, random_operations
 
 __all__ = ["CachePlan", "plan"]
 
@@ -163,10 +162,10 @@ def plan(
         "parallel": parallel,
     }
     try:
-        with forked():  # probing runs the forward: a model that draws random numbers
+        with off_the_record():  # probing runs the forward, which may draw random numbers
             first, order, shapes, example = _first_trainable(model, train_data)
             name, prefix, suffix, reasons = _cut_before(
-                model, first, order, example, _probe_batch(train_data)
+                model, first, order, example, _probe_batch(model, train_data)
             )
         if cache == "auto":
             _check_worth(model, name, prefix, reasons)
@@ -199,7 +198,7 @@ def _first_trainable(
     runs before it."""
     if len(train_data) == 0:  # type: ignore[arg-type]
         raise _Refused("the training data is empty")
-    example = default_collate([input_of(train_data[0])])
+    example = to_device(default_collate([input_of(train_data[0])]), _device_of(model))
     order, shapes = trace_order(model, example)
     table = layers(model)
     first = next((row for row in table if row.trainable_params > 0), None)
@@ -263,9 +262,14 @@ def _not_the_same_training(
     return cached_training_differs(model, name, prefix, suffix, probe)
 
 
-def _probe_batch(train_data: Dataset, size: int = 2) -> Any:
-    """The first few training inputs as one batch."""
-    return default_collate([input_of(train_data[i]) for i in range(min(size, len(train_data)))])  # type: ignore[arg-type]
+def _probe_batch(model: nn.Module, train_data: Dataset, size: int = 2) -> Any:
+    """The first few training inputs as one batch, on the model's device."""
+    n = min(size, len(train_data))  # type: ignore[arg-type]
+    return to_device(default_collate([input_of(train_data[i]) for i in range(n)]), _device_of(model))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _check_worth(model: nn.Module, name: str, prefix: nn.Module, reasons: list[str]) -> None:

@@ -35,7 +35,7 @@ from ..layers import call_model, display_name, evaluating
 from ..rng import forked
 from ..substitute import max_difference
 
-__all__ = ["cached_training_differs", "random_operations"]
+__all__ = ["cached_training_differs", "off_the_record", "random_operations"]
 
 _RANDOM_FUNCTIONS = {
     torch.rand,
@@ -164,8 +164,7 @@ def _differs(
     with evaluating(prefix):
         features = call_model(prefix, batch)
     for train, want in outputs.items():
-        with _mode([suffix], train), forked(), torch.no_grad():
-            torch.manual_seed(0)
+        with _mode([suffix], train), _seeded(0), torch.no_grad():
             got = suffix(features)
         if not _close(want, got):
             return (
@@ -196,8 +195,7 @@ def _run(
     handle = model.get_submodule(at).register_forward_hook(record)
     out = None
     try:
-        with _mode([model], train), forked(), torch.no_grad():
-            torch.manual_seed(seed)
+        with _mode([model], train), _seeded(seed), torch.no_grad():
             out = call_model(model, batch)
     except _Reached:
         pass
@@ -206,6 +204,22 @@ def _run(
     if not found:
         raise RuntimeError(f"the forward did not call {display_name(at)!r}")
     return found[0], out
+
+
+@contextlib.contextmanager
+def off_the_record() -> Iterator[None]:
+    """Run the block and give every global random stream back as it was: torch's CPU and
+    CUDA ones (every device), numpy's and Python's."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with forked(), torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with off_the_record():
+        torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager
