@@ -364,17 +364,8 @@ def finetune_folder(
             f"--num-classes {n} does not match the {len(split.classes)} class folders in {data_dir}"
         )
     replace_head(model, n)
-    history = fine_tune(
-        model,
-        split.train,
-        split.val,
-        epochs=epochs,
-        config=config,
-        batch_size=batch_size,
-        seed=seed,
-        cache=cache,
-        quiet=quiet,
-    )
+    options = {"batch_size": batch_size, "seed": seed, "cache": cache, "quiet": quiet}
+    history = fine_tune(model, split.train, split.val, epochs=epochs, config=config, **options)
     folder = save(model, out)
     history.save(folder)
     write_data_info(folder, split.classes, split.config)
