@@ -215,7 +215,7 @@ def test_surgical_mode_tunes_only_unit_k_and_keeps_every_other_units_weights(tas
     source, train, val = tasks
     seen: list[dict[str, bool]] = []
     study_module = sys.modules["netgraft.study.trials"]
-    original = study_module.fit
+    original = study_module.fit_flat
 
     def spy(model, *args, **kwargs):
         seen.append({n: p.requires_grad for n, p in model.named_parameters()})
@@ -225,7 +225,7 @@ def test_surgical_mode_tunes_only_unit_k_and_keeps_every_other_units_weights(tas
             assert torch.equal(p, before[n]) != p.requires_grad, n
         return out
 
-    monkeypatch.setattr(study_module, "fit", spy)
+    monkeypatch.setattr(study_module, "fit_flat", spy)
     budget = {"epochs": 6, "lr": 3e-3}
     result = study(source, train, val, modes=("surgical",), baseline=False, seeds=1, budget=budget)
     assert [(r["mode"], r["k"], r["reused_up_to"]) for r in result.rows] == [

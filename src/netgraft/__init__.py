@@ -33,6 +33,7 @@ from .grow import (
 from .heads import attach, find_head, find_heads, replace_head, truncate
 from .layers import Block, Layer, LayerTable, blocks, layers, summary
 from .optim import param_groups
+from .options import RunOptions
 from .pretrain import AuxiliaryResult, pretrain_auxiliary, pretrain_layerwise
 from .recipe import get_recipe
 from .reinit import reinit
@@ -41,15 +42,18 @@ from .select import select
 from .study import StudyResult, study
 from .tokenizer import load_tokenizer
 from .train import (
+    Callback,
     Checkpoint,
     EarlyStopping,
     FineTuneConfig,
     Grow,
     History,
+    Optimization,
     ReduceLROnPlateau,
     evaluate,
     fine_tune,
     fit,
+    predict,
 )
 from .transfer import TransferReport, transfer
 from .zoo import load_model, load_weights
@@ -63,6 +67,7 @@ __all__ = [
     "pretrain_auxiliary",
     "suggest",
     "Block",
+    "Callback",
     "Checkpoint",
     "EarlyStopping",
     "FineTuneConfig",
@@ -76,7 +81,10 @@ __all__ = [
     "fine_tune",
     "fit",
     "load",
+    "Optimization",
     "param_groups",
+    "predict",
+    "RunOptions",
     "CacheError",
     "DataError",
     "EquivalenceError",

@@ -25,6 +25,7 @@ from rich.console import Console
 
 from .demo import run_demo
 from .errors import NetgraftError
+from .options import RunOptions
 from .train import FineTuneConfig
 from .workflows import (
     evaluate_folder,
@@ -292,7 +293,12 @@ def study_cmd(
     """How many layers to reuse: train copies of SPEC reusing its first k blocks (frozen or
     fine-tuned) on the images in --data; print the table, write study.json/.csv/.png.
     Finished trials are kept in --out: running the same study again resumes it."""
-    err = Console(stderr=True, highlight=False)
+    run = RunOptions(
+        progress=not quiet,
+        workers=workers,
+        backend="ray" if ray is not None else "local",
+        ray_address=None if ray in (None, "local") else ray,
+    )
     result = study_folder(
         spec,
         data,
@@ -301,17 +307,13 @@ def study_cmd(
         trust_pickle=trust_pickle,
         control=control,
         size=size,
+        run=run,
         reuse=_int_list(reuse, "--reuse"),
         modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
         baseline=not no_baseline,
         seeds=seeds,
         budget={"epochs": epochs, "lr": lr, "batch_size": batch_size},
         unit=unit,
-        progress=None if quiet else (lambda line: err.print(line, markup=False)),
-        quiet=quiet,
-        workers=workers,
-        backend="ray" if ray is not None else "local",
-        ray_address=None if ray in (None, "local") else ray,
     )
     console = _console()
     console.print(result.rich_table(title=f"{spec} → {data}"))

@@ -46,7 +46,8 @@ from .freeze import freeze
 from .grow import deepen
 from .reinit import reinit
 from .results import errorbars, mean_std, results_table, seeded_row, write_results
-from .train import FineTuneConfig, evaluate, fine_tune, fit
+from .train import FineTuneConfig, evaluate, fine_tune
+from .train.loop import fit_flat as fit
 
 __all__ = [
     "METHODS",

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,11 +50,12 @@ from .grow import expand_blocks
 from .grow import widen as widen_op
 from .heads import replace_head
 from .layers import Block, LayerTable, blocks, layers
+from .options import RunOptions
 from .pretrain import pretrain_auxiliary, pretrain_layerwise
 from .recipe import get_recipe
 from .saved import load as load_saved
 from .saved import save
-from .study import MODES, StudyResult, study
+from .study import StudyResult, study
 from .text_workflows import evaluate_table, finetune_table, predict_table, read_text_info
 from .train import History, evaluate, fine_tune, predict
 from .train.finetune import FineTuneConfig, resolve_config
@@ -142,22 +143,17 @@ def study_folder(
     trust_pickle: bool = False,
     control: str | nn.Module | None = None,
     size: int | None = None,
-    reuse: Iterable[int] | None = None,
-    modes: Sequence[str] = MODES,
-    baseline: bool = True,
-    seeds: int = 3,
-    budget: int | Mapping[str, Any] = 5,
-    unit: str = "block",
-    progress: Callable[[str], None] | None = None,
-    **scale: Any,
+    run: RunOptions | None = None,
+    **study_kwargs: Any,
 ) -> StudyResult:
     """:func:`netgraft.study` of ``model`` (a spec for :func:`netgraft.load_model`, with
     ``weights``, or a module) on the images in ``data_dir`` (``DIR/CLASS/*`` split per class,
     or ``DIR/train`` and ``DIR/val``), resized as the model expects or to ``size``, with
     ``control`` (a spec or a module) reused the same way; the results (and every finished
-    trial, so a rerun resumes) are written to ``out_dir``. ``scale`` goes to
-    :func:`netgraft.study` as it is (``workers``, ``backend``, ``ray_address``, ``threads``,
-    ``quiet``, ...). A folder giving no validation images is a :class:`NetgraftError`."""
+    trial, so a rerun resumes) are written to ``out_dir``. ``run`` and the other keywords
+    (``reuse``, ``modes``, ``baseline``, ``seeds``, ``budget``, ``unit``) go to
+    :func:`netgraft.study` as they are. A folder giving no validation images is a
+    :class:`NetgraftError`."""
     if isinstance(model, str):
         model = load_model(model, weights=weights, trust_pickle=trust_pickle)
     split = image_folder(data_dir, model, size=size)
@@ -167,22 +163,8 @@ def study_folder(
         )
     if isinstance(control, str):
         control = load_model(control, trust_pickle=trust_pickle)
-    return study(
-        model,
-        split.train,
-        split.val,
-        reuse=reuse,
-        modes=modes,
-        baseline=baseline,
-        control=control,
-        seeds=seeds,
-        budget=budget,
-        unit=unit,
-        num_classes=len(split.classes),
-        out_dir=out_dir,
-        progress=progress,
-        **scale,
-    )
+    return study(model, split.train, split.val, control=control, out_dir=out_dir, run=run,
+                 **study_kwargs)  # fmt: skip
 
 
 @dataclass

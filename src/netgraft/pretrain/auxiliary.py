@@ -48,8 +48,9 @@ from torch.utils.data import Dataset
 from ..errors import DataError, NetgraftError, SelectionError, closest
 from ..heads import find_head
 from ..layers import evaluating
-from ..train import History, fit
+from ..train import History
 from ..train.batches import predictions
+from ..train.loop import fit_flat as fit
 from .inputs import gather_inputs
 
 __all__ = [

@@ -34,6 +34,7 @@ from ..data.batches import input_of
 from ..errors import NetgraftError
 from ..heads import find_head
 from ..layers import blocks, head_block_index, layers
+from ..options import BACKENDS, RunOptions, legacy, run_options
 from ..results import seeded_row
 from .result import StudyResult, recommend
 from .resume import TrialStore, study_key
@@ -46,7 +47,8 @@ __all__ = ["BACKENDS", "study"]
 log = logging.getLogger("netgraft.study")
 
 UNITS = ("block", "layer")
-BACKENDS = ("local", "ray")
+# the RunOptions fields a study reads, also taken as keywords the old way
+_STUDY_RUN = ("workers", "backend", "ray_address", "threads", "shared_pass", "cache_dir")
 _BUDGET_DEFAULTS: dict[str, Any] = {"epochs": 5, "lr": 1e-3, "batch_size": 32}
 Setting = tuple[str, str, int]
 
@@ -74,16 +76,19 @@ def _labels(data: Any) -> torch.Tensor | None:
     return None
 
 
-def _num_classes(data: Any) -> int:
-    classes = getattr(data, "classes", None)
+def _num_classes(train: Any, val: Any) -> int:
+    """The target's number of classes: ``train.classes``, else the largest label of the
+    training and validation data + 1."""
+    classes = getattr(train, "classes", None)
     if classes is not None:
         return len(classes)
-    labels = _labels(data)
-    if labels is None:
-        labels = torch.as_tensor([int(item[1]) for item in data])
-    if labels.numel() == 0:
+    found = []
+    for data in (train, val):
+        labels = _labels(data)
+        found.append(torch.as_tensor([int(item[1]) for item in data]) if labels is None else labels)
+    if found[0].numel() == 0:
         raise NetgraftError("the target training data is empty; the study needs examples")
-    return int(labels.max()) + 1
+    return int(max(int(labels.max()) for labels in found if labels.numel())) + 1
 
 
 def _budget(budget: int | Mapping[str, Any]) -> dict[str, Any]:
@@ -93,7 +98,7 @@ def _budget(budget: int | Mapping[str, Any]) -> dict[str, Any]:
         )
     out = dict(_BUDGET_DEFAULTS)
     out.update({"epochs": budget} if isinstance(budget, int) else dict(budget))
-    reserved = {"seed", "cache", "quiet", "resume"} & set(out)
+    reserved = {"seed", "cache", "quiet", "progress", "resume", "run"} & set(out)
     if reserved:
         raise NetgraftError(f"budget cannot set {sorted(reserved)}: the study sets them per run")
     if not isinstance(out["epochs"], int) or out["epochs"] < 1:
@@ -157,16 +162,6 @@ def _check_control(control: nn.Module | None, unit: str, n_units: int) -> None:
             f"the control model must have the source's architecture: {n_units} {unit}s "
             f"expected, found {len(_units(control, unit, None))}"
         )
-
-
-def _check_backend(backend: str, workers: int | None, threads: int | None) -> None:
-    if backend not in BACKENDS:
-        raise NetgraftError(f"backend must be one of {', '.join(BACKENDS)}; found {backend!r}")
-    for name, value in (("workers", workers), ("threads", threads)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise NetgraftError(f"{name} must be a positive integer or None; found {value!r}")
 
 
 def _settings(
@@ -242,6 +237,17 @@ def _trial_bar(quiet: bool) -> Iterator[Progress]:
         yield bar
 
 
+def _lines(bar: Progress, show: bool) -> Callable[[str], None]:
+    """Where a study's lines go: the ``netgraft.study`` log, and above the bar when shown."""
+
+    def say(line: str) -> None:
+        log.info(line)
+        if show:
+            bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    return say
+
+
 @contextlib.contextmanager
 def _features_dir(cache_dir: Any, out_dir: Any) -> Iterator[Path]:
     """Where the shared features go: ``cache_dir``, else ``out_dir/features`` (kept for a
@@ -276,39 +282,51 @@ def _run(
     plan: list[Setting],
     seeds: int,
     key_settings: dict[str, Any],
-    options: dict[str, Any],
-    say: Callable[[str], None],
+    where: tuple[Any, RunOptions, Any],
+    say: Callable[[str], None] | None,
 ) -> tuple[dict[Trial, TrialResult], int]:
     """Every trial of ``plan``: read back from ``out_dir`` where an earlier run of the same
     study finished it, else run (after the shared frozen pass); return the results and how
-    many were read back."""
+    many were read back. Lines go to ``say`` when given, else to the log and (with
+    ``run.progress``) above the bar."""
+    out_dir, run, ray = where
     trials = [Trial(*setting, seed) for setting in plan for seed in range(seeds)]
     store, results = None, {}
-    if options["out_dir"] is not None:
+    if out_dir is not None:
         key = study_key(ctx.models, ctx.train, ctx.val, key_settings)
-        store = TrialStore(options["out_dir"], key)
+        store = TrialStore(out_dir, key)
         results = store.load(trials)
         if results:
-            say(f"resuming: {len(results)} of {len(trials)} trials already done ({store.folder})")
+            line = f"resuming: {len(results)} of {len(trials)} trials already done ({store.folder})"
+            (say or log.info)(line)
     reused = len(results)
     todo = [t for t in trials if t not in results]
-    with _features_dir(options["cache_dir"], options["out_dir"]) as root:
-        if options["shared_pass"] and todo:
+    with _features_dir(run.cache_dir, out_dir) as root:
+        if run.shared_pass and todo:
             _share(ctx, todo, root)
-        with _trial_bar(options["quiet"]) as bar:
-            tracker = _Tracker(results, store, seeds, bar, say)
+        with _trial_bar(not run.progress) as bar:
+            tracker = _Tracker(results, store, seeds, bar, say or _lines(bar, run.progress))
             tracker.start(len(todo))
-            run_trials(
-                ctx, todo, tracker, workers=options["workers"], ray=options["ray"],
-                threads=options["threads"],
-            )  # fmt: skip
+            run_trials(ctx, todo, tracker, workers=run.workers, ray=ray, threads=run.threads)
     return results, reused
 
 
+_RUN = "run=RunOptions({}=...)"
+
+
+@legacy(
+    source_model="model",
+    target_train="train",
+    target_val="val",
+    quiet="run=RunOptions(progress=not quiet)",
+    progress="a handler on the 'netgraft.study' logger (the lines go there)",
+    num_classes="training data with a `classes` attribute (or labels 0..N-1)",
+    **{name: _RUN.format(name) for name in _STUDY_RUN},
+)
 def study(
-    source_model: nn.Module,
-    target_train: Any,
-    target_val: Any,
+    model: nn.Module,
+    train: Any,
+    val: Any,
     *,
     reuse: Iterable[int] | None = None,
     modes: Sequence[str] = MODES,
@@ -317,69 +335,80 @@ def study(
     seeds: int = 3,
     budget: int | Mapping[str, Any] = 5,
     unit: str = "block",
-    num_classes: int | None = None,
     out_dir: str | os.PathLike | None = None,
-    progress: Callable[[str], None] | None = None,
-    quiet: bool = False,
-    workers: int | None = None,
-    backend: str = "local",
-    ray_address: str | None = None,
-    threads: int | None = None,
-    shared_pass: bool = True,
-    cache_dir: str | os.PathLike | None = None,
+    run: RunOptions | None = None,
+    **legacy_kwargs: Any,
 ) -> StudyResult:
-    """For each ``k`` in ``reuse`` and each mode, train ``seeds`` copies of ``source_model``
-    whose first ``k`` units (``unit="block"``: :func:`netgraft.blocks`; ``"layer"``: the layer
-    table) keep their weights and the rest is re-initialised, frozen (``"frozen"``) or not
-    (``"fine-tuned"``), and measure accuracy on ``target_val``; return a :class:`StudyResult`.
-    Mode ``"surgical"`` keeps every unit's weights and tunes only unit ``k`` (1-based, the
-    head's units included), every other unit frozen; a head replaced for another number of
-    classes is trained with it.
+    """For each ``k`` in ``reuse`` and each mode, train ``seeds`` copies of ``model`` (the
+    source) whose first ``k`` units (``unit="block"``: :func:`netgraft.blocks`;
+    ``"layer"``: the layer table) keep their weights, frozen (``"frozen"``) or not
+    (``"fine-tuned"``), the rest re-initialised, and measure accuracy on ``val``; return a
+    :class:`StudyResult`. Mode ``"surgical"`` keeps every unit's weights and tunes only
+    unit ``k`` (1-based, the head's units included), every other unit frozen.
 
     ``reuse`` defaults to every count from 1 to the unit before the head (the head is always
-    new; it is replaced when the target has another number of classes), and for
-    ``"surgical"`` to every unit. ``baseline`` adds ``k = 0`` (from scratch); ``control``
-    (a model trained on the target task itself) is reused the same way. ``budget`` is the
-    epochs of every run, or a dict of :func:`netgraft.fit` arguments (``epochs``, ``lr``,
-    ``batch_size``, ``optimizer``, ...). Data are ``(x, y)`` tensors or datasets.
+    new; it is replaced when the target has another number of classes: ``train.classes``,
+    else the largest label + 1 of ``train`` and ``val``), and for ``"surgical"`` to every
+    unit. ``baseline`` adds ``k = 0`` (from scratch); ``control`` (a model trained on the
+    target task itself) is reused the same way. ``budget`` is the epochs of every run, or
+    a dict of :func:`netgraft.fit` arguments (``epochs``, ``lr``, ``batch_size``,
+    ``optimizer``, and :class:`~netgraft.Optimization` fields such as ``lr_mult``). Data
+    are ``(x, y)`` tensors or datasets; the runs of a setting use seeds 0 to ``seeds - 1``.
 
-    Frozen (and surgical) trials share one forward pass of the model over the data
-    (``shared_pass``; :mod:`netgraft.study.shared`), stored as feature caches under
-    ``cache_dir``, ``out_dir/features`` or a temporary folder. ``workers=N`` runs the trials
-    in N local processes; ``backend="ray"`` runs them as Ray tasks on the cluster at
-    ``ray_address`` (or ``RAY_ADDRESS``, else a local Ray), at most ``workers`` at once when
-    given. ``threads`` sets torch's CPU threads of every trial; with the same threads every
-    backend gives the same rows. With ``out_dir`` every trial is written as it finishes and a
-    rerun of the same study (same budget, unit, models and data) skips the finished ones;
-    the JSON, CSV and PNG are written there at the end. ``progress`` receives a line per row
-    once its seeds are done; ``quiet`` hides the progress bar over trials.
+    With ``out_dir`` every trial is written as it finishes and a rerun of the same study
+    (same budget, unit, models and data) skips the finished ones; the JSON, CSV and PNG
+    are written there at the end. ``run`` (:class:`~netgraft.RunOptions`) says how to run
+    the trials: ``workers`` local processes, or ``backend="ray"`` (``ray_address``),
+    ``threads`` per trial (with the same threads every backend gives the same rows),
+    ``shared_pass`` (frozen and surgical trials share one forward pass over the data,
+    :mod:`netgraft.study.shared`, stored as feature caches under ``cache_dir``,
+    ``out_dir/features`` or a temporary folder) and ``progress`` (a bar over trials; a
+    line per row once its seeds are done goes to the ``netgraft.study`` logger either
+    way). The old keywords (``source_model``, ``num_classes``, ``quiet``, ``workers``, ...)
+    still work and warn.
     """
+    say = legacy_kwargs.pop("progress", None)
+    num_classes = legacy_kwargs.pop("num_classes", None) or _num_classes(train, val)
+    run = run_options(run, legacy_kwargs)
     _check_choices(modes, unit, seeds)
-    _check_backend(backend, workers, threads)
     settings = _budget(budget)
-    num_classes = num_classes or _num_classes(target_train)
-    units = _units(source_model, unit, _example(target_train))
-    unit_names = _unit_names(source_model, unit, units)
-    ks = _mode_ks(source_model, units, unit, unit_names, modes, reuse)
-    _check_control(control, unit, len(units))
+    models = {"source": model, **({"control": control} if control is not None else {})}
+    ctx, unit_names = _context(models, (train, val), unit, num_classes, settings)
+    ks = _mode_ks(model, ctx.units, unit, unit_names, modes, reuse)
     plan = _settings(modes, ks, baseline, control is not None)
-    models = {"source": source_model, **({"control": control} if control is not None else {})}
-    ctx = TrialContext(models, units, num_classes, target_train, target_val, settings)
-    ray, started = connect_ray(ray_address) if backend == "ray" else (None, False)
-    options = dict(out_dir=out_dir, cache_dir=cache_dir, shared_pass=shared_pass, quiet=quiet,
-                   workers=workers, ray=ray, threads=threads)  # fmt: skip
     key_settings = {"budget": settings, "unit": unit, "num_classes": num_classes}
-    try:
-        say = progress or (lambda line: log.info(line))
-        results, reused = _run(ctx, plan, seeds, key_settings, options, say)
-    finally:
-        if started:
-            ray.shutdown()
+    results, reused = _run_on(run, ctx, plan, seeds, key_settings, out_dir, say)
     result = _gather(plan, results, seeds, unit, unit_names, reused)
     result.settings = {**settings, "seeds": seeds, "modes": list(modes), "num_classes": num_classes}
     if out_dir is not None:
         result.save(out_dir)
     return result
+
+
+def _context(
+    models: dict[str, nn.Module],
+    data: tuple[Any, Any],
+    unit: str,
+    num_classes: int,
+    settings: dict[str, Any],
+) -> tuple[TrialContext, list[str]]:
+    """What every trial needs (the models, their units, the data, the budget) and the
+    units' names; the control, when given, must have the source's units."""
+    units = _units(models["source"], unit, _example(data[0]))
+    _check_control(models.get("control"), unit, len(units))
+    ctx = TrialContext(models, units, num_classes, data[0], data[1], settings)
+    return ctx, _unit_names(models["source"], unit, units)
+
+
+def _run_on(run: RunOptions, ctx: TrialContext, plan: list[Setting], seeds: int,
+            key_settings: dict[str, Any], out_dir: Any, say: Any):  # fmt: skip
+    """:func:`_run` on the backend ``run`` names (a Ray started here is shut down after)."""
+    ray, started = connect_ray(run.ray_address) if run.backend == "ray" else (None, False)
+    try:
+        return _run(ctx, plan, seeds, key_settings, (out_dir, run, ray), say)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _gather(

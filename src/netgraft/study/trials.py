@@ -26,8 +26,10 @@ from ..cut import cut
 from ..data import as_dataset
 from ..freeze import freeze, train_only, unfreeze
 from ..heads import find_head, replace_head
+from ..options import RunOptions
 from ..reinit import reinit
-from ..train import evaluate, fit
+from ..train import evaluate
+from ..train.loop import fit_flat
 
 __all__ = [
     "MODES",
@@ -171,15 +173,15 @@ def run_trial(ctx: TrialContext, trial: Trial) -> TrialResult:
     cut_at = ctx.cuts.get(trial.setting) if ctx.features_dir else None
     batch_size = max(64, 2 * ctx.budget["batch_size"])
     net, val = model, ctx.val
+    quiet = RunOptions(progress=False)
     if cut_at is None:
-        fit(model, ctx.train, seed=trial.seed, quiet=True, cache="auto", **ctx.budget)
+        fit_flat(model, ctx.train, seed=trial.seed, run=quiet, **ctx.budget)
     elif {"lr_mult", "layer_decay"} & set(ctx.budget):
-        options = {"dir": ctx.features_dir}
-        fit(model, ctx.train, seed=trial.seed, quiet=True, cache=True, cache_options=options,
-            **ctx.budget)  # fmt: skip
+        run = quiet.replace(cache=True, cache_dir=ctx.features_dir)
+        fit_flat(model, ctx.train, seed=trial.seed, run=run, **ctx.budget)
     else:
         suffix, features, val_features = _from_features(ctx, model, trial, cut_at)
-        fit(suffix, features, seed=trial.seed, quiet=True, cache=False, **ctx.budget)
+        fit_flat(suffix, features, seed=trial.seed, run=quiet.replace(cache=False), **ctx.budget)
         if val_features is not None:
             net, val = suffix, val_features
     acc = float(evaluate(net, val, batch_size=batch_size)["acc"])

@@ -10,6 +10,7 @@ from .finetune import FineTuneConfig, fine_tune, head_name
 from .growing import Grow, GrowthEvent, grow_with_optimizer
 from .history import History
 from .loop import fit
+from .optimizers import Optimization
 
 __all__ = [
     "Callback",
@@ -20,6 +21,7 @@ __all__ = [
     "Grow",
     "GrowthEvent",
     "History",
+    "Optimization",
     "ReduceLROnPlateau",
     "TrainState",
     "evaluate",

@@ -9,7 +9,6 @@ exactly. Callbacks never print; they log through ``logging`` and the loop's repo
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from pathlib import Path
@@ -19,12 +18,14 @@ import torch
 
 from ..atomic import remove_stale_tmp
 from ..errors import NetgraftError
+from ..options import legacy
 from .checkpoint import checkpoint_payload, save_checkpoint
 
 __all__ = [
     "Callback",
     "Checkpoint",
     "EarlyStopping",
+    "Monitored",
     "ReduceLROnPlateau",
     "monitored_value",
 ]
@@ -67,11 +68,6 @@ class Callback:
         return None
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in ("min", "max"):
-        raise NetgraftError(f"mode must be 'min' or 'max'; found {mode!r}")
-
-
 def monitored_value(logs: dict[str, Any], monitor: str) -> tuple[str, float]:
     """The value of ``monitor`` in an epoch's logs; a ``val_`` metric falls back to its
     training counterpart when the run has no validation data."""
@@ -92,17 +88,50 @@ def _wait(state: Any) -> None:
         barrier()
 
 
-def _improved(value: float, best: float | None, mode: str, delta: float = 0.0) -> bool:
-    if best is None or math.isnan(best):
-        return not math.isnan(value)
-    return value < best - delta if mode == "min" else value > best + delta
+class Monitored(Callback):
+    """A callback that watches one logged value (the one helper behind
+    :class:`Checkpoint`, :class:`ReduceLROnPlateau` and :class:`EarlyStopping`): ``best``
+    so far and ``wait``, the epochs since it last improved by more than ``min_delta`` in
+    ``mode`` (``"min"`` or ``"max"``). Both are in :meth:`state_dict`, so a resumed run
+    keeps counting where it stopped."""
+
+    def __init__(self, monitor: str, mode: str, min_delta: float = 0.0):
+        if mode not in ("min", "max"):
+            raise NetgraftError(f"mode must be 'min' or 'max'; found {mode!r}")
+        self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
+        self.best: float | None = None
+        self.wait = 0
+
+    def observe(self, logs: dict[str, Any]) -> tuple[str, float, bool]:
+        """Read the monitored value from an epoch's logs: ``(key, value, improved)``; an
+        improvement becomes ``best`` and resets ``wait``, which the caller advances."""
+        key, value = monitored_value(logs, self.monitor)
+        if self.best is None or math.isnan(self.best):
+            improved = not math.isnan(value)
+        elif self.mode == "min":
+            improved = value < self.best - self.min_delta
+        else:
+            improved = value > self.best + self.min_delta
+        if improved:
+            self.best, self.wait = value, 0
+        return key, value, improved
+
+    def state_dict(self) -> dict[str, Any]:
+        """``best`` and ``wait``, for a resumed run."""
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.best = state.get("best")
+        self.wait = int(state.get("wait", 0))
 
 
-class Checkpoint(Callback):
-    """Save the full training state into ``folder``, atomically.
+class Checkpoint(Monitored):
+    """Save the full training state into ``out_dir``, atomically.
 
     ``last.pt`` is rewritten at the end of every epoch (and every ``every_steps``
-    optimizer steps when given) and is what ``fit(..., resume=folder)`` continues from.
+    optimizer steps when given) and is what ``fit(..., run=RunOptions(resume=out_dir))``
+    continues from.
     ``best.pt`` is written when ``monitor`` improves (``mode`` ``"max"`` or ``"min"``);
     with ``save_best_only=False`` every epoch is also kept as ``epoch_NNN.pt``. A
     checkpoint holds the model, optimizer, scheduler, epoch and step, the RNG states,
@@ -110,36 +139,41 @@ class Checkpoint(Callback):
     (:mod:`netgraft.train.checkpoint` builds, writes and reads it).
     """
 
+    @legacy(folder="out_dir")
     def __init__(
         self,
-        folder: str | Path,
+        out_dir: str | Path,
         monitor: str = "val_acc",
         mode: str = "max",
         save_best_only: bool = True,
         every_steps: int | None = None,
     ):
-        _check_mode(mode)
+        super().__init__(monitor, mode)
         if every_steps is not None and every_steps < 1:
             raise NetgraftError(f"every_steps must be a positive integer; found {every_steps}")
-        self.folder = Path(folder)
-        self.monitor = monitor
-        self.mode = mode
+        self.out_dir = Path(out_dir)
         self.save_best_only = save_best_only
         self.every_steps = every_steps
-        self.best: float | None = None
+
+    @property
+    def folder(self) -> Path:
+        """The checkpoint folder (``out_dir``; the older name)."""
+        return self.out_dir
 
     @property
     def last_path(self) -> Path:
-        return self.folder / "last.pt"
+        """``out_dir/last.pt``, rewritten every epoch."""
+        return self.out_dir / "last.pt"
 
     @property
     def best_path(self) -> Path:
-        return self.folder / "best.pt"
+        """``out_dir/best.pt``, written when the monitored value improves."""
+        return self.out_dir / "best.pt"
 
     def on_train_begin(self, state: Any) -> None:
         if getattr(state, "rank", 0) == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            remove_stale_tmp(self.folder)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_tmp(self.out_dir)
 
     def on_batch_end(self, state: Any) -> None:
         if self.every_steps and state.global_step % self.every_steps == 0 and not state.epoch_done:
@@ -148,10 +182,7 @@ class Checkpoint(Callback):
             _wait(state)
 
     def on_epoch_end(self, state: Any) -> None:
-        key, value = monitored_value(state.logs, self.monitor)
-        is_best = _improved(value, self.best, self.mode)
-        if is_best:
-            self.best = value
+        key, value, is_best = self.observe(state.logs)
         # under a launch every rank holds the same state; rank 0 alone writes it
         if getattr(state, "rank", 0) == 0:
             self._save(state, key, value, is_best)
@@ -165,16 +196,10 @@ class Checkpoint(Callback):
             save_checkpoint(self.best_path, payload)
             log.info("checkpoint: %s improved to %.4g, saved %s", key, value, self.best_path)
         if not self.save_best_only:
-            save_checkpoint(self.folder / f"epoch_{state.logs['epoch']:03d}.pt", payload)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best")
+            save_checkpoint(self.out_dir / f"epoch_{state.logs['epoch']:03d}.pt", payload)
 
 
-class ReduceLROnPlateau(Callback):
+class ReduceLROnPlateau(Monitored):
     """Multiply every group's learning rate by ``factor`` (not below ``min_lr``) once
     ``monitor`` has not improved by more than ``min_delta`` for ``patience`` epochs,
     then wait ``cooldown`` epochs before counting again."""
@@ -189,25 +214,16 @@ class ReduceLROnPlateau(Callback):
         min_delta: float = 1e-4,
         cooldown: int = 0,
     ):
-        _check_mode(mode)
+        super().__init__(monitor, mode, min_delta)
         if not 0 < factor < 1:
             raise NetgraftError(f"factor must be in (0, 1); found {factor}")
-        self.monitor, self.mode, self.factor = monitor, mode, factor
-        self.patience, self.min_lr, self.min_delta, self.cooldown = (
-            patience,
-            min_lr,
-            min_delta,
-            cooldown,
-        )
-        self.best: float | None = None
-        self.wait = 0
+        self.factor, self.patience, self.min_lr, self.cooldown = factor, patience, min_lr, cooldown
         self.cooling = 0
         self.reductions = 0
 
     def on_epoch_end(self, state: Any) -> None:
-        key, value = monitored_value(state.logs, self.monitor)
-        if _improved(value, self.best, self.mode, self.min_delta):
-            self.best, self.wait = value, 0
+        key, _, improved = self.observe(state.logs)
+        if improved:
             return
         if self.cooling > 0:
             self.cooling -= 1
@@ -230,24 +246,21 @@ class ReduceLROnPlateau(Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "best": self.best,
-            "wait": self.wait,
-            "cooling": self.cooling,
-            "reductions": self.reductions,
-        }
+        """The monitor's state, the cooldown left and the reductions made."""
+        return {**super().state_dict(), "cooling": self.cooling, "reductions": self.reductions}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best")
-        self.wait = int(state.get("wait", 0))
+        """Restore what :meth:`state_dict` returned."""
+        super().load_state_dict(state)
         self.cooling = int(state.get("cooling", 0))
         self.reductions = int(state.get("reductions", 0))
 
 
-class EarlyStopping(Callback):
+class EarlyStopping(Monitored):
     """Stop training once ``monitor`` has not improved by more than ``min_delta`` for
     ``patience`` epochs; with ``restore_best_weights`` the model gets back the weights of
-    its best epoch (kept in memory) when training stops."""
+    its best epoch when training stops. Those weights (kept in memory, on the CPU) are part
+    of :meth:`state_dict`, so a run resumed from a checkpoint still restores them."""
 
     def __init__(
         self,
@@ -257,20 +270,18 @@ class EarlyStopping(Callback):
         min_delta: float = 0.0,
         restore_best_weights: bool = False,
     ):
-        _check_mode(mode)
-        self.monitor, self.mode, self.patience = monitor, mode, patience
-        self.min_delta, self.restore_best_weights = min_delta, restore_best_weights
-        self.best: float | None = None
-        self.wait = 0
+        super().__init__(monitor, mode, min_delta)
+        self.patience, self.restore_best_weights = patience, restore_best_weights
         self.stopped_epoch: int | None = None
         self._best_weights: dict[str, torch.Tensor] | None = None
 
     def on_epoch_end(self, state: Any) -> None:
-        key, value = monitored_value(state.logs, self.monitor)
-        if _improved(value, self.best, self.mode, self.min_delta):
-            self.best, self.wait = value, 0
+        key, _, improved = self.observe(state.logs)
+        if improved:
             if self.restore_best_weights:
-                self._best_weights = copy.deepcopy(state.model.state_dict())
+                self._best_weights = {
+                    k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()
+                }
             return
         self.wait += 1
         if self.wait >= self.patience:
@@ -286,9 +297,16 @@ class EarlyStopping(Callback):
             state.report(f"EarlyStopping: restored the weights of the best epoch ({self.best:.4g})")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "wait": self.wait, "stopped_epoch": self.stopped_epoch}
+        """The monitor's state, the epoch it stopped at and the best epoch's weights (with
+        ``restore_best_weights``)."""
+        return {
+            **super().state_dict(),
+            "stopped_epoch": self.stopped_epoch,
+            "best_weights": self._best_weights,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best")
-        self.wait = int(state.get("wait", 0))
+        """Restore what :meth:`state_dict` returned."""
+        super().load_state_dict(state)
         self.stopped_epoch = state.get("stopped_epoch")
+        self._best_weights = state.get("best_weights")

@@ -35,7 +35,7 @@ from ..heads import find_head, head_names
 from ..layers import blocks, head_block_index, is_norm
 from ..select import Selector, select
 from .history import History
-from .loop import fit
+from .loop import fit_flat
 from .optimizers import SCHEDULERS
 
 __all__ = [
@@ -261,7 +261,7 @@ class _Stages:
         if options.get("cache") is True and name != "head":
             # cache=True insists for the head stage; later stages may have nothing frozen
             options["cache"] = "auto"
-        part = fit(
+        part = fit_flat(
             self.model,
             *self.data,
             epochs=n_epochs,

@@ -20,7 +20,8 @@ Example::
     >>> history = netgraft.fit(model, (x, y), (x_val, y_val), epochs=3, lr=1e-3,
     ...                        callbacks=[netgraft.Checkpoint("runs/a")], seed=0)
     >>> netgraft.fit(model, (x, y), (x_val, y_val), epochs=5, lr=1e-3,
-    ...              callbacks=[netgraft.Checkpoint("runs/a")], seed=0, resume="runs/a")
+    ...              callbacks=[netgraft.Checkpoint("runs/a")], seed=0,
+    ...              run=netgraft.RunOptions(resume="runs/a"))
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import NetgraftError
+from ..options import RunOptions, legacy, run_options
 from ..rng import seed_everything
 from .batches import Metric, evaluate, predict, resolve_device, to_data
 from .cached import CachePlan, plan
@@ -44,14 +46,35 @@ from .checkpoint import load_checkpoint, restore_model, restore_training
 from .distributed import Parallel, parallel_for
 from .engine import Batches, Engine, EpochSampler, Feed, TrainState
 from .history import History
-from .optimizers import make_optimizer, make_scheduler
+from .optimizers import (
+    OPTIMIZATION_FIELDS,
+    Optimization,
+    make_optimizer,
+    make_scheduler,
+    optimization,
+)
 from .report import Reporter, format_lrs
 
 log = logging.getLogger("netgraft.train")
 
-__all__ = ["EpochSampler", "TrainState", "evaluate", "fit", "format_lrs", "predict"]
+__all__ = ["EpochSampler", "TrainState", "evaluate", "fit", "fit_flat", "format_lrs", "predict"]
 
 
+_RUN = "run=RunOptions({}=...)"
+_OPT = "optimizer=Optimization({}=...)"
+
+
+@legacy(
+    device=_RUN.format("device"),
+    precision=_RUN.format("precision"),
+    accumulate=_RUN.format("accumulate"),
+    resume=_RUN.format("resume"),
+    cache=_RUN.format("cache"),
+    cache_options="run=RunOptions(cache_dir=..., cache_dtype=..., augment_copies=...)",
+    quiet="run=RunOptions(progress=not quiet)",
+    stage=_RUN.format("stage"),
+    **{name: _OPT.format(name) for name in OPTIMIZATION_FIELDS},
+)
 def fit(
     model: nn.Module,
     train: Any,
@@ -60,87 +83,103 @@ def fit(
     epochs: int,
     lr: float | None = None,
     optimizer: Any = "adamw",
-    scheduler: Any = None,
     loss: Any = None,
     metrics: Sequence[Metric] = ("acc",),
     callbacks: Sequence[Any] = (),
-    device: Any = None,
-    seed: int | None = None,
+    seed: int | None = 0,
     batch_size: int = 32,
-    shuffle: bool = True,
-    lr_mult: float | None = None,
-    layer_decay: float | None = None,
-    weight_decay: float = 0.0,
-    max_grad_norm: float | None = None,
-    resume: str | Path | None = None,
-    cache: bool | str = "auto",
-    cache_options: dict[str, Any] | None = None,
-    quiet: bool = False,
-    stage: str | None = None,
-    precision: str | None = None,
-    accumulate: int = 1,
+    run: RunOptions | None = None,
+    **legacy_kwargs: Any,
 ) -> History:
     """Train ``model`` in place for ``epochs`` epochs and return the :class:`History`.
 
     ``train``/``val`` are datasets, ``(x, y)`` tensors or numpy arrays (or DataLoaders,
-    used as they are). With ``lr``, the optimizer (``"adamw"``, ``"adam"``, ``"sgd"`` or a
-    function of the groups) is built over :func:`netgraft.param_groups` (trainable
-    parameters only; ``lr_mult``/``layer_decay`` give discriminative rates); or pass an
-    optimizer instance. ``scheduler`` (``"cosine"``, ``"onecycle"`` or a function of
-    ``(optimizer, total_steps)``) steps every batch. ``loss`` defaults to cross-entropy.
-    ``resume`` (a checkpoint folder or file) continues a run exactly, given the same data
-    and arguments; ``resume="auto"`` continues from the :class:`~netgraft.Checkpoint`
-    callback's ``last.pt`` when it exists and starts afresh otherwise (the way to survive
-    ``torchrun --max-restarts``, which starts the script again: a launch with restarts and
-    no checkpoint to continue from is refused before training). ``cache`` lets frozen leading layers be computed once
-    (:mod:`netgraft.cache`); ``cache_options`` go to :func:`netgraft.train.cached.plan`
-    (``dir`` keeps the features on disk for later runs, ``dtype``, ``augment_copies`` caches
-    that many augmented passes, read in turn by epoch). ``quiet`` hides the progress bar and
-    the epoch lines (they still go to the ``netgraft.train`` logger).
+    used as they are). With ``lr`` (the rate of the top block), the optimizer is built over
+    :func:`netgraft.param_groups` (trainable parameters only): ``optimizer`` is
+    ``"adamw"``, ``"adam"``, ``"sgd"``, a function of the groups, or an
+    :class:`~netgraft.Optimization` that adds the schedule, weight decay, discriminative
+    rates, gradient clipping and data order; or pass an optimizer instance (then no
+    ``lr``). ``loss`` defaults to cross-entropy. ``seed`` (default 0; None draws one from
+    torch's global generator) seeds every random stream and the data order of each epoch.
+    ``batch_size`` is the global batch.
 
-    ``batch_size`` is the global batch. Started with ``torchrun`` or ``accelerate launch``,
-    fit runs data parallel through Accelerate (:mod:`netgraft.train.distributed`): each
-    process trains on its share of every global batch, so N processes make the same
-    updates as one; rank 0 alone shows progress and writes checkpoints, metrics are over
-    all processes, and a checkpoint resumes on any number of processes. ``precision``
-    (``"bf16"``, ``"fp16"``) trains in mixed precision, also in one process. ``accumulate``
-    runs each process's share of a batch in that many micro-batches, accumulating their
-    gradients (all-reduced once) before one optimizer step: the same updates in less memory
-    (``loss`` must be a mean over the examples, as the named losses are).
+    ``run`` (:class:`~netgraft.RunOptions`) says how to run without changing what is
+    computed: ``device``, ``precision`` (``"bf16"``, ``"fp16"``: mixed precision, also in
+    one process), ``accumulate`` (micro-batches per step; ``loss`` must be a mean over the
+    examples, as the named losses are), ``progress``, ``resume`` (a checkpoint folder or
+    file: continue exactly, given the same data and arguments) and ``cache`` with its
+    options (frozen leading layers computed once, :mod:`netgraft.cache`). Started with
+    ``torchrun`` or ``accelerate launch``, fit runs data parallel through Accelerate
+    (:mod:`netgraft.train.distributed`): each process trains on its share of every global
+    batch, so N processes make the same updates as one; rank 0 alone shows progress and
+    writes checkpoints, metrics are over all processes, and a checkpoint resumes on any
+    number of processes.
+
+    The old keywords (``device``, ``precision``, ``accumulate``, ``resume``, ``cache``,
+    ``cache_options``, ``quiet``, ``stage`` for ``run``; ``scheduler``, ``weight_decay``,
+    ``lr_mult``, ``layer_decay``, ``max_grad_norm``, ``shuffle`` for ``optimizer``) still
+    work and warn.
     """
-    _check_counts(epochs, accumulate)
-    parallel = parallel_for(resolve_device(device), precision)
-    device = parallel.device
-    callbacks = _firing_order(callbacks)
-    resume, saved = _resume_payload(resume, callbacks, parallel)
-    seed = _prepare_model(model, device, parallel.same_seed(seed), saved)
+    opt_fields = {k: legacy_kwargs.pop(k) for k in OPTIMIZATION_FIELDS if k in legacy_kwargs}
+    how = optimization(optimizer, **opt_fields)
+    run = run_options(run, legacy_kwargs)
+    _check_epochs(epochs)
+    return _train(model, (train, val), epochs, lr, how, run, loss=loss,
+                  metrics=metrics, callbacks=callbacks, seed=seed, batch_size=batch_size)  # fmt: skip
+
+
+def _train(
+    model: nn.Module,
+    data: tuple[Any, Any],
+    epochs: int,
+    lr: float | None,
+    how: Optimization,
+    run: RunOptions,
+    **what: Any,
+) -> History:
+    """fit's steps, its arguments checked: the device and seed, the checkpoint, the data
+    (and cache plan), the optimizer and scheduler, then the engine."""
+    train, val = data
+    parallel = parallel_for(resolve_device(run.device), run.precision)
+    callbacks = _firing_order(what["callbacks"])
+    resume, saved = _resume_payload(run.resume, callbacks, parallel)
+    seed = _prepare_model(model, parallel.device, parallel.same_seed(what["seed"]), saved)
     parallel.sync_weights(model)
-    report = Reporter(quiet, main=parallel.is_main)
-    options = {**(cache_options or {}), "parallel": parallel}
-    train_feed, val_feed = _feeds(model, train, val, cache, options, report)
-    batches = Batches.over(train_feed.data, batch_size, seed, shuffle, parallel)
-    opt = make_optimizer(model, optimizer, lr, lr_mult, layer_decay, weight_decay)
-    sched = make_scheduler(scheduler, opt, epochs * batches.steps_per_epoch)
-    state = TrainState(model, opt, sched, History(), epochs, seed, callbacks, report, stage=stage)
+    report = Reporter(not run.progress, main=parallel.is_main)
+    train_feed, val_feed = _feeds(model, train, val, run, parallel, report)
+    batches = Batches.over(train_feed.data, what["batch_size"], seed, how.shuffle, parallel)
+    opt = make_optimizer(model, how.name, lr, how.lr_mult, how.layer_decay,
+                         how.weight_decay)  # fmt: skip
+    sched = make_scheduler(how.scheduler, opt, epochs * batches.steps_per_epoch)
+    state = TrainState(model, opt, sched, History(), epochs, seed, callbacks, report,
+                       stage=run.stage)  # fmt: skip
     state.rank, state.world_size = parallel.rank, parallel.world_size
     state.barrier, state.scaler = parallel.barrier, parallel.scaler
     if saved is not None:
         restore_training(saved, state)
         where = f"epoch {state.epoch + 1}, step {state.step}{_world(saved, parallel)}"
         report(f"resuming from {resume}: {where}")
-    engine = Engine(
-        state,
-        train_feed,
-        val_feed,
-        batches,
-        loss=loss,
-        metrics=metrics,
-        device=device,
-        max_grad_norm=max_grad_norm,
-        parallel=parallel,
-        accumulate=accumulate,
-    )
+    engine = Engine(state, train_feed, val_feed, batches, loss=what["loss"],
+                    metrics=what["metrics"], device=parallel.device,
+                    max_grad_norm=how.max_grad_norm, parallel=parallel,
+                    accumulate=run.accumulate)  # fmt: skip
     return engine.run()
+
+
+_FIT_OWN = ("epochs", "lr", "optimizer", "loss", "metrics", "callbacks", "seed", "batch_size")
+
+
+def fit_flat(model: nn.Module, train: Any, val: Any = None, **kwargs: Any) -> History:
+    """:func:`fit` with every option as one flat keyword, without deprecation warnings:
+    fit's own arguments, :class:`~netgraft.RunOptions` fields (and ``quiet``,
+    ``cache_options``) and :class:`~netgraft.Optimization` fields, with ``run`` and
+    ``optimizer`` as the base they apply over. For netgraft's own callers that forward a
+    flat dict (a study's ``budget``, fine-tuning stages)."""
+    own = {k: kwargs.pop(k) for k in _FIT_OWN if k in kwargs}
+    opt_fields = {k: kwargs.pop(k) for k in OPTIMIZATION_FIELDS if k in kwargs}
+    how = optimization(own.pop("optimizer", "adamw"), **opt_fields)
+    run = run_options(kwargs.pop("run", None), kwargs)
+    return fit(model, train, val, optimizer=how, run=run, **own)
 
 
 def _resume_payload(
@@ -156,14 +195,14 @@ def _resume_payload(
     saves = [cb for cb in callbacks if isinstance(cb, Checkpoint)]
     if not saves:
         raise NetgraftError(
-            "resume='auto' continues from the Checkpoint callback's folder, and fit has none: "
+            "RunOptions(resume='auto') continues from the Checkpoint callback's folder, and fit has none: "
             "add callbacks=[netgraft.Checkpoint(folder)]"
         )
     last = saves[-1].last_path
     found = last.is_file()
     if parallel.any(found) and parallel.any(not found):
         raise NetgraftError(
-            f"resume='auto': {str(last)!r} exists for some processes and not others; put the "
+            f"RunOptions(resume='auto'): {str(last)!r} exists for some processes and not others; put the "
             "Checkpoint folder on a filesystem every process sees"
         )
     return (last, load_checkpoint(last)) if found else (None, None)
@@ -178,7 +217,7 @@ def _check_restartable(resume: str | Path | None, callbacks: list[Any]) -> None:
         raise NetgraftError(
             "torchrun --max-restarts starts the script again after a failure, and this fit "
             "writes no checkpoint to continue from: add callbacks=[netgraft.Checkpoint(folder)] "
-            "and resume='auto' (or launch without --max-restarts)"
+            "and run=RunOptions(resume='auto') (or launch without --max-restarts)"
         )
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # restarted ranks can read the dead ones' addresses from the rendezvous store
@@ -190,8 +229,8 @@ def _check_restartable(resume: str | Path | None, callbacks: list[Any]) -> None:
     if resume is None:
         raise NetgraftError(
             "torchrun --max-restarts starts the script again after a failure, and this fit "
-            "would start from scratch each time: pass resume='auto' to continue from the "
-            "Checkpoint folder"
+            "would start from scratch each time: pass run=RunOptions(resume='auto') to continue "
+            "from the Checkpoint folder"
         )
 
 
@@ -204,11 +243,9 @@ def _world(saved: dict[str, Any], parallel: Parallel) -> str:
     return f" (written by {wrote} process(es), continued on {parallel.world_size})"
 
 
-def _check_counts(epochs: int, accumulate: int) -> None:
-    if not isinstance(epochs, int) or epochs < 0:
+def _check_epochs(epochs: int) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise NetgraftError(f"epochs must be a non-negative integer; found {epochs!r}")
-    if not isinstance(accumulate, int) or accumulate < 1:
-        raise NetgraftError(f"accumulate must be a positive integer; found {accumulate!r}")
 
 
 def _firing_order(callbacks: Sequence[Any]) -> list[Any]:
@@ -237,20 +274,16 @@ def _prepare_model(
 
 
 def _feeds(
-    model: nn.Module,
-    train: Any,
-    val: Any,
-    cache: bool | str,
-    cache_options: dict[str, Any] | None,
-    report: Reporter,
+    model: nn.Module, train: Any, val: Any, run: RunOptions, parallel: Parallel, report: Reporter
 ) -> tuple[Feed, Feed | None]:
     """The training and validation data with the module each goes through: the model, or
     its trainable suffix over cached features when the cache plan applies."""
     train_data = to_data(train)
     val_data = to_data(val) if val is not None else None
     cached: CachePlan | None = None
-    if cache is not False and not isinstance(train_data, DataLoader):
-        cached = plan(model, train_data, cache=cache, val=val_data, **(cache_options or {}))
+    if run.cache is not False and not isinstance(train_data, DataLoader):
+        options = {**run.cache_options(), "parallel": parallel}
+        cached = plan(model, train_data, cache=run.cache, val=val_data, **options)
     if cached is None:
         return Feed(train_data, model), None if val_data is None else Feed(val_data, model)
     report(cached.describe())

@@ -4,11 +4,18 @@ The optimizer is built over :func:`netgraft.param_groups` (trainable parameters 
 group per block, no weight decay on norms and biases), so frozen parameters never get a
 momentum or weight-decay update. Schedulers step once per batch. This module never
 trains anything.
+
+:class:`Optimization` groups how the weights are updated beyond the rate itself (which
+optimizer, the schedule, weight decay, discriminative rates, gradient clipping, data
+order): ``fit(..., lr=1e-3, optimizer=Optimization("sgd", scheduler="cosine"))``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +24,50 @@ from torch import nn
 from ..errors import NetgraftError
 from ..optim import param_groups
 
-__all__ = ["SCHEDULERS", "make_optimizer", "make_scheduler"]
+__all__ = ["SCHEDULERS", "Optimization", "make_optimizer", "make_scheduler"]
+
+
+@dataclass
+class Optimization:
+    """How :func:`netgraft.fit` updates the weights, beside ``lr`` (the rate of the top
+    block): pass it as ``fit(..., optimizer=Optimization(...))``. Unlike
+    :class:`netgraft.RunOptions` these change what is computed.
+
+    - ``name``: ``"adamw"``, ``"adam"``, ``"sgd"`` (momentum 0.9), a function of the
+      parameter groups returning an optimizer (the groups come from
+      :func:`netgraft.param_groups`, trainable parameters only), or an optimizer instance
+      (then fit takes no ``lr``).
+    - ``scheduler``: None or ``"constant"``, ``"cosine"`` (annealing to zero),
+      ``"onecycle"``, or a function ``(optimizer, total_steps) -> scheduler``; it steps
+      every batch.
+    - ``weight_decay``: decoupled for AdamW, L2 for SGD; never on norms and biases.
+    - ``lr_mult``: discriminative rates, geometric from ``lr / lr_mult`` (first block) to
+      ``lr`` (top); ``layer_decay``: ``lr * layer_decay ** depth below the top`` (give one
+      of the two).
+    - ``max_grad_norm``: clip the gradients' global norm to this before each step.
+    - ``shuffle``: a new order of the examples every epoch, drawn from the run's seed
+      (False: the order given).
+    """
+
+    name: str | Callable[..., Any] | torch.optim.Optimizer = "adamw"
+    scheduler: Any = None
+    weight_decay: float = 0.0
+    lr_mult: float | None = None
+    layer_decay: float | None = None
+    max_grad_norm: float | None = None
+    shuffle: bool = True
+
+
+OPTIMIZATION_FIELDS = tuple(f.name for f in dataclasses.fields(Optimization) if f.name != "name")
+
+
+def optimization(optimizer: Any, **fields: Any) -> Optimization:
+    """``fit``'s ``optimizer`` argument as an :class:`Optimization` (a name, factory or
+    instance becomes its ``name``), with ``fields`` (Optimization fields given the old way,
+    as fit's own keywords) applied over it."""
+    if isinstance(optimizer, Optimization):
+        return dataclasses.replace(optimizer, **fields)
+    return Optimization(name=optimizer, **fields)
 
 
 def make_optimizer(
