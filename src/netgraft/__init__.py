@@ -35,7 +35,7 @@ from .layers import Block, Layer, LayerTable, blocks, layers, summary
 from .optim import param_groups
 from .options import RunOptions
 from .pretrain import AuxiliaryResult, pretrain_auxiliary, pretrain_layerwise
-from .recipe import get_recipe
+from .recipe import get_recipe, recipe_of
 from .reinit import reinit
 from .saved import load, save
 from .select import select
@@ -107,6 +107,7 @@ __all__ = [
     "freeze",
     "frozen_state",
     "get_recipe",
+    "recipe_of",
     "grown_modules",
     "layers",
     "load_frozen_state",

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from .data import to_device
 from .errors import NetgraftError
 from .optim import block_of_parameters
+from .options import RunOptions, legacy, run_options
 from .results import results_table, write_png, write_results
 from .train.batches import loss_fn, make_loader, predictions, resolve_device, split_batch, to_data
 from .train.callbacks import Callback
@@ -223,6 +224,7 @@ def _ratio(g: float, theta: float) -> float:
     return g / theta if theta > 0 else math.inf if g > 0 else 0.0
 
 
+@legacy(device="run=RunOptions(device=...)")
 def suggest(
     model: nn.Module,
     train: Any,
@@ -233,7 +235,8 @@ def suggest(
     exclude: Sequence[str] = (),
     loss: Any = None,
     seed: int = 0,
-    device: Any = None,
+    run: RunOptions | None = None,
+    **legacy_kwargs: Any,
 ) -> Suggestion:
     """Rank the blocks of ``model`` by relative gradient norm ``‖g‖/‖θ‖`` of the loss on the
     target data ``train`` (norms over all of a block's parameters, ``g`` the mean gradient of
@@ -242,8 +245,10 @@ def suggest(
     left out of the ranking (e.g. a freshly replaced head, which is trained anyway).
 
     The head counts as a block: for a new label set it often ranks first. The model is left
-    exactly as it was (see :func:`relative_gradient_norms`).
+    exactly as it was (see :func:`relative_gradient_norms`). ``run``
+    (:class:`~netgraft.RunOptions`) gives the device; the old ``device=`` warns.
     """
+    device = run_options(run, legacy_kwargs).device
     names, owner = block_of_parameters(model)
     unknown = [b for b in exclude if b not in names]
     if unknown:

@@ -1,6 +1,6 @@
 """Split a model into a prefix and a suffix at one module: ``suffix(prefix(x)) == model(x)``.
 
-The prefix ends with the output of the module named by ``at``; the suffix takes exactly
+The prefix ends with the output of the module named by ``after``; the suffix takes exactly
 that one tensor. A frozen prefix is what :class:`netgraft.FeatureCache` computes once and
 stores, and :func:`netgraft.truncate` keeps only the prefix.
 
@@ -28,7 +28,7 @@ Example::
 
     >>> import torch, torchvision, netgraft
     >>> m = torchvision.models.resnet18().eval()
-    >>> prefix, suffix = netgraft.cut(m, at="layer3")
+    >>> prefix, suffix = netgraft.cut(m, after="layer3")
     >>> x = torch.randn(2, 3, 64, 64)
     >>> torch.equal(suffix(prefix(x)), m(x))
     True
@@ -48,6 +48,7 @@ from torch import nn
 from . import marks
 from .errors import SurgeryError
 from .layers import display_name
+from .options import legacy
 from .select import Selector, resolve_module
 from .substitute import cut_by_substitution
 
@@ -59,10 +60,11 @@ def cut_point(module: nn.Module) -> str | None:
     return marks.CUT_AT.get(module)
 
 
+@legacy(at="after")
 def cut(
-    model: nn.Module, at: Selector, *, example_input: Any = None
+    model: nn.Module, after: Selector, *, example_input: Any = None
 ) -> tuple[nn.Module, nn.Module]:
-    """Split ``model`` after the module ``at`` picks (exactly one): returns ``(prefix,
+    """Split ``model`` after the module ``after`` picks (exactly one): returns ``(prefix,
     suffix)`` with ``suffix(prefix(x))`` equal to ``model(x)`` and ``prefix(x)`` the output of
     that module. Both share the model's own parameters. Raises :class:`SurgeryError` where
     more than one tensor would cross the cut or the model cannot be traced.
@@ -70,7 +72,7 @@ def cut(
     Where torch.fx cannot trace the forward and ``example_input`` is given, the model is cut
     by substitution instead (:mod:`netgraft.substitute`): ``prefix(x)`` is then the pair
     ``(inputs, output of the module)`` and the cut is checked on ``example_input``."""
-    name, _ = resolve_module(model, at, what="cut point")
+    name, _ = resolve_module(model, after, what="cut point")
     if not name:
         raise SurgeryError(
             "cannot cut at the model itself: name a module inside it (e.g. a block; "

@@ -19,7 +19,7 @@ Example::
     >>> netgraft.find_head(model)[0]
     'fc'
     >>> netgraft.replace_head(model, num_classes=10, hidden=256, dropout=0.2)
-    >>> features = netgraft.truncate(model, at="layer4")   # output of layer4
+    >>> features = netgraft.truncate(model, after="layer4")   # output of layer4
     >>> model = netgraft.attach(model, torch.nn.Softmax(dim=1))
 """
 
@@ -33,6 +33,7 @@ from torch import nn
 from .cut import cut
 from .errors import RecipeError, SurgeryError
 from .layers import ordered_layer_modules
+from .options import legacy
 from .pooling import set_text_pooling, text_encoder
 from .recipe import build_module, module_spec, recorded
 from .select import Selector, resolve_module
@@ -358,14 +359,15 @@ class Truncated(nn.Module):
 
 
 @recorded("truncate")
-def truncate(model: nn.Module, at: Selector) -> nn.Module:
-    """A feature extractor whose output is the output of the module ``at`` picks: the prefix
-    of :func:`netgraft.cut` (sharing the model's weights), or, where the graph cannot be cut
-    (untraceable Hugging Face models, a skip connection around ``at``), the model run up to
-    that module and stopped there."""
-    name, _ = resolve_module(model, at, what="truncate point")
+@legacy(at="after")
+def truncate(model: nn.Module, after: Selector) -> nn.Module:
+    """A feature extractor whose output is the output of the module ``after`` picks: the
+    prefix of :func:`netgraft.cut` (sharing the model's weights), or, where the graph cannot
+    be cut (untraceable Hugging Face models, a skip connection around it), the model run up
+    to that module and stopped there. The old ``at=`` still works and warns."""
+    name, _ = resolve_module(model, after, what="truncate point")
     try:
-        prefix, _ = cut(model, at=name)
+        prefix, _ = cut(model, after=name)
     except SurgeryError as exc:
         log.info("truncating by stopping the forward at %s (%s)", name, exc)
         prefix = Truncated(model, name)

@@ -37,6 +37,7 @@ from torch import nn
 
 from . import marks
 from .errors import NetgraftError
+from .options import legacy
 
 __all__ = [
     "Block",
@@ -347,10 +348,12 @@ def layers(model: nn.Module, example_input: Any = None) -> LayerTable:
     return table
 
 
-def summary(model: nn.Module, example_input: Any = None, *, print_table: bool = True) -> LayerTable:
-    """Print the layer table (rich) and return it; see :func:`layers` for its semantics."""
+@legacy(print_table="netgraft.layers(model) (the table without printing)")
+def summary(model: nn.Module, example_input: Any = None, **legacy_kwargs: Any) -> LayerTable:
+    """Print the layer table (rich) and return it; see :func:`layers` for its semantics
+    (:func:`layers` returns the same table without printing it)."""
     table = layers(model, example_input)
-    if print_table:
+    if legacy_kwargs.get("print_table", True):
         Console().print(table.rich_table(title=type(model).__name__))
     return table
 

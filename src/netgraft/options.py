@@ -56,7 +56,7 @@ filled by :func:`legacy`; a renamed function is listed under ``"<module>"`` as
 ``{old name: new name}``. ``tests/test_api_conventions.py`` calls each one."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunOptions:
     """How a run executes: where, in what precision, with what progress, cache, processes
     and checkpoint. Taken as ``run=`` by :func:`netgraft.fit`, :func:`netgraft.fine_tune`,

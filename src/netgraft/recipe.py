@@ -23,7 +23,7 @@ Example::
     >>> import netgraft
     >>> model = netgraft.load_model("torchvision:resnet18")
     >>> netgraft.replace_head(model, num_classes=10)
-    >>> netgraft.get_recipe(model).operations
+    >>> netgraft.recipe_of(model).operations
     [{'op': 'replace_head', 'args': {'num_classes': 10}}]
 """
 
@@ -43,6 +43,7 @@ from torch import nn
 
 from . import marks
 from .errors import RecipeError
+from .options import renamed_function
 
 __all__ = [
     "OPERATIONS",
@@ -51,6 +52,7 @@ __all__ = [
     "Resolved",
     "build_module",
     "get_recipe",
+    "recipe_of",
     "is_replaying",
     "module_spec",
     "operation",
@@ -120,13 +122,17 @@ class Resolved(Generic[R]):
     args: dict[str, Any]
 
 
-def get_recipe(model: nn.Module) -> Recipe:
-    """The recipe recorded on ``model`` (an empty one, without base, if none yet)."""
+def recipe_of(model: nn.Module) -> Recipe:
+    """The recipe recorded on ``model``: its base-model spec and the surgery operations
+    applied since, in order (an empty one, without base, is attached if none yet)."""
     recipe = marks.RECIPE.get(model)
     if recipe is None:
         recipe = Recipe()
         marks.RECIPE.set(model, recipe)
     return recipe
+
+
+get_recipe = renamed_function(recipe_of, "get_recipe")
 
 
 def set_base(model: nn.Module, spec: str, **kwargs: Any) -> nn.Module:
@@ -180,7 +186,7 @@ def _record(
 ) -> None:
     """Append ``name(args)`` to the recipe of the model the operation returned (a copy of
     ``model``'s recipe when it is a new module), or mark the recipe not replayable."""
-    recipe = get_recipe(model)
+    recipe = recipe_of(model)
     if isinstance(result, nn.Module) and result is not model:
         recipe = copy.deepcopy(recipe)
         marks.RECIPE.set(result, recipe)

@@ -30,7 +30,8 @@ from torch import nn
 from . import marks
 from .atomic import atomic_folder
 from .errors import RecipeError, WeightsError, key_mismatch
-from .recipe import Recipe, get_recipe, replay
+from .options import legacy
+from .recipe import Recipe, recipe_of, replay
 from .zoo import load_model, use_folder_loader
 
 __all__ = [
@@ -67,7 +68,7 @@ def is_saved_folder(folder: str | Path) -> bool:
 
 
 def _check_saveable(model: nn.Module, folder: Path) -> Recipe:
-    recipe = get_recipe(model)
+    recipe = recipe_of(model)
     if recipe.base is None:
         raise RecipeError(
             f"this {type(model).__name__} has no recorded base model, so it could not be rebuilt "
@@ -89,11 +90,13 @@ def _check_saveable(model: nn.Module, folder: Path) -> Recipe:
     return recipe
 
 
-def save(model: nn.Module, folder: str | Path) -> Path:
-    """Write ``model`` to ``folder`` as ``weights.safetensors`` + ``recipe.yaml`` (base spec,
+@legacy(folder="out_dir")
+def save(model: nn.Module, out_dir: str | Path) -> Path:
+    """Write ``model`` to ``out_dir`` as ``weights.safetensors`` + ``recipe.yaml`` (base spec,
     operations, netgraft and torch versions), atomically: the folder appears complete or not
-    at all. An existing netgraft folder is replaced; any other existing folder is refused."""
-    folder = Path(folder)
+    at all. An existing netgraft folder is replaced; any other existing folder is refused.
+    Returns the folder."""
+    folder = Path(out_dir)
     recipe = _check_saveable(model, folder)
     with atomic_folder(folder) as tmp:
         # save_model drops the duplicates of shared (tied) tensors; load_model restores them

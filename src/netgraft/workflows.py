@@ -52,7 +52,7 @@ from .heads import replace_head
 from .layers import Block, LayerTable, blocks, layers
 from .options import RunOptions
 from .pretrain import pretrain_auxiliary, pretrain_layerwise
-from .recipe import get_recipe
+from .recipe import recipe_of
 from .saved import load as load_saved
 from .saved import save
 from .study import StudyResult, study
@@ -222,7 +222,7 @@ def grow_folder(
         widen_op(model, widen[0], widen[1], example_input=example)
     else:
         expand_blocks(model, every=expand_every, example_input=example)
-    operation = get_recipe(model).operations[-1]
+    operation = recipe_of(model).operations[-1]
     return GrowResult(operation, save(model, out))
 
 

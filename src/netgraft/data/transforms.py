@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import DataError
-from ..recipe import get_recipe
+from ..recipe import recipe_of
 
 AUGMENTATIONS = ("flip", "crop", "jitter")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -95,7 +95,7 @@ def data_config(model: torch.nn.Module | None = None, *, size: int | None = None
 
 def _torchvision_config(model: torch.nn.Module) -> DataConfig | None:
 
-    base = get_recipe(model).base or {}
+    base = recipe_of(model).base or {}
     spec = str(base.get("spec", ""))
     if not spec.startswith("torchvision:"):
         return None

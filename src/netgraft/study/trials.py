@@ -153,7 +153,7 @@ def _from_features(
 ) -> tuple[nn.Module, FeatureCache, FeatureCache | None]:
     """The trainable suffix after ``cut_at`` with the shared features of the training data
     (and of the validation data when they were stored), found under the cache's own key."""
-    prefix, suffix = cut(model, at=cut_at)
+    prefix, suffix = cut(model, after=cut_at)
     train = FeatureCache(prefix, as_dataset(ctx.train), dir=ctx.features_dir, cut_point=cut_at)
     val = None
     if ctx.val_cached:

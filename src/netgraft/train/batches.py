@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..data import as_dataset, to_device
 from ..errors import NetgraftError
 from ..layers import evaluating
+from ..options import RunOptions, legacy, run_options
 
 __all__ = [
     "Metric",
@@ -146,6 +147,7 @@ def means(sums: dict[str, float]) -> dict[str, float]:
     return {k: (v / n if n else math.nan) for k, v in sums.items() if k != "n"}
 
 
+@legacy(device="run=RunOptions(device=...)")
 def evaluate(
     model: nn.Module,
     data: Any,
@@ -153,13 +155,16 @@ def evaluate(
     loss: Any = None,
     metrics: Sequence[Metric] = ("acc",),
     batch_size: int = 64,
-    device: Any = None,
+    run: RunOptions | None = None,
+    **legacy_kwargs: Any,
 ) -> dict[str, float]:
     """Mean loss and metrics of ``model`` over ``data`` (a dataset, ``(x, y)`` tensors or
-    arrays, or a DataLoader) in inference mode; the model's train/eval modes are restored."""
+    arrays, or a DataLoader) in inference mode; the model's train/eval modes are restored.
+    ``run`` (:class:`~netgraft.RunOptions`) gives the device (None: CUDA when available);
+    the old ``device=`` still works and warns."""
     loader = make_loader(to_data(data), batch_size, None)
     fns, score = metric_fns(metrics), loss_fn(loss)
-    device = resolve_device(device)
+    device = resolve_device(run_options(run, legacy_kwargs).device)
     sums: dict[str, float] = {}
     with evaluating(model), torch.no_grad():
         for batch in loader:
@@ -169,11 +174,19 @@ def evaluate(
     return {**means(sums), "n": sums.get("n", 0)}
 
 
+@legacy(device="run=RunOptions(device=...)")
 def predict(
-    model: nn.Module, inputs: torch.Tensor, *, k: int = 5, device: Any = None
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    k: int = 5,
+    run: RunOptions | None = None,
+    **legacy_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` softmax probabilities and class indices of ``model`` for a batch of inputs."""
-    device = resolve_device(device)
+    """Top-``k`` softmax probabilities and class indices of ``model`` for a batch of
+    inputs, in inference mode (the model's train/eval modes are restored), on ``run``'s
+    device (:class:`~netgraft.RunOptions`; the old ``device=`` still works and warns)."""
+    device = resolve_device(run_options(run, legacy_kwargs).device)
     with evaluating(model), torch.no_grad():
         probs = predictions(model, to_device(inputs, device, non_blocking=True)).softmax(-1)
     top = probs.topk(min(k, probs.shape[-1]), dim=-1)

@@ -229,7 +229,7 @@ def _cut_before(
     reasons: list[str] = []
     for name in candidates[:_MAX_CUT_TRIES]:
         try:
-            prefix, suffix = cut(model, at=name, example_input=example)
+            prefix, suffix = cut(model, after=name, example_input=example)
         except SurgeryError as exc:
             reasons.append(str(exc))
             continue

@@ -31,7 +31,7 @@ from torch import nn
 from ..atomic import atomic_write
 from ..errors import NetgraftError
 from ..freeze import frozen_state, load_frozen_state
-from ..recipe import get_recipe, replay
+from ..recipe import recipe_of, replay
 from ..rng import rng_state, set_rng_state
 from .history import History
 
@@ -130,14 +130,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def _recipe_operations(model: nn.Module) -> list[dict[str, Any]] | None:
     """The surgery recorded on ``model`` as plain data (None when it cannot be replayed)."""
-    recipe = get_recipe(model)
+    recipe = recipe_of(model)
     return None if recipe.not_replayable else recipe.to_dict()["operations"]
 
 
 def _replay_growth(payload: dict[str, Any], model: nn.Module) -> None:
     """Replay on ``model`` the recorded operations the checkpointed model had on top of
     ``model``'s own (a growth during the run, :class:`netgraft.Grow`), so the weights fit."""
-    saved, done = payload.get("recipe") or [], get_recipe(model).operations
+    saved, done = payload.get("recipe") or [], recipe_of(model).operations
     if len(saved) <= len(done) or saved[: len(done)] != done:
         return
     rest = saved[len(done) :]

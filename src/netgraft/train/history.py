@@ -16,6 +16,7 @@ from typing import Any
 
 from ..atomic import atomic_write
 from ..errors import NetgraftError
+from ..options import legacy
 
 __all__ = ["History"]
 
@@ -91,9 +92,11 @@ class History:
         except (OSError, ValueError) as exc:
             raise NetgraftError(f"cannot read training history {str(path)!r}: {exc}") from exc
 
-    def save(self, folder: str | Path) -> tuple[Path, Path]:
-        """Write ``history.json`` and ``history.png`` into ``folder`` atomically; return both paths."""
-        folder = Path(folder)
+    @legacy(folder="out_dir")
+    def save(self, out_dir: str | Path) -> tuple[Path, Path]:
+        """Write ``history.json`` and ``history.png`` into ``out_dir`` atomically; return both
+        paths."""
+        folder = Path(out_dir)
         js = atomic_write(folder / "history.json", lambda p: p.write_text(self.to_json(indent=2)))
         png = self.plot(folder / "history.png")
         return js, png
