@@ -105,7 +105,7 @@ def test_resume_auto_starts_afresh_then_continues_from_the_checkpoint_folder(tmp
     history = _fit(again, tmp_path, resume="auto")
     _same(again.state_dict(), whole.state_dict(), 1e-9)
     assert [r["loss"] for r in history.rows] == pytest.approx([r["loss"] for r in rows])
-    with pytest.raises(NetgraftError, match=r"resume='auto'.*Checkpoint\(folder\)"):
+    with pytest.raises(NetgraftError, match=r"resume='auto'.*Checkpoint\(out_dir\)"):
         _fit(worker.make_model(), resume="auto")
 
 

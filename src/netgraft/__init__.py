@@ -34,7 +34,13 @@ from .heads import attach, find_head, find_heads, replace_head, truncate
 from .layers import Block, Layer, LayerTable, blocks, layers, summary
 from .optim import param_groups
 from .options import RunOptions
-from .pretrain import AuxiliaryResult, pretrain_auxiliary, pretrain_layerwise
+from .pretrain import (
+    AuxiliaryResult,
+    AuxiliaryTask,
+    LayerwiseResult,
+    pretrain_auxiliary,
+    pretrain_layerwise,
+)
 from .recipe import get_recipe, recipe_of
 from .reinit import reinit
 from .saved import load, save
@@ -63,6 +69,8 @@ __version__ = importlib.metadata.version("netgraft")
 __all__ = [
     "AutoRGN",
     "AuxiliaryResult",
+    "AuxiliaryTask",
+    "LayerwiseResult",
     "Suggestion",
     "pretrain_auxiliary",
     "suggest",

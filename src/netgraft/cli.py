@@ -26,6 +26,7 @@ from rich.console import Console
 from .demo import run_demo
 from .errors import NetgraftError
 from .options import RunOptions
+from .pretrain import AuxiliaryTask
 from .train import FineTuneConfig
 from .workflows import (
     evaluate_folder,
@@ -37,6 +38,7 @@ from .workflows import (
     study_folder,
     transfer_folder,
 )
+from .zoo import load_model
 
 try:  # recent typer vendors its own click; its exceptions are the ones raised
     from typer import _click as click
@@ -484,23 +486,20 @@ def pretrain(
 ) -> None:
     """Pretrain a model's body on an auxiliary task from an image folder (the head is kept),
     then save it to OUT, ready for netgraft finetune OUT."""
+    auxiliary = task in ("pairs", "corrupt")
+    how = AuxiliaryTask(task, aux_head, pairs, copies=copies) if auxiliary else task
     result = pretrain_folder(
-        spec,
+        load_model(spec, weights=weights, trust_pickle=trust_pickle),
         data,
         out,
-        task=task,
-        weights=weights,
-        trust_pickle=trust_pickle,
-        aux_head=aux_head,
+        task=how,
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
-        pairs=pairs,
-        copies=copies,
         size=size,
         val_fraction=val_fraction,
         seed=seed,
-        quiet=quiet,
+        run=RunOptions(progress=not quiet),
     )
     _console().print(result.summary(), markup=False)
 

@@ -358,8 +358,8 @@ class Truncated(nn.Module):
         return out
 
 
-@recorded("truncate")
 @legacy(at="after")
+@recorded("truncate")
 def truncate(model: nn.Module, after: Selector) -> nn.Module:
     """A feature extractor whose output is the output of the module ``after`` picks: the
     prefix of :func:`netgraft.cut` (sharing the model's weights), or, where the graph cannot

@@ -213,11 +213,16 @@ def legacy(**spellings: str) -> Callable[[F], F]:
     """Let a function accept old keyword spellings: ``@legacy(at="after")`` renames
     ``at=`` to ``after=``; a spelling whose new form is not a parameter of the function
     (``quiet="run=RunOptions(progress=...)"``) reaches its ``**legacy`` catch-all, which
-    must fold it in. Each old spelling warns (:func:`deprecated`); a keyword that is neither
-    a parameter nor a known old spelling raises ``TypeError``, as Python would."""
+    must fold it in. Each old spelling warns (:func:`deprecated`). When that catch-all is
+    named ``legacy_kwargs`` it takes nothing else: a keyword that is neither a parameter nor
+    a known old spelling raises ``TypeError``, as Python would (another catch-all, such as
+    ``**fit_kwargs``, passes other keywords on)."""
 
     def wrap(fn: F) -> F:
         params = inspect.signature(fn).parameters
+        strict = "legacy_kwargs" in params or not any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+        )
         name = fn.__qualname__.replace(".__init__", "")
         LEGACY[name] = dict(spellings)
 
@@ -231,7 +236,7 @@ def legacy(**spellings: str) -> Callable[[F], F]:
                         raise TypeError(f"{name}() got both {old}= and {new}=; give {new}=")
                     kwargs[new] = kwargs.pop(old)
             unknown = [k for k in kwargs if k not in params and k not in spellings]
-            if unknown:
+            if unknown and strict:
                 raise TypeError(f"{name}() got an unexpected keyword argument {unknown[0]!r}")
             return fn(*args, **kwargs)
 

@@ -51,7 +51,7 @@ from .grow import widen as widen_op
 from .heads import replace_head
 from .layers import Block, LayerTable, blocks, layers
 from .options import RunOptions
-from .pretrain import pretrain_auxiliary, pretrain_layerwise
+from .pretrain import AuxiliaryTask, pretrain_auxiliary, pretrain_layerwise
 from .recipe import recipe_of
 from .saved import load as load_saved
 from .saved import save
@@ -425,54 +425,49 @@ class PretrainResult:
 def pretrain_folder(
     model: str | nn.Module,
     data_dir: str | os.PathLike,
-    out: str | os.PathLike,
+    out_dir: str | os.PathLike,
     *,
-    task: str,
-    weights: str | os.PathLike | None = None,
-    trust_pickle: bool = False,
-    aux_head: str = "auto",
+    task: str | AuxiliaryTask,
     epochs: int = 3,
     lr: float = 1e-3,
     batch_size: int = 64,
-    pairs: int | None = None,
-    copies: int = 1,
     size: int | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
-    quiet: bool = False,
+    run: RunOptions | None = None,
 ) -> PretrainResult:
-    """Pretrain ``model`` (a spec for :func:`netgraft.load_model`, or a module) on the images
-    of the class-per-folder ``data_dir`` and save it to ``out`` (weights and recipe, with
-    ``pretrain.json`` and, for auxiliary tasks, ``history.json``/``.png``).
+    """Pretrain ``model`` (a module, or a spec for :func:`netgraft.load_model`) on the images
+    of the class-per-folder ``data_dir`` and save it to ``out_dir`` (weights and recipe,
+    with ``pretrain.json`` and, for auxiliary tasks, ``history.json``/``.png``).
 
     ``task="pairs"``: the folders are the groups (same folder or not,
     :func:`netgraft.pretrain_auxiliary`); ``"corrupt"``: folders are ignored, each image is
-    told from copies with shuffled patches; ``"layerwise"``: each layer as an autoencoder
+    told from copies with shuffled patches (an :class:`~netgraft.AuxiliaryTask` gives
+    either its own settings); ``"layerwise"``: each layer as an autoencoder
     (:func:`netgraft.pretrain_layerwise`, ``epochs`` per layer). ``val_fraction`` of each
-    folder is held out to measure the auxiliary task. The head is kept as it is, ready for
+    folder is held out to measure the auxiliary task. ``run`` says how to run
+    (:class:`~netgraft.RunOptions`). The head is kept as it is, ready for
     ``netgraft finetune OUT``.
     """
-    if task not in PRETRAIN_TASKS:
+    name = task.name if isinstance(task, AuxiliaryTask) else task
+    if name not in PRETRAIN_TASKS:
         raise NetgraftError(f"task must be one of {', '.join(PRETRAIN_TASKS)}; found {task!r}")
     torch.manual_seed(seed)
     if isinstance(model, str):
-        model = load_model(model, weights=weights, trust_pickle=trust_pickle)
+        model = load_model(model)
     split = image_folder(data_dir, model, size=size, val_fraction=val_fraction, seed=seed)
-    if task == "layerwise":
-        records = pretrain_layerwise(
-            model, split.train, epochs_per_layer=epochs, lr=lr, batch_size=batch_size, seed=seed
-        )
-        details: dict[str, Any] = {"task": task, "layers": records}
+    if name == "layerwise":
+        records = pretrain_layerwise(model, split.train, epochs_per_layer=epochs, lr=lr,
+                                     batch_size=batch_size, seed=seed, run=run)  # fmt: skip
+        details: dict[str, Any] = {"task": name, **records.to_dict()}
         history = None
     else:
-        result = pretrain_auxiliary(
-            model, split.train, split.val, task=task, aux_head=aux_head, epochs=epochs, lr=lr,
-            batch_size=batch_size, pairs=pairs, copies=copies, seed=seed, quiet=quiet,
-        )  # fmt: skip
+        result = pretrain_auxiliary(model, split.train, split.val, task=task, epochs=epochs,
+                                    lr=lr, batch_size=batch_size, seed=seed, run=run)  # fmt: skip
         details, history = result.to_dict(), result.history
-    folder = save(model, out)
+    folder = save(model, out_dir)
     if history is not None:
         history.save(folder)
     text = json.dumps(details, indent=2, default=str)
     atomic_write(Path(folder) / "pretrain.json", lambda p: p.write_text(text))
-    return PretrainResult(Path(folder), task, details)
+    return PretrainResult(Path(folder), name, details)

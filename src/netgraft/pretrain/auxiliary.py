@@ -28,12 +28,14 @@ Example::
     >>> netgraft.fit(model, (x_few, y_few), epochs=20, lr=1e-3)
 
 Inputs are tensors (images, token ids) held in memory; pairs are drawn once with ``seed``,
-corruptions afresh at every epoch from ``(seed, epoch)`` (or once, ``redraw=False``). This module never uses class labels for ``"corrupt"`` and
-never adds layers to the model.
+corruptions afresh at every epoch from ``(seed, epoch)`` (or once,
+``AuxiliaryTask("corrupt", redraw=False)``). This module never uses class labels for
+``"corrupt"`` and never adds layers to the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,15 +50,16 @@ from torch.utils.data import Dataset
 from ..errors import DataError, NetgraftError, SelectionError, closest
 from ..heads import find_head
 from ..layers import evaluating
-from ..train import History
+from ..options import RunOptions, legacy, run_options
+from ..train import History, fit
 from ..train.batches import predictions
-from ..train.loop import fit_flat as fit
 from .inputs import gather_inputs
 
 __all__ = [
     "AUX_HEADS",
     "TASKS",
     "AuxiliaryResult",
+    "AuxiliaryTask",
     "Corruption",
     "make_pairs",
     "patch_shuffle",
@@ -385,23 +388,6 @@ def _headless(model: nn.Module, head: str) -> Iterator[nn.Module]:
         model.set_submodule(head, original)
 
 
-def _check_choices(task: str, aux_head: str, copies: int, epochs: int) -> str:
-    if task not in TASKS:
-        raise NetgraftError(f"task must be one of {', '.join(TASKS)}; found {task!r}")
-    heads = AUX_HEADS[task]
-    if aux_head == "auto":
-        aux_head = heads[0]
-    if aux_head not in heads:
-        raise NetgraftError(
-            f"aux_head for task {task!r} must be one of {', '.join(heads)}; found {aux_head!r}"
-        )
-    if not isinstance(copies, int) or copies < 1:
-        raise NetgraftError(f"copies must be a positive integer; found {copies!r}")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise NetgraftError(f"epochs must be a positive integer; found {epochs!r}")
-    return aux_head
-
-
 def _wrapper(body: nn.Module, example: torch.Tensor, aux_head: str, hidden: int) -> nn.Module:
     with evaluating(body), torch.no_grad():
         out = body(example[:1].to(next(body.parameters()).device))
@@ -442,81 +428,142 @@ def _val_data(
 
 
 def _fit_options(
-    train: Dataset, aux_head: str, redraw: bool, fit_kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    """The caller's fit arguments, with the redraw callback and without the feature cache
-    where it cannot apply."""
-    options = dict(fit_kwargs)
-    if isinstance(train, _Corrupted) and redraw:
+    train: Dataset, spec: AuxiliaryTask, callbacks: Any, run: RunOptions
+) -> tuple[list[Any], RunOptions]:
+    """The caller's callbacks with the redraw callback, and its run options without the
+    feature cache where it cannot apply."""
+    callbacks = list(callbacks)
+    if isinstance(train, _Corrupted) and spec.redraw:
         # the inputs change every epoch, so no feature cache can hold them
-        options["callbacks"] = [*options.get("callbacks", ()), _Redraw(train)]
-        options["cache"] = False
-    if aux_head != "binary":
+        callbacks.append(_Redraw(train))
+        run = run.replace(cache=False)
+    if spec.aux_head != "binary":
         # two inputs per example go through the body as one batch of twice the size: the
         # cache's per-example features would not line up with the examples
-        options["cache"] = False
-    return options
+        run = run.replace(cache=False)
+    return callbacks, run
 
 
+@dataclass
+class AuxiliaryTask:
+    """An auxiliary task for :func:`pretrain_auxiliary` with its own settings (a plain
+    ``task="pairs"`` or ``"corrupt"`` takes the defaults).
+
+    - ``name``: ``"pairs"`` (same group or not?) or ``"corrupt"`` (real or corrupted?).
+    - ``aux_head``: ``"auto"`` (the first of each), for pairs ``"distance"`` (a learned
+      weighting of ``|a - b|``) or ``"concat"`` (a hidden layer of ``hidden`` units on
+      ``[a, b]``), for corrupt ``"binary"`` (good against bad) or ``"margin"`` (a hinge
+      loss with ``margin`` ranking each good example above its corrupted copy).
+    - ``pairs``: how many pairs to draw (default twice the examples), half same-group.
+    - ``corruption``: ``corruption(x, generator)`` (default :func:`patch_shuffle` for
+      images, :func:`replace_word` for token ids); ``copies``: corrupted copies per
+      example; ``redraw``: corrupt afresh every epoch (seeded per epoch; no feature cache
+      then), else once.
+    """
+
+    name: str
+    aux_head: str = "auto"
+    pairs: int | None = None
+    hidden: int = 16
+    corruption: Corruption | None = None
+    copies: int = 1
+    redraw: bool = True
+    margin: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.name not in TASKS:
+            raise NetgraftError(f"task must be one of {', '.join(TASKS)}; found {self.name!r}")
+        heads = AUX_HEADS[self.name]
+        if self.aux_head == "auto":
+            self.aux_head = heads[0]
+        if self.aux_head not in heads:
+            raise NetgraftError(
+                f"aux_head for task {self.name!r} must be one of {', '.join(heads)}; "
+                f"found {self.aux_head!r}"
+            )
+        if isinstance(self.copies, bool) or not isinstance(self.copies, int) or self.copies < 1:
+            raise NetgraftError(f"copies must be a positive integer; found {self.copies!r}")
+
+
+_TASK_FIELDS = ("aux_head", "pairs", "hidden", "corruption", "copies", "redraw", "margin")
+
+
+@legacy(
+    quiet="run=RunOptions(progress=not quiet)",
+    **{name: f"task=AuxiliaryTask(..., {name}=...)" for name in _TASK_FIELDS},
+)
 def pretrain_auxiliary(
     model: nn.Module,
     data: Any,
     val: Any = None,
     *,
-    task: str,
-    aux_head: str = "auto",
+    task: str | AuxiliaryTask,
     head: str | None = None,
     epochs: int = 5,
     lr: float = 1e-3,
     batch_size: int = 64,
-    pairs: int | None = None,
-    corruption: Corruption | None = None,
-    copies: int = 1,
-    redraw: bool = True,
-    margin: float = 1.0,
-    hidden: int = 16,
     seed: int = 0,
-    quiet: bool = True,
+    run: RunOptions | None = None,
     **fit_kwargs: Any,
 ) -> AuxiliaryResult:
     """Train ``model``'s body (all but ``head``, default :func:`netgraft.find_head`) on an
     auxiliary task, in place, and return an :class:`AuxiliaryResult`; see the module
-    docstring for the tasks.
+    docstring for the tasks. ``task`` is ``"pairs"``, ``"corrupt"`` or an
+    :class:`AuxiliaryTask` with its own settings.
 
-    ``task="pairs"``: ``data`` is ``(inputs, groups)`` (or a dataset of ``(input, group)``);
-    ``pairs`` pairs (default twice the examples), half same-group, are drawn with ``seed``;
-    ``aux_head`` is ``"distance"`` (default) or ``"concat"`` (a hidden layer of ``hidden``
-    units). ``task="corrupt"``: ``data`` is inputs (labels, if any, are ignored); each is
-    corrupted ``copies`` times by ``corruption(x, generator)`` (default: :func:`patch_shuffle`
-    for images, :func:`replace_word` for token ids, padding = the first Embedding's
-    ``padding_idx``), afresh every epoch with ``redraw`` (seeded per epoch; no feature cache
-    then), else once; ``aux_head`` is ``"binary"`` (default) or ``"margin"`` (hinge loss with
-    ``margin``). ``val`` is optional data of the same form, measured each epoch. Training is
-    :func:`netgraft.fit` (``epochs``, ``lr``, ``batch_size``, ``seed`` and ``fit_kwargs``:
-    ``optimizer``, ``device``, ``callbacks``, ``cache``, ...); the feature cache can apply
-    only to ``"binary"`` with ``redraw=False`` (elsewhere the body sees two inputs per
-    example, or new inputs every epoch). The model's head is untouched,
-    its frozen parameters stay frozen and its train/eval modes are restored.
+    ``"pairs"``: ``data`` is ``(inputs, groups)`` (or a dataset of ``(input, group)``),
+    the pairs drawn with ``seed``. ``"corrupt"``: ``data`` is inputs (labels, if any, are
+    ignored). ``val`` is optional data of the same form, measured each epoch. Training is
+    :func:`netgraft.fit` (``epochs``, ``lr``, ``batch_size``, ``seed``, ``run``, and other
+    keywords such as ``optimizer`` and ``callbacks``); the feature cache can apply only to
+    ``"binary"`` with ``redraw=False`` (elsewhere the body sees two inputs per example, or
+    new inputs every epoch). The model's head is untouched, its frozen parameters stay
+    frozen and its train/eval modes are restored. The old keywords (``aux_head``,
+    ``pairs``, ``hidden``, ``corruption``, ``copies``, ``redraw``, ``margin``, ``quiet``)
+    still work and warn.
     """
-    aux_head = _check_choices(task, aux_head, copies, epochs)
+    spec, run = _spec_and_run(task, run, fit_kwargs)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise NetgraftError(f"epochs must be a positive integer; found {epochs!r}")
     head = _head_name(model, head)
-    x, groups = gather_inputs(data, second="groups", second_required=task == "pairs")
+    x, groups = gather_inputs(data, second="groups", second_required=spec.name == "pairs")
     modes = {m: m.training for m in model.modules()}
     with _headless(model, head) as body:
-        corrupt = corruption or (_default_corruption(x, body) if task == "corrupt" else None)
-        options = {"task": task, "aux_head": aux_head, "n_pairs": pairs, "copies": copies}
+        corrupt = spec.corruption
+        if corrupt is None and spec.name == "corrupt":
+            corrupt = _default_corruption(x, body)
+        options = {"task": spec.name, "aux_head": spec.aux_head, "n_pairs": spec.pairs,
+                   "copies": spec.copies}  # fmt: skip
         train = _task_data(x, groups, corrupt=corrupt, seed=seed, **options)  # type: ignore[arg-type]
         val_set = _val_data(val, corrupt, seed + 1, options)
         torch.manual_seed(seed)
-        wrapper = _wrapper(body, x, aux_head, hidden)
-        loss = _margin_loss(margin) if aux_head == "margin" else None
+        wrapper = _wrapper(body, x, spec.aux_head, spec.hidden)
+        loss = _margin_loss(spec.margin) if spec.aux_head == "margin" else None
+        callbacks, run = _fit_options(train, spec, fit_kwargs.pop("callbacks", ()), run)
         try:
             history = fit(wrapper, train, val_set, epochs=epochs, lr=lr, batch_size=batch_size,
-                          loss=loss, seed=seed, quiet=quiet,
-                          **_fit_options(train, aux_head, redraw, fit_kwargs))  # fmt: skip
+                          loss=loss, seed=seed, callbacks=callbacks, run=run, **fit_kwargs)  # fmt: skip
         finally:
             for m, mode in modes.items():
                 m.training = mode
-    result = AuxiliaryResult(task, aux_head, len(train), history)  # type: ignore[arg-type]
+    result = AuxiliaryResult(spec.name, spec.aux_head, len(train), history)  # type: ignore[arg-type]
     log.info(result.summary())
     return result
+
+
+def _spec_and_run(
+    task: str | AuxiliaryTask, run: RunOptions | None, kwargs: dict[str, Any]
+) -> tuple[AuxiliaryTask, RunOptions]:
+    """The task as an :class:`AuxiliaryTask` and the run options, with the old keywords
+    (task settings, ``quiet``) taken out of ``kwargs`` and folded in."""
+    fields = {k: kwargs.pop(k) for k in _TASK_FIELDS if k in kwargs}
+    if isinstance(task, AuxiliaryTask):
+        spec = dataclasses.replace(task, **fields)
+    elif isinstance(task, str):
+        spec = AuxiliaryTask(task, **fields)
+    else:
+        raise NetgraftError(
+            f"task must be 'pairs', 'corrupt' or an AuxiliaryTask; found {type(task).__name__}"
+        )
+    old = {"quiet": kwargs.pop("quiet")} if "quiet" in kwargs else {}
+    return spec, run_options(run, old)

@@ -20,7 +20,8 @@ This module never adds layers to the model and never uses labels.
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,12 +31,13 @@ from torch.nn import functional as F
 from ..errors import NetgraftError
 from ..heads import find_head
 from ..layers import ordered_layer_modules, trace_order
+from ..options import RunOptions, run_options
 from ..select import Selector, select
+from ..train.batches import resolve_device
+from ..train.report import Reporter
 from .inputs import gather_inputs
 
-__all__ = ["pretrain_layerwise"]
-
-log = logging.getLogger(__name__)
+__all__ = ["LayerwiseResult", "pretrain_layerwise"]
 
 _ACTIVATIONS = {
     "relu": F.relu,
@@ -132,6 +134,34 @@ def _default_layers(model: nn.Module) -> list[str]:
     ]
 
 
+@dataclass
+class LayerwiseResult:
+    """What :func:`pretrain_layerwise` did: one record per pretrained layer, in order,
+    ``{"layer", "first_loss", "last_loss"}`` (the reconstruction loss of its first and last
+    epoch). It iterates, indexes and has a length like the list of records it holds, as
+    the list :func:`pretrain_layerwise` used to return."""
+
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.layers)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.layers[index]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: the records."""
+        return {"layers": [dict(r) for r in self.layers]}
+
+    def summary(self) -> str:
+        """One line: each layer with its first and last reconstruction loss."""
+        parts = [f"{r['layer']} {r['first_loss']:.4f} -> {r['last_loss']:.4f}" for r in self]
+        return "layer-wise pretraining: " + ", ".join(parts)
+
+
 def pretrain_layerwise(
     model: nn.Module,
     unlabeled: Any,
@@ -143,19 +173,55 @@ def pretrain_layerwise(
     batch_size: int = 64,
     noise: float = 0.0,
     seed: int = 0,
-) -> list[dict[str, Any]]:
+    run: RunOptions | None = None,
+) -> LayerwiseResult:
     """Train the model's layers one at a time, bottom up, each as an autoencoder of its own
-    input (see the module docstring), for ``epochs_per_layer`` epochs over ``unlabeled``.
+    input (see the module docstring), for ``epochs_per_layer`` epochs over ``unlabeled``,
+    in place; return a :class:`LayerwiseResult`.
 
     ``layers`` (a selector) picks which layers to pretrain, by default every Linear and
     Conv2d before the head, in execution order. The code is ``activation(layer(input))``:
     ``"auto"`` takes the activation module (ReLU, Sigmoid, Tanh, GELU) that runs right after
     the layer, else the identity; or name one of ``"relu"``, ``"sigmoid"``, ``"tanh"``,
-    ``"gelu"``, ``"identity"`` for every layer. ``noise`` > 0 corrupts the
-    input with Gaussian noise of that std (a denoising autoencoder). Returns one record per
-    layer: its name and the reconstruction loss of its first and last epoch.
+    ``"gelu"``, ``"identity"`` for every layer. ``noise`` > 0 corrupts the input with
+    Gaussian noise of that std (a denoising autoencoder). ``seed`` (default 0) draws the
+    data order and the decoders. ``run`` (:class:`~netgraft.RunOptions`) gives the device
+    (None: where the model is) and ``progress`` (a line per layer on stderr; logged either
+    way). Frozen state and train/eval modes are
+    restored afterwards.
     """
+    run = run_options(run)
+    _check_settings(epochs_per_layer, activation)
+    x, _ = gather_inputs(unlabeled, second=None)
+    names = _chosen_layers(model, layers)
+    if run.device is not None:
+        model.to(resolve_device(run.device))
+    example = x[:1].to(next(model.parameters()).device)
+    following = _following_activations(model, example) if activation == "auto" else {}
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    report = Reporter(not run.progress)
+    result = LayerwiseResult()
+    settings = (epochs_per_layer, lr, batch_size, noise, seed)
+    try:
+        model.eval()  # everything below the layer runs in inference mode: no statistics move
+        for p in model.parameters():
+            p.requires_grad_(False)
+        generator = torch.Generator().manual_seed(seed)
+        for name in names:
+            act = following.get(name, "identity") if activation == "auto" else activation
+            losses = _pretrain_layer(model, name, _ACTIVATIONS[act], x, generator, settings)
+            result.layers.append({"layer": name, "first_loss": losses[0], "last_loss": losses[-1]})
+            report(f"pretrained {name}: reconstruction loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    finally:
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        for m, mode in modes.items():
+            m.training = mode
+    return result
 
+
+def _check_settings(epochs_per_layer: int, activation: str) -> None:
     if not isinstance(epochs_per_layer, int) or epochs_per_layer < 1:
         raise NetgraftError(
             f"epochs_per_layer must be a positive integer; found {epochs_per_layer!r}"
@@ -164,8 +230,11 @@ def pretrain_layerwise(
         raise NetgraftError(
             f"activation must be one of {', '.join(_ACTIVATIONS)}; found {activation!r}"
         )
-    x, _ = gather_inputs(unlabeled, second=None)
-    modules = dict(model.named_modules())
+
+
+def _chosen_layers(model: nn.Module, layers: Selector) -> list[str]:
+    """The layers to pretrain in execution order: ``layers`` picks them (default: every
+    Linear and Conv2d before the head)."""
     if layers is None:
         names = _default_layers(model)
     else:
@@ -174,48 +243,42 @@ def pretrain_layerwise(
         names = list(dict.fromkeys(names))
     if not names:
         raise NetgraftError("the model has no Linear or Conv2d layer to pretrain")
-    following = _following_activations(model, x[:1]) if activation == "auto" else {}
-    modes = {m: m.training for m in model.modules()}
-    grads = {p: p.requires_grad for p in model.parameters()}
-    g = torch.Generator().manual_seed(seed)
-    records: list[dict[str, Any]] = []
-    try:
-        model.eval()  # everything below the layer runs in inference mode: no statistics move
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name in names:
-            layer = modules[name]
-            act = _ACTIVATIONS[
-                following.get(name, "identity") if activation == "auto" else activation
-            ]
-            torch.manual_seed(seed)
-            decoder = _decoder(layer).to(next(layer.parameters()).device)
-            params = list(layer.parameters()) + list(decoder.parameters())
-            for p in layer.parameters():
-                p.requires_grad_(True)
-            opt = torch.optim.Adam(params, lr=lr)
-            losses: list[float] = []
-            for _ in range(epochs_per_layer):
-                order = torch.randperm(len(x), generator=g)
-                total, count = 0.0, 0
-                for start in range(0, len(x), batch_size):
-                    inp = _layer_input(model, layer, x[order[start : start + batch_size]])
-                    corrupted = inp + noise * torch.randn_like(inp) if noise > 0 else inp
-                    recon = _decode(decoder, act(layer(corrupted)), inp)
-                    loss = F.mse_loss(recon, inp)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach()) * len(inp)
-                    count += len(inp)
-                losses.append(total / count)
-            for p in layer.parameters():
-                p.requires_grad_(False)
-            log.info("pretrained %s: reconstruction loss %.4f -> %.4f", name, losses[0], losses[-1])
-            records.append({"layer": name, "first_loss": losses[0], "last_loss": losses[-1]})
-    finally:
-        for p, flag in grads.items():
-            p.requires_grad_(flag)
-        for m, mode in modes.items():
-            m.training = mode
-    return records
+    return names
+
+
+def _pretrain_layer(
+    model: nn.Module,
+    name: str,
+    act: nn.Module,
+    x: torch.Tensor,
+    generator: torch.Generator,
+    settings: tuple[int, float, int, float, int],
+) -> list[float]:
+    """Train layer ``name`` (alone trainable) with a fresh decoder to reconstruct its input;
+    return the mean loss of each epoch."""
+    epochs, lr, batch_size, noise, seed = settings
+    layer = dict(model.named_modules())[name]
+    device = next(layer.parameters()).device
+    torch.manual_seed(seed)
+    decoder = _decoder(layer).to(device)
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(list(layer.parameters()) + list(decoder.parameters()), lr=lr)
+    losses: list[float] = []
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, len(x), batch_size):
+            batch = x[order[start : start + batch_size]].to(device)
+            inp = _layer_input(model, layer, batch)
+            corrupted = inp + noise * torch.randn_like(inp) if noise > 0 else inp
+            loss = F.mse_loss(_decode(decoder, act(layer(corrupted)), inp), inp)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(inp)
+            count += len(inp)
+        losses.append(total / count)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    return losses

@@ -195,15 +195,15 @@ def _resume_payload(
     saves = [cb for cb in callbacks if isinstance(cb, Checkpoint)]
     if not saves:
         raise NetgraftError(
-            "RunOptions(resume='auto') continues from the Checkpoint callback's folder, and fit has none: "
-            "add callbacks=[netgraft.Checkpoint(folder)]"
+            "RunOptions(resume='auto') continues from the Checkpoint callback's folder, and "
+            "fit has none: add callbacks=[netgraft.Checkpoint(out_dir)]"
         )
     last = saves[-1].last_path
     found = last.is_file()
     if parallel.any(found) and parallel.any(not found):
         raise NetgraftError(
-            f"RunOptions(resume='auto'): {str(last)!r} exists for some processes and not others; put the "
-            "Checkpoint folder on a filesystem every process sees"
+            f"RunOptions(resume='auto'): {str(last)!r} exists for some processes and not "
+            "others; put the Checkpoint folder on a filesystem every process sees"
         )
     return (last, load_checkpoint(last)) if found else (None, None)
 
