@@ -142,7 +142,7 @@ class RunOptions:
         """The feature cache's own options, as :func:`netgraft.train.cached.plan` takes
         them."""
         return {
-            "dir": self.cache_dir,
+            "cache_dir": self.cache_dir,
             "dtype": self.cache_dtype,
             "augment_copies": self.augment_copies,
             "batch_size": self.cache_batch_size,

@@ -45,11 +45,11 @@ def reinit_module(module: nn.Module) -> None:
     )
 
 
-def reinit(model: nn.Module, selector: Selector, seed: int | None = None) -> list[str]:
+def reinit(model: nn.Module, selector: Selector, seed: int | None = 0) -> list[str]:
     """Re-initialise every layer ``selector`` chooses and return their names.
 
-    With ``seed`` the new values are reproducible and the global RNG state is left as it
-    was. Raises :class:`SelectionError` when the selector matches nothing and
+    With a ``seed`` (default 0) the new values are reproducible and the global RNG state
+    is left as it was; ``seed=None`` draws them from torch's global generator. Raises :class:`SelectionError` when the selector matches nothing and
     :class:`NetgraftError` for a layer type that cannot be re-initialised.
     """
     names = select(model, selector)

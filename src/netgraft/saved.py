@@ -152,11 +152,12 @@ def load_saved_weights(model: nn.Module, weights: Path) -> nn.Module:
     return model
 
 
-def load(folder: str | Path) -> nn.Module:
-    """Rebuild a model written by :func:`save`: build the base with
-    :func:`netgraft.load_model`, replay the recorded operations, then load the weights
+@legacy(folder="path")
+def load(path: str | Path) -> nn.Module:
+    """Rebuild a model written by :func:`save` from its folder ``path``: build the base
+    with :func:`netgraft.load_model`, replay the recorded operations, then load the weights
     strictly. No pickle is involved."""
-    recipe, weights = read_saved(folder)
+    recipe, weights = read_saved(path)
     base = dict(recipe.base or {})
     spec = base.pop("spec")
     model = replay(load_model(spec, **base), recipe.operations)

@@ -23,7 +23,7 @@ Where to cut a model for training from cached features is a training decision:
 Example::
 
     >>> prefix, head = netgraft.cut(model, after="avgpool")
-    >>> feats = netgraft.FeatureCache(prefix, train_set, dir="~/.cache/netgraft")
+    >>> feats = netgraft.FeatureCache(prefix, train_set, cache_dir="~/.cache/netgraft")
     >>> loader = torch.utils.data.DataLoader(feats, batch_size=64, shuffle=True)
 
 This package never changes a model's weights, never leaves its train/eval modes changed,

@@ -30,6 +30,7 @@ from ..atomic import atomic_folder
 from ..data import as_dataset, split_example, to_device
 from ..errors import CacheError
 from ..layers import call_model, evaluating
+from ..options import legacy
 from ..rng import forked, seed_everything
 from .key import KeyedDataset, cache_key
 from .store import (
@@ -96,8 +97,8 @@ class FeatureCache(KeyedDataset):
     a cut by substitution takes directly. Every example must give tensors of the same shapes
     (pad text to a fixed length, with its attention mask).
 
-    ``dir=None`` keeps the features in memory; otherwise they are stored under
-    ``dir/<key>/`` in ``.npy`` shards read with memory mapping and reused by later runs while
+    ``cache_dir=None`` keeps the features in memory; otherwise they are stored under
+    ``cache_dir/<key>/`` in ``.npy`` shards read with memory mapping and reused by later runs while
     the key (weights, cut point, data, transforms, dtype) matches and every shard's checksum
     holds. ``dtype`` is the storage dtype (``torch.float16`` halves the size); features are
     returned in the prefix's own dtype; integer fields (token ids, masks) are never
@@ -116,12 +117,13 @@ class FeatureCache(KeyedDataset):
     # hash the dataset's type) stay what they were before the cache became a package
     __module__ = "netgraft.cache"
 
+    @legacy(dir="cache_dir")
     def __init__(
         self,
         prefix: nn.Module,
         dataset: Dataset | tuple[Any, Any],
         *,
-        dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
         dtype: torch.dtype | None = None,
         augment_copies: int | None = None,
         batch_size: int = 64,
@@ -159,10 +161,10 @@ class FeatureCache(KeyedDataset):
         self._single = True
         self._out_dtypes: list[torch.dtype] = []
         self.build_seconds = 0.0
-        if dir is None:
+        if cache_dir is None:
             self.status = self._build_in_memory()
         else:
-            root = Path(dir).expanduser()
+            root = Path(cache_dir).expanduser()
             root.mkdir(parents=True, exist_ok=True)
             self.path = root / self.key[:32]
             self.status = self._open_or_build(root)

@@ -189,7 +189,7 @@ def _store_pass(
         passes += 1
         for name in names:
             with _replaying(prefixes[name], captured.pop(name)) as prefix:
-                FeatureCache(prefix, data, dir=root, cut_point=name, batch_size=_BATCH)
+                FeatureCache(prefix, data, cache_dir=root, cut_point=name, batch_size=_BATCH)
     return passes
 
 

@@ -154,10 +154,14 @@ def _from_features(
     """The trainable suffix after ``cut_at`` with the shared features of the training data
     (and of the validation data when they were stored), found under the cache's own key."""
     prefix, suffix = cut(model, after=cut_at)
-    train = FeatureCache(prefix, as_dataset(ctx.train), dir=ctx.features_dir, cut_point=cut_at)
+    train = FeatureCache(
+        prefix, as_dataset(ctx.train), cache_dir=ctx.features_dir, cut_point=cut_at
+    )
     val = None
     if ctx.val_cached:
-        val = FeatureCache(prefix, as_dataset(ctx.val), dir=ctx.features_dir, cut_point=cut_at)
+        val = FeatureCache(
+            prefix, as_dataset(ctx.val), cache_dir=ctx.features_dir, cut_point=cut_at
+        )
     return suffix, train, val
 
 

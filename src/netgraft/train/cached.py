@@ -37,6 +37,7 @@ from ..data import input_of, to_device
 from ..errors import CacheError, SurgeryError
 from ..freeze import held_in_inference, is_dropout, norm_policy
 from ..layers import Layer, layers, trace_order
+from ..options import legacy
 from .determinism import cached_training_differs, off_the_record, random_operations
 
 __all__ = ["CachePlan", "plan"]
@@ -120,12 +121,13 @@ class CachePlan:
         return f"CachePlan({self.describe()})"
 
 
+@legacy(dir="cache_dir")
 def plan(
     model: nn.Module,
     train_data: Dataset,
     cache: bool | str = "auto",
     *,
-    dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     augment_copies: int | None = None,
     batch_size: int = 64,
@@ -154,7 +156,7 @@ def plan(
     if cache not in (True, "auto"):
         raise CacheError(f"cache must be 'auto', True or False; found {cache!r}")
     options = {
-        "dir": dir,
+        "cache_dir": cache_dir,
         "dtype": dtype,
         "batch_size": batch_size,
         "num_workers": num_workers,
@@ -169,7 +171,7 @@ def plan(
             )
         if cache == "auto":
             _check_worth(model, name, prefix, reasons)
-        if dir is None:
+        if cache_dir is None:
             _check_memory(shapes.get(name), name, dtype, len(train_data) * (augment_copies or 1))  # type: ignore[arg-type]
         try:
             features = FeatureCache(
@@ -293,7 +295,7 @@ def _check_memory(shape: tuple | None, name: str, dtype: torch.dtype | None, row
     if need > _MAX_MEMORY_BYTES:
         raise _Refused(
             f"the features at {name!r} would take {need / 2**30:.1f} GiB of memory; give a "
-            "cache folder (dir=..., --cache-dir) or dtype=torch.float16"
+            "cache folder (RunOptions(cache_dir=...), --cache-dir) or cache_dtype=torch.float16"
         )
 
 

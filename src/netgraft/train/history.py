@@ -72,6 +72,7 @@ class History:
         return list(seen)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data: ``{"epochs": [row, ...]}``, one row per epoch."""
         return {"epochs": [dict(r) for r in self.rows]}
 
     @classmethod
@@ -79,6 +80,7 @@ class History:
         return cls(list(data.get("epochs", [])))
 
     def to_json(self, **kwargs: Any) -> str:
+        """:meth:`to_dict` as JSON (``kwargs`` go to ``json.dumps``)."""
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod

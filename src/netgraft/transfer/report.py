@@ -191,6 +191,8 @@ class TransferReport:
         return self.summary()
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data: the source, the counts per status and every record, unexpected and
+        mismatched tensor, as :meth:`to_json` writes them."""
         return {
             "source": self.source,
             "counts": self.counts,
