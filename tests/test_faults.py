@@ -115,7 +115,9 @@ def test_max_restarts_without_a_checkpoint_to_continue_from_is_refused(tmp_path,
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(NetgraftError, match=r"--max-restarts.*callbacks=\[netgraft.Checkpoint"):
         _fit(model)
-    with pytest.raises(NetgraftError, match=r"--max-restarts.*pass run=RunOptions\(resume='auto'\)"):
+    with pytest.raises(
+        NetgraftError, match=r"--max-restarts.*pass run=RunOptions\(resume='auto'\)"
+    ):
         _fit(model, tmp_path)
     _same(model.state_dict(), before, 0)
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")

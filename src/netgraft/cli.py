@@ -295,12 +295,9 @@ def study_cmd(
     """How many layers to reuse: train copies of SPEC reusing its first k blocks (frozen or
     fine-tuned) on the images in --data; print the table, write study.json/.csv/.png.
     Finished trials are kept in --out: running the same study again resumes it."""
-    run = RunOptions(
-        progress=not quiet,
-        workers=workers,
-        backend="ray" if ray is not None else "local",
-        ray_address=None if ray in (None, "local") else ray,
-    )
+    address = None if ray in (None, "local") else ray
+    backend = "ray" if ray is not None else "local"
+    run = RunOptions(progress=not quiet, workers=workers, backend=backend, ray_address=address)
     result = study_folder(
         spec,
         data,
