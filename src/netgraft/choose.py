@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 
 from .data import to_device
 from .errors import NetgraftError
+from .layers import modes_kept
 from .optim import block_of_parameters
 from .options import RunOptions, legacy, run_options
 from .results import results_table, write_png, write_results
@@ -189,26 +190,24 @@ def relative_gradient_norms(
     params = dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
     grads = {n: p.grad for n, p in params.items()}
-    modes = {m: m.training for m in model.modules()}
     sums = {n: torch.zeros_like(p) for n, p in params.items()}
-    try:
-        model.eval()
-        for p in params.values():
-            p.requires_grad_(True)
-        seen = _target_batches(train, batches, batch_size, seed)
-        for batch in seen:
-            x, y = split_batch(to_device(batch, device))
-            model.zero_grad(set_to_none=True)
-            score(predictions(model, x), y).backward()
+    with modes_kept(model):
+        try:
+            model.eval()
+            for p in params.values():
+                p.requires_grad_(True)
+            seen = _target_batches(train, batches, batch_size, seed)
+            for batch in seen:
+                x, y = split_batch(to_device(batch, device))
+                model.zero_grad(set_to_none=True)
+                score(predictions(model, x), y).backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        sums[n] += p.grad
+        finally:
             for n, p in params.items():
-                if p.grad is not None:
-                    sums[n] += p.grad
-    finally:
-        for n, p in params.items():
-            p.requires_grad_(flags[n])
-            p.grad = grads[n]
-        for m, mode in modes.items():
-            m.training = mode
+                p.requires_grad_(flags[n])
+                p.grad = grads[n]
     return {
         n: (float((sums[n] / len(seen)).norm()), float(p.detach().norm()))
         for n, p in params.items()

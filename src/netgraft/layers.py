@@ -210,18 +210,26 @@ def call_model(model: nn.Module, example_input: Any) -> Any:
 
 
 @contextmanager
+def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block, then give every module of ``model`` back its own train/eval flag (frozen
+    norm layers' included), even when the block raised: the one place netgraft saves and
+    restores training modes."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+@contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """Run a block with every module of ``model`` in eval mode and without gradients, then give
-    each module back its own train/eval flag (frozen norm layers' included)."""
-    modes = {name: m.training for name, m in model.named_modules()}
-    try:
+    each module back its own train/eval flag (:func:`modes_kept`)."""
+    with modes_kept(model):
         model.eval()
         with torch.no_grad():
             yield model
-    finally:
-        for name, m in model.named_modules():
-            if name in modes:
-                m.training = modes[name]
 
 
 def probe(

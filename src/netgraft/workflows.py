@@ -23,6 +23,7 @@ folders it is given.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -50,7 +51,7 @@ from .grow import expand_blocks
 from .grow import widen as widen_op
 from .heads import replace_head
 from .layers import Block, LayerTable, blocks, layers
-from .options import RunOptions
+from .options import RunOptions, legacy, run_options
 from .pretrain import AuxiliaryTask, pretrain_auxiliary, pretrain_layerwise
 from .recipe import recipe_of
 from .saved import load as load_saved
@@ -422,6 +423,15 @@ class PretrainResult:
         return f"{what}; saved to {self.folder}"
 
 
+@legacy(
+    out="out_dir",
+    weights="a module from netgraft.load_model(spec, weights=...)",
+    trust_pickle="a module from netgraft.load_model(spec, trust_pickle=...)",
+    aux_head="task=AuxiliaryTask(..., aux_head=...)",
+    pairs="task=AuxiliaryTask(..., pairs=...)",
+    copies="task=AuxiliaryTask(..., copies=...)",
+    quiet="run=RunOptions(progress=not quiet)",
+)
 def pretrain_folder(
     model: str | nn.Module,
     data_dir: str | os.PathLike,
@@ -435,6 +445,7 @@ def pretrain_folder(
     val_fraction: float = 0.1,
     seed: int = 0,
     run: RunOptions | None = None,
+    **legacy_kwargs: Any,
 ) -> PretrainResult:
     """Pretrain ``model`` (a module, or a spec for :func:`netgraft.load_model`) on the images
     of the class-per-folder ``data_dir`` and save it to ``out_dir`` (weights and recipe,
@@ -452,9 +463,8 @@ def pretrain_folder(
     name = task.name if isinstance(task, AuxiliaryTask) else task
     if name not in PRETRAIN_TASKS:
         raise NetgraftError(f"task must be one of {', '.join(PRETRAIN_TASKS)}; found {task!r}")
+    model, task, run = _old_pretrain_keywords(model, task, run, legacy_kwargs)
     torch.manual_seed(seed)
-    if isinstance(model, str):
-        model = load_model(model)
     split = image_folder(data_dir, model, size=size, val_fraction=val_fraction, seed=seed)
     if name == "layerwise":
         records = pretrain_layerwise(model, split.train, epochs_per_layer=epochs, lr=lr,
@@ -471,3 +481,17 @@ def pretrain_folder(
     text = json.dumps(details, indent=2, default=str)
     atomic_write(Path(folder) / "pretrain.json", lambda p: p.write_text(text))
     return PretrainResult(Path(folder), name, details)
+
+
+def _old_pretrain_keywords(
+    model: str | nn.Module, task: Any, run: RunOptions | None, old: dict[str, Any]
+) -> tuple[nn.Module, Any, RunOptions]:
+    """The model (loaded from its spec), the task and the run options with
+    :func:`pretrain_folder`'s old keywords folded in."""
+    loading = {k: old.pop(k) for k in ("weights", "trust_pickle") if k in old}
+    fields = {k: old.pop(k) for k in ("aux_head", "pairs", "copies") if k in old}
+    if fields and task != "layerwise":
+        spec = task if isinstance(task, AuxiliaryTask) else AuxiliaryTask(task)
+        task = dataclasses.replace(spec, **fields)
+    model = load_model(model, **loading) if isinstance(model, str) else model
+    return model, task, run_options(run, old)

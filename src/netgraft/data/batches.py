@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -48,16 +49,27 @@ def input_of(example: Any) -> Any:
     return split_example(example)[0]
 
 
-def to_device(batch: Any, device: torch.device, *, non_blocking: bool = False) -> Any:
-    """``batch`` with every tensor moved to ``device``, through dicts, lists and tuples
-    (their types kept); anything else is returned as it is."""
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], batch: Any) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it, through dicts, lists and tuples
+    (their types kept); anything else is returned as it is. The one walk over a batch's
+    structure (:func:`to_device`, :func:`take_rows`)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
+        return fn(batch)
     if isinstance(batch, dict):
-        return {k: to_device(v, device, non_blocking=non_blocking) for k, v in batch.items()}
+        return {k: map_tensors(fn, v) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device, non_blocking=non_blocking) for v in batch)
+        return type(batch)(map_tensors(fn, v) for v in batch)
     return batch
+
+
+def to_device(batch: Any, device: torch.device, *, non_blocking: bool = False) -> Any:
+    """``batch`` with every tensor moved to ``device`` (:func:`map_tensors`)."""
+    return map_tensors(lambda t: t.to(device, non_blocking=non_blocking), batch)
+
+
+def take_rows(batch: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every tensor in ``batch`` (:func:`map_tensors`)."""
+    return map_tensors(lambda t: t[start:stop], batch)
 
 
 def _as_tensor(value: Any) -> torch.Tensor:

@@ -49,7 +49,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError, NetgraftError, SelectionError, closest
 from ..heads import find_head
-from ..layers import evaluating
+from ..layers import evaluating, modes_kept
 from ..options import RunOptions, legacy, run_options
 from ..train import History, fit
 from ..train.batches import predictions
@@ -527,8 +527,7 @@ def pretrain_auxiliary(
         raise NetgraftError(f"epochs must be a positive integer; found {epochs!r}")
     head = _head_name(model, head)
     x, groups = gather_inputs(data, second="groups", second_required=spec.name == "pairs")
-    modes = {m: m.training for m in model.modules()}
-    with _headless(model, head) as body:
+    with modes_kept(model), _headless(model, head) as body:
         corrupt = spec.corruption
         if corrupt is None and spec.name == "corrupt":
             corrupt = _default_corruption(x, body)
@@ -540,12 +539,8 @@ def pretrain_auxiliary(
         wrapper = _wrapper(body, x, spec.aux_head, spec.hidden)
         loss = _margin_loss(spec.margin) if spec.aux_head == "margin" else None
         callbacks, run = _fit_options(train, spec, fit_kwargs.pop("callbacks", ()), run)
-        try:
-            history = fit(wrapper, train, val_set, epochs=epochs, lr=lr, batch_size=batch_size,
-                          loss=loss, seed=seed, callbacks=callbacks, run=run, **fit_kwargs)  # fmt: skip
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        history = fit(wrapper, train, val_set, epochs=epochs, lr=lr, batch_size=batch_size,
+                      loss=loss, seed=seed, callbacks=callbacks, run=run, **fit_kwargs)  # fmt: skip
     result = AuxiliaryResult(spec.name, spec.aux_head, len(train), history)  # type: ignore[arg-type]
     log.info(result.summary())
     return result

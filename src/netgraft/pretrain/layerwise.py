@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from ..errors import NetgraftError
 from ..heads import find_head
-from ..layers import ordered_layer_modules, trace_order
+from ..layers import modes_kept, ordered_layer_modules, trace_order
 from ..options import RunOptions, run_options
 from ..select import Selector, select
 from ..train.batches import resolve_device
@@ -198,26 +198,25 @@ def pretrain_layerwise(
         model.to(resolve_device(run.device))
     example = x[:1].to(next(model.parameters()).device)
     following = _following_activations(model, example) if activation == "auto" else {}
-    modes = {m: m.training for m in model.modules()}
     grads = {p: p.requires_grad for p in model.parameters()}
     report = Reporter(not run.progress)
     result = LayerwiseResult()
     settings = (epochs_per_layer, lr, batch_size, noise, seed)
-    try:
-        model.eval()  # everything below the layer runs in inference mode: no statistics move
-        for p in model.parameters():
-            p.requires_grad_(False)
-        generator = torch.Generator().manual_seed(seed)
-        for name in names:
-            act = following.get(name, "identity") if activation == "auto" else activation
-            losses = _pretrain_layer(model, name, _ACTIVATIONS[act], x, generator, settings)
-            result.layers.append({"layer": name, "first_loss": losses[0], "last_loss": losses[-1]})
-            report(f"pretrained {name}: reconstruction loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    finally:
-        for p, flag in grads.items():
-            p.requires_grad_(flag)
-        for m, mode in modes.items():
-            m.training = mode
+    with modes_kept(model):
+        try:
+            model.eval()  # everything below the layer runs in inference mode: no statistics move
+            for p in model.parameters():
+                p.requires_grad_(False)
+            generator = torch.Generator().manual_seed(seed)
+            for name in names:
+                act = following.get(name, "identity") if activation == "auto" else activation
+                losses = _pretrain_layer(model, name, _ACTIVATIONS[act], x, generator, settings)
+                first, last = losses[0], losses[-1]
+                result.layers.append({"layer": name, "first_loss": first, "last_loss": last})
+                report(f"pretrained {name}: reconstruction loss {first:.4f} -> {last:.4f}")
+        finally:
+            for p, flag in grads.items():
+                p.requires_grad_(flag)
     return result
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data import as_dataset, to_device
+from ..data import as_dataset, split_example, to_device
 from ..errors import NetgraftError
 from ..layers import evaluating
 from ..options import RunOptions, legacy, run_options
@@ -65,14 +65,12 @@ def resolve_device(device: Any) -> torch.device:
 
 
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
-    """``(inputs, targets)`` of a batch: a pair, or a dict whose ``labels`` are the targets."""
-    if isinstance(batch, dict):
-        if "labels" not in batch:
-            raise NetgraftError("a dict batch needs a 'labels' entry with the targets")
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        return inputs, batch["labels"]
-    if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return batch[0], batch[1]
+    """``(inputs, targets)`` of a training batch: :func:`netgraft.data.split_example`, where
+    the targets are required: a pair, or a dict whose ``labels`` are the targets."""
+    if isinstance(batch, dict) and "labels" not in batch:
+        raise NetgraftError("a dict batch needs a 'labels' entry with the targets")
+    if isinstance(batch, dict) or (isinstance(batch, (list, tuple)) and len(batch) == 2):
+        return split_example(batch)
     raise NetgraftError(
         "expected batches of (inputs, targets) or dicts with 'labels'; "
         f"found {type(batch).__name__}{f' of {len(batch)} items' if isinstance(batch, (list, tuple)) else ''}"

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from ..data.batches import take_rows
 from ..errors import NetgraftError
 from .batches import evaluate, metric_fns
 
@@ -349,17 +350,6 @@ class Share:
     @property
     def weight(self) -> float:
         return self.rows * self.world / self.total if self.total else 0.0
-
-
-def take_rows(batch: Any, start: int, stop: int) -> Any:
-    """Rows ``start:stop`` of every tensor in ``batch`` (tensors, lists, tuples, dicts)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[start:stop]
-    if isinstance(batch, dict):
-        return {k: take_rows(v, start, stop) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(take_rows(v, start, stop) for v in batch)
-    return batch
 
 
 def evaluate_shared(
