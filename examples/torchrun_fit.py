@@ -9,7 +9,8 @@ fit notices the launch and trains data parallel through Hugging Face Accelerate:
 batch_size is the global batch, each process trains on its share of every batch (so two
 processes make the same updates as one), the frozen convolutions are computed once into
 the feature cache (each process computes half of it) and never synchronised, rank 0 alone
-prints and writes the checkpoint, and resume= continues on any number of processes.
+prints and writes the checkpoint, and RunOptions(resume=...) continues on any number of
+processes.
 """
 
 import os
@@ -40,8 +41,10 @@ history = netgraft.fit(
     batch_size=128,  # global: each of N processes takes 128 / N per step
     seed=0,
     callbacks=[netgraft.Checkpoint("runs/torchrun_fit", monitor="val_acc")],
-    cache=True,  # the frozen convolutions run once, split between the processes
-    cache_options={"dir": "runs/torchrun_fit/cache"},  # written once, read by every rank
+    run=netgraft.RunOptions(
+        cache=True,  # the frozen convolutions run once, split between the processes
+        cache_dir="runs/torchrun_fit/cache",  # written once, read by every rank
+    ),
 )
 if int(os.environ.get("RANK", "0")) == 0:
     print("validation accuracy:", round(history.last["val_acc"], 4))

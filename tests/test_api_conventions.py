@@ -4,8 +4,9 @@ Every name in ``netgraft.__all__`` is listed with its kind, so a new public name
 deliberate change here. Every public function, constructor and public method must: take at
 most 12 parameters (an options object excepted), use one spelling per notion (``after=``,
 ``out_dir``, ``cache_dir``, ``progress: bool``, ``lr``, ``run=``), default ``seed`` to 0,
-and have a docstring. Every deprecated spelling (:data:`netgraft.options.LEGACY`) is called
-here once, on real data, and must warn (``FutureWarning`` naming the new spelling) and work.
+and have a docstring. Every deprecated spelling (:data:`netgraft.deprecation.LEGACY`) is
+called here once, on real data, and must warn (``DeprecationWarning`` naming the new
+spelling) and work.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 import netgraft
 from netgraft import models
-from netgraft.options import LEGACY
+from netgraft.deprecation import LEGACY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +34,7 @@ KINDS = {
         "trainable_report",
         "transfer", "truncate", "unfreeze", "verify_equivalence", "widen", "widen_transformer",
     ],
-    "options": ["AuxiliaryTask", "Optimization", "RunOptions"],
+    "options": ["AuxiliaryTask", "FineTuneConfig", "Optimization", "RunOptions"],
     "callback": [
         "AutoRGN", "Callback", "Checkpoint", "EarlyStopping", "Grow", "ReduceLROnPlateau",
     ],
@@ -120,7 +121,8 @@ def test_every_public_name_is_listed_with_its_kind():
 
 # breaks another change is about to mend; strict, so the mend must remove the entry
 BEING_MENDED = {
-    "fine_tune": "16 parameters and base_lr: FineTuneConfig (issue 21, ftconfig) groups them",
+    "FineTuneConfig.__init__": "base_lr is twice the top block's rate: lr (the rate itself, as "
+    "fit's lr) is the convention's spelling (issue 21)",
 }
 
 
@@ -301,12 +303,15 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_deprecated_spelling_warns_naming_the_new_one_and_still_works(case, data, tmp_path):
+def test_deprecated_spelling_warns_naming_the_new_one_and_still_works(
+    case, data, tmp_path, monkeypatch
+):
     call, spellings = CASES[case]
+    monkeypatch.setattr("netgraft.deprecation._warned", set())  # each warns once per process
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         call(data, tmp_path)
-    said = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    said = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
     for where, names in spellings.items():
         for old in names:
             if where == "<module>":

@@ -40,10 +40,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import to_device
+from .deprecation import legacy
 from .errors import NetgraftError
 from .layers import modes_kept
 from .optim import block_of_parameters
-from .options import RunOptions, legacy, run_options
+from .options import RunOptions, run_options
 from .results import results_table, write_png, write_results
 from .train.batches import loss_fn, make_loader, predictions, resolve_device, split_batch, to_data
 from .train.callbacks import Callback

@@ -46,9 +46,9 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from . import marks
+from .deprecation import legacy
 from .errors import SurgeryError
 from .layers import display_name
-from .options import legacy
 from .select import Selector, resolve_module
 from .substitute import cut_by_substitution
 

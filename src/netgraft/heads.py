@@ -31,9 +31,9 @@ from typing import Any
 from torch import nn
 
 from .cut import cut
+from .deprecation import legacy
 from .errors import RecipeError, SurgeryError
 from .layers import ordered_layer_modules
-from .options import legacy
 from .pooling import set_text_pooling, text_encoder
 from .recipe import build_module, module_spec, recorded
 from .select import Selector, resolve_module

@@ -36,8 +36,8 @@ from rich.table import Table
 from torch import nn
 
 from . import marks
+from .deprecation import legacy
 from .errors import NetgraftError
-from .options import legacy
 
 __all__ = [
     "Block",

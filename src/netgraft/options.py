@@ -1,5 +1,4 @@
-"""How a run executes, apart from what it computes: :class:`RunOptions`, and the one way
-old keyword spellings keep working (:func:`legacy`, :func:`renamed_function`).
+"""How a run executes, apart from what it computes: :class:`RunOptions`.
 
 The split follows Lightning's ``Trainer`` against the ``LightningModule`` and Hugging
 Face's ``TrainingArguments``: a function takes its own arguments (the model, the data,
@@ -22,38 +21,17 @@ never trains anything.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import os
-import sys
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from .errors import NetgraftError
 
-__all__ = [
-    "BACKENDS",
-    "LEGACY",
-    "RunOptions",
-    "deprecated",
-    "legacy",
-    "renamed_function",
-    "run_options",
-]
+__all__ = ["BACKENDS", "RunOptions", "run_options"]
 
 BACKENDS = ("local", "ray")
 _CACHE_CHOICES = (True, False, "auto")
-_PACKAGE = str(Path(__file__).resolve().parent)
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-LEGACY: dict[str, dict[str, str]] = {}
-"""Every deprecated keyword spelling of the public API: ``{"fit": {"quiet": "run=..."}}``,
-filled by :func:`legacy`; a renamed function is listed under ``"<module>"`` as
-``{old name: new name}``. ``tests/test_api_conventions.py`` calls each one."""
 
 
 @dataclass(kw_only=True)
@@ -165,7 +143,7 @@ def run_options(run: RunOptions | None, old: Mapping[str, Any] | None = None) ->
     """``run`` (None: the defaults) with the old spellings in ``old`` folded in: any
     RunOptions field by name, ``quiet`` (``progress=not quiet``) and ``cache_options`` (a
     dict of ``dir``, ``dtype``, ``augment_copies``, ``batch_size``, ``num_workers``).
-    The caller has warned about them already (:func:`legacy`)."""
+    The caller has warned about them already (:func:`netgraft.deprecation.legacy`)."""
     if run is None:
         run = RunOptions()
     elif not isinstance(run, RunOptions):
@@ -188,73 +166,3 @@ def run_options(run: RunOptions | None, old: Mapping[str, Any] | None = None) ->
         else:
             raise TypeError(f"unexpected keyword argument {name!r}")
     return run.replace(**changes)
-
-
-def _caller_stacklevel() -> int:
-    """The stack level of the first frame outside netgraft, for a warning to point at the
-    user's line (so Python shows it once per calling line)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-def deprecated(old: str, new: str) -> None:
-    """Warn (``FutureWarning``, shown once per calling line) that ``old`` is deprecated in
-    favour of ``new``; the warning points at the first line outside netgraft."""
-    warnings.warn(
-        f"{old} is deprecated; use {new} instead (the old spelling still works for now)",
-        FutureWarning,
-        stacklevel=_caller_stacklevel(),
-    )
-
-
-def legacy(**spellings: str) -> Callable[[F], F]:
-    """Let a function accept old keyword spellings: ``@legacy(at="after")`` renames
-    ``at=`` to ``after=``; a spelling whose new form is not a parameter of the function
-    (``quiet="run=RunOptions(progress=...)"``) reaches its ``**legacy`` catch-all, which
-    must fold it in. Each old spelling warns (:func:`deprecated`). When that catch-all is
-    named ``legacy_kwargs`` it takes nothing else: a keyword that is neither a parameter nor
-    a known old spelling raises ``TypeError``, as Python would (another catch-all, such as
-    ``**fit_kwargs``, passes other keywords on)."""
-
-    def wrap(fn: F) -> F:
-        params = inspect.signature(fn).parameters
-        strict = "legacy_kwargs" in params or not any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
-        )
-        name = fn.__qualname__.replace(".__init__", "")
-        LEGACY[name] = dict(spellings)
-
-        @functools.wraps(fn)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            for old in [k for k in kwargs if k in spellings and k not in params]:
-                new = spellings[old]
-                deprecated(f"{name}({old}=...)", new if "=" in new else f"{new}=...")
-                if new in params:
-                    if new in kwargs:
-                        raise TypeError(f"{name}() got both {old}= and {new}=; give {new}=")
-                    kwargs[new] = kwargs.pop(old)
-            unknown = [k for k in kwargs if k not in params and k not in spellings]
-            if unknown and strict:
-                raise TypeError(f"{name}() got an unexpected keyword argument {unknown[0]!r}")
-            return fn(*args, **kwargs)
-
-        return call  # type: ignore[return-value]
-
-    return wrap
-
-
-def renamed_function(fn: F, old: str) -> F:
-    """``fn`` under its old name ``old``: the same call, warning once per calling line
-    that ``old`` is deprecated in favour of ``fn``'s own name."""
-
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        deprecated(f"{old}()", f"{fn.__name__}()")
-        return fn(*args, **kwargs)
-
-    call.__name__ = call.__qualname__ = old
-    call.__doc__ = f"Deprecated name of :func:`{fn.__name__}` (same arguments, same result)."
-    LEGACY.setdefault("<module>", {})[old] = fn.__name__
-    return call  # type: ignore[return-value]

@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from . import marks
+from .deprecation import renamed_function
 from .errors import RecipeError
-from .options import renamed_function
 
 __all__ = [
     "OPERATIONS",

@@ -29,8 +29,8 @@ from torch import nn
 
 from . import marks
 from .atomic import atomic_folder
+from .deprecation import legacy
 from .errors import RecipeError, WeightsError, key_mismatch
-from .options import legacy
 from .recipe import Recipe, recipe_of, replay
 from .zoo import load_model, use_folder_loader
 

@@ -45,13 +45,14 @@ from .data import (
     write_data_info,
 )
 from .data.tables import is_text_table
+from .deprecation import legacy
 from .errors import DataError, NetgraftError
 from .grow import deepen as deepen_op
 from .grow import expand_blocks
 from .grow import widen as widen_op
 from .heads import replace_head
 from .layers import Block, LayerTable, blocks, layers
-from .options import RunOptions, legacy, run_options
+from .options import RunOptions, run_options
 from .pretrain import AuxiliaryTask, pretrain_auxiliary, pretrain_layerwise
 from .recipe import recipe_of
 from .saved import load as load_saved

@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..atomic import atomic_folder
 from ..data import as_dataset, split_example, to_device
+from ..deprecation import legacy
 from ..errors import CacheError
 from ..layers import call_model, evaluating
-from ..options import legacy
 from ..rng import forked, seed_everything
 from .key import KeyedDataset, cache_key
 from .store import (

@@ -47,10 +47,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
+from ..deprecation import legacy
 from ..errors import DataError, NetgraftError, SelectionError, closest
 from ..heads import find_head
 from ..layers import evaluating, modes_kept
-from ..options import RunOptions, legacy, run_options
+from ..options import RunOptions, run_options
 from ..train import History, fit
 from ..train.batches import predictions
 from .inputs import gather_inputs

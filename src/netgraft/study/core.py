@@ -31,10 +31,11 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from ..data.batches import input_of
+from ..deprecation import legacy
 from ..errors import NetgraftError
 from ..heads import find_head
 from ..layers import blocks, head_block_index, layers
-from ..options import BACKENDS, RunOptions, legacy, run_options
+from ..options import BACKENDS, RunOptions, run_options
 from ..results import seeded_row
 from .result import StudyResult, recommend
 from .resume import TrialStore, study_key

@@ -20,9 +20,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import as_dataset, split_example, to_device
+from ..deprecation import legacy
 from ..errors import NetgraftError
 from ..layers import evaluating
-from ..options import RunOptions, legacy, run_options
+from ..options import RunOptions, run_options
 
 __all__ = [
     "Metric",

@@ -34,10 +34,10 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from ..cache import FeatureCache
 from ..cut import cut
 from ..data import input_of, to_device
+from ..deprecation import legacy
 from ..errors import CacheError, SurgeryError
 from ..freeze import held_in_inference, is_dropout, norm_policy
 from ..layers import Layer, layers, trace_order
-from ..options import legacy
 from .determinism import cached_training_differs, off_the_record, random_operations
 
 __all__ = ["CachePlan", "plan"]

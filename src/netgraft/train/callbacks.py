@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from ..atomic import remove_stale_tmp
+from ..deprecation import legacy
 from ..errors import NetgraftError
-from ..options import legacy
 from .checkpoint import checkpoint_payload, save_checkpoint
 
 __all__ = [

@@ -299,7 +299,7 @@ def fine_tune(
     epochs: int,
     config: FineTuneConfig | None = None,
     callbacks: Sequence[Any] = (),
-    seed: int | None = None,
+    seed: int | None = 0,
     **fit_kwargs: Any,
 ) -> History:
     """Fine-tune ``model`` in place as ``config`` says (a :class:`FineTuneConfig`; None: the

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write
+from ..deprecation import legacy
 from ..errors import NetgraftError
-from ..options import legacy
 
 __all__ = ["History"]
 

@@ -36,8 +36,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..deprecation import legacy
 from ..errors import NetgraftError
-from ..options import RunOptions, legacy, run_options
+from ..options import RunOptions, run_options
 from ..rng import seed_everything
 from .batches import Metric, evaluate, predict, resolve_device, to_data
 from .cached import CachePlan, plan
