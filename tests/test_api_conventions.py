@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import netgraft
+import netgraft.workflows  # noqa: F401  (its old spellings register on import)
 from netgraft import models
 from netgraft.deprecation import LEGACY
 
@@ -271,6 +272,39 @@ def _device(data, tmp_path):
     assert netgraft.suggest(model, data, batches=1, device="cpu").recommended
 
 
+NET = (
+    "from torch import nn\n\n\n"
+    "def build():\n"
+    "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),\n"
+    "                         nn.Linear(4 * 8 * 8, 2))\n"
+)
+
+
+def _folders(data, tmp_path):
+    """The folder workflows' old names and keywords, on real digit images in class folders."""
+    from PIL import Image
+
+    workflows = netgraft.workflows
+
+    x, y = data
+    for c in (0, 1):
+        (tmp_path / "data" / str(c)).mkdir(parents=True)
+        for i in (y == c).nonzero().flatten()[:12].tolist():
+            pixels = (x[i, 0].numpy() * 255).clip(0, 255).astype("uint8")
+            Image.fromarray(pixels).save(tmp_path / "data" / str(c) / f"{i}.png")
+    (tmp_path / "net.py").write_text(NET)
+    spec = f"{tmp_path / 'net.py'}:build"
+    result = workflows.finetune_folder(spec, tmp_path / "data", out=tmp_path / "ft", size=8,
+                                       epochs=1, cache=False, quiet=True, weights=None,
+                                       trust_pickle=False)  # fmt: skip
+    assert isinstance(result, workflows.FinetuneResult) and result.classes == ["0", "1"]
+    pre = workflows.pretrain_folder(spec, tmp_path / "data", out=tmp_path / "pre", task="pairs",
+                                    aux_head="concat", pairs=16, copies=1, epochs=1, size=8,
+                                    val_fraction=0.5,
+                                    quiet=True, weights=None, trust_pickle=False)  # fmt: skip
+    assert (pre.folder, pre.details["aux_head"]) == (tmp_path / "pre", "concat")
+
+
 def _feature_cache(data, tmp_path):
     model = _model()
     netgraft.freeze(model, ":dense")
@@ -299,6 +333,11 @@ CASES = {
                            "summary": ["print_table"], "History.save": ["folder"]}),
     "device": (_device, {"evaluate": ["device"], "predict": ["device"], "suggest": ["device"]}),
     "feature cache": (_feature_cache, {"FeatureCache": ["dir"], "plan": ["dir"]}),
+    "folders": (_folders, {"<module>": ["finetune_folder"],
+                           "fine_tune_folder": ["out", "cache", "quiet", "weights",
+                                                "trust_pickle"],
+                           "pretrain_folder": ["out", "aux_head", "pairs", "copies", "quiet",
+                                               "weights", "trust_pickle"]}),
 }  # fmt: skip
 
 

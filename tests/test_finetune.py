@@ -476,7 +476,7 @@ def test_a_default_changed_in_the_config_is_followed_everywhere(
         seen["config"] = config
         return SimpleNamespace(summary=lambda: "done")
 
-    monkeypatch.setattr("netgraft.cli.finetune_folder", finetune_folder)
+    monkeypatch.setattr("netgraft.cli.fine_tune_folder", finetune_folder)
     monkeypatch.setattr("sys.argv", ["netgraft", "finetune", "m.py:f", "--data", "d", "-o", "o"])
     with pytest.raises(SystemExit) as exit_info:
         main()
@@ -502,7 +502,7 @@ def test_every_config_field_has_a_command_line_option(monkeypatch, capsys):
         seen["config"] = config
         return type("Result", (), {"summary": lambda self: "done"})()
 
-    monkeypatch.setattr("netgraft.cli.finetune_folder", finetune_folder)
+    monkeypatch.setattr("netgraft.cli.fine_tune_folder", finetune_folder)
     options = ["--head", "classifier", "--head-epochs", "2", "--lr", "1e-3", "--head-lr", "1e-2"]
     options += ["--lr-mult", "3", "--unfreeze", "gradual", "--bn", "frozen", "--train-bn"]
     options += ["--freeze", "features.0", "--scheduler", "cosine"]

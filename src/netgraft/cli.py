@@ -30,7 +30,7 @@ from .pretrain import AuxiliaryTask
 from .train import FineTuneConfig
 from .workflows import (
     evaluate_folder,
-    finetune_folder,
+    fine_tune_folder,
     grow_folder,
     inspect_model,
     predict_files,
@@ -432,22 +432,21 @@ def finetune(
         head=head, head_epochs=head_epochs, base_lr=lr, head_lr=head_lr, lr_mult=lr_mult,
         unfreeze=unfreeze, bn=bn, train_bn=train_bn, keep_frozen=freeze_sel, scheduler=scheduler,
     )  # fmt: skip
-    result = finetune_folder(
-        spec,
+    loaded = weights is not None or trust_pickle
+    model = load_model(spec, weights=weights, trust_pickle=trust_pickle) if loaded else spec
+    result = fine_tune_folder(
+        model,
         data,
         out,
         config=config,
         epochs=epochs,
-        weights=weights,
-        trust_pickle=trust_pickle,
-        num_classes=num_classes,
         augment=augment,
         size=size,
         batch_size=batch_size,
         val_fraction=val_fraction,
         seed=seed,
-        cache="auto" if cache is None else cache,
-        quiet=quiet,
+        num_classes=num_classes,
+        run=RunOptions(cache="auto" if cache is None else cache, progress=not quiet),
         max_length=max_length,
     )
     _console().print(result.summary(), markup=False)

@@ -11,7 +11,7 @@ and input config), everything :func:`evaluate_folder` and :func:`predict_files` 
 
 Example::
 
-    >>> result = finetune_folder("torchvision:mobilenet_v2", "photos/", "out/", epochs=2)
+    >>> result = fine_tune_folder("torchvision:mobilenet_v2", "photos/", "out/", epochs=2)
     >>> result.summary()
     'fine-tuned 3 epochs, val_acc 0.9200; saved to out'
     >>> predict_files("out/", ["cat.png"], k=1)
@@ -45,7 +45,7 @@ from .data import (
     write_data_info,
 )
 from .data.tables import is_text_table
-from .deprecation import legacy
+from .deprecation import legacy, renamed_function, warn_deprecated
 from .errors import DataError, NetgraftError
 from .grow import deepen as deepen_op
 from .grow import expand_blocks
@@ -65,7 +65,7 @@ from .transfer import TransferReport, transfer
 from .zoo import input_for, load_model
 
 __all__ = [
-    "FinetuneResult",
+    "FineTuneResult",
     "GrowResult",
     "Inspection",
     "PRETRAIN_TASKS",
@@ -73,6 +73,7 @@ __all__ = [
     "TransferResult",
     "blocks_table",
     "evaluate_folder",
+    "fine_tune_folder",
     "finetune_folder",
     "grow_folder",
     "inspect_model",
@@ -277,8 +278,8 @@ def transfer_folder(
 
 
 @dataclass
-class FinetuneResult:
-    """What :func:`finetune_folder` made: the saved folder, the training history and the
+class FineTuneResult:
+    """What :func:`fine_tune_folder` made: the saved folder, the training history and the
     class names (in label order)."""
 
     folder: Path
@@ -296,13 +297,18 @@ class FinetuneResult:
         return f"fine-tuned {len(self.history)} epochs, {score}; saved to {self.folder}"
 
 
-def finetune_folder(
+@legacy(
+    out="out_dir",
+    weights="a module from netgraft.load_model(spec, weights=...)",
+    trust_pickle="a module from netgraft.load_model(spec, trust_pickle=...)",
+    cache="run=RunOptions(cache=...)",
+    quiet="run=RunOptions(progress=not quiet)",
+)
+def fine_tune_folder(
     model: str | nn.Module,
     data_dir: str | os.PathLike,
-    out: str | os.PathLike,
+    out_dir: str | os.PathLike,
     *,
-    weights: str | os.PathLike | None = None,
-    trust_pickle: bool = False,
     num_classes: int | None = None,
     config: FineTuneConfig | None = None,
     epochs: int = 3,
@@ -311,34 +317,35 @@ def finetune_folder(
     batch_size: int = 32,
     val_fraction: float = 0.2,
     seed: int = 0,
-    cache: bool | str = "auto",
-    quiet: bool = False,
     max_length: int = 128,
+    run: RunOptions | None = None,
     **deprecated: Any,
-) -> FinetuneResult:
-    """Fine-tune ``model`` (a spec for :func:`netgraft.load_model`, or a module) on the
-    class-per-folder images in ``data_dir`` and save it, servable, to ``out``.
+) -> FineTuneResult:
+    """Fine-tune ``model`` (a module, or a spec for :func:`netgraft.load_model`) on the
+    class-per-folder images in ``data_dir`` and save it, servable, to ``out_dir``.
 
     ``seed`` seeds everything, the initial weights of the new head and of random layers
     included, so one seed gives one model. The images are split per class (``val_fraction``
     held out unless ``data_dir`` has ``train``/``val``), the head is replaced by one with
     ``num_classes`` outputs (default: one per class folder; another number is a
-    :class:`DataError`), then :func:`netgraft.fine_tune` trains it as ``config`` says (a
-    :class:`netgraft.FineTuneConfig`; None: the defaults) for ``epochs`` after the head
-    stage. ``out`` gets the weights and recipe, ``history.json``/``.png`` and ``data.json``.
-    ``data_dir`` may instead be a text table (``.csv``/``.jsonl`` with ``text`` and
-    ``label``) for an ``hf:PATH`` model, tokenized to ``max_length``
+    :class:`DataError`), then :func:`netgraft.fine_tune` trains it as ``config`` says
+    (a :class:`netgraft.FineTuneConfig`; None: the defaults) for ``epochs`` after the head
+    stage, run as ``run`` says (:class:`~netgraft.RunOptions`: device, cache, progress,
+    ...). ``out_dir`` gets the weights and recipe, ``history.json``/``.png`` and
+    ``data.json``. ``data_dir`` may instead be a text table (``.csv``/``.jsonl`` with
+    ``text`` and ``label``) for an ``hf:PATH`` model, tokenized to ``max_length``
     (:func:`netgraft.text_workflows.finetune_table`). The config's fields (and ``lr``:
-    ``base_lr``) as keywords are deprecated aliases.
+    ``base_lr``), ``out``, ``weights``, ``trust_pickle``, ``cache`` and ``quiet`` as
+    keywords are deprecated aliases.
     """
-    config = resolve_config(config, deprecated, "finetune_folder", renamed={"lr": "base_lr"})
+    torch.manual_seed(seed)  # before the model is built: its random layers too
+    model, run = _old_fine_tune_keywords(model, run, deprecated, load=not is_text_table(data_dir))
+    config = resolve_config(config, deprecated, "fine_tune_folder", renamed={"lr": "base_lr"})
     if is_text_table(data_dir):  # a CSV/JSONL text table: netgraft.text_workflows
-        return finetune_table(model, data_dir, out, num_classes=num_classes, config=config,
+        return finetune_table(model, data_dir, out_dir, num_classes=num_classes, config=config,
                               epochs=epochs, max_length=max_length, batch_size=batch_size,
-                              val_fraction=val_fraction, seed=seed, cache=cache, quiet=quiet)  # fmt: skip
-    torch.manual_seed(seed)
-    if isinstance(model, str):
-        model = load_model(model, weights=weights, trust_pickle=trust_pickle)
+                              val_fraction=val_fraction, seed=seed, cache=run.cache,
+                              quiet=not run.progress)  # fmt: skip
     split = image_folder(
         data_dir, model, size=size, augment=augment, val_fraction=val_fraction, seed=seed
     )
@@ -348,12 +355,27 @@ def finetune_folder(
             f"--num-classes {n} does not match the {len(split.classes)} class folders in {data_dir}"
         )
     replace_head(model, n)
-    options = {"batch_size": batch_size, "seed": seed, "cache": cache, "quiet": quiet}
-    history = fine_tune(model, split.train, split.val, epochs=epochs, config=config, **options)
-    folder = save(model, out)
+    history = fine_tune(model, split.train, split.val, epochs=epochs, config=config,
+                        batch_size=batch_size, seed=seed, run=run)  # fmt: skip
+    folder = save(model, out_dir)
     history.save(folder)
     write_data_info(folder, split.classes, split.config)
-    return FinetuneResult(folder, history, list(split.classes))
+    return FineTuneResult(folder, history, list(split.classes))
+
+
+def _old_fine_tune_keywords(
+    model: str | nn.Module, run: RunOptions | None, old: dict[str, Any], load: bool = True
+) -> tuple[Any, RunOptions]:
+    """The model (loaded from its spec when ``load``) and the run options with
+    :func:`fine_tune_folder`'s old keywords folded in (the config's fields are left for the
+    config)."""
+    loading = {k: old.pop(k) for k in ("weights", "trust_pickle") if k in old}
+    model = load_model(model, **loading) if load and isinstance(model, str) else model
+    run = run_options(run, {k: old.pop(k) for k in ("cache", "quiet") if k in old})
+    return model, run
+
+
+finetune_folder = renamed_function(fine_tune_folder, "finetune_folder")
 
 
 def evaluate_folder(
@@ -496,3 +518,11 @@ def _old_pretrain_keywords(
         task = dataclasses.replace(spec, **fields)
     model = load_model(model, **loading) if isinstance(model, str) else model
     return model, task, run_options(run, old)
+
+
+def __getattr__(name: str) -> Any:
+    """``FinetuneResult``, the old name of :class:`FineTuneResult`, warns and resolves."""
+    if name == "FinetuneResult":
+        warn_deprecated("netgraft.workflows.FinetuneResult", "FineTuneResult")
+        return FineTuneResult
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
