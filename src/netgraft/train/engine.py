@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..data import to_device
 from ..errors import NetgraftError
 from ..optim import group_lrs
+from ..options import RunOptions
 from .batches import (
     Metric,
     accumulate,
@@ -348,7 +349,7 @@ class Engine:
                 loss=self.loss,
                 metrics=self.metrics,
                 batch_size=self.batches.batch_size * 2,
-                device=self.device,
+                run=RunOptions(device=self.device),
             )
             logs.update({f"val_{k}": v for k, v in scores.items() if k != "n"})
         logs["lr"] = self.lrs_used
