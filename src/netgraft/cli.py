@@ -484,8 +484,9 @@ def pretrain(
     then save it to OUT, ready for netgraft finetune OUT."""
     auxiliary = task in ("pairs", "corrupt")
     how = AuxiliaryTask(task, aux_head, pairs, copies=copies) if auxiliary else task
+    loaded = weights is not None or trust_pickle  # else built inside, after seeding
     result = pretrain_folder(
-        load_model(spec, weights=weights, trust_pickle=trust_pickle),
+        load_model(spec, weights=weights, trust_pickle=trust_pickle) if loaded else spec,
         data,
         out,
         task=how,

@@ -486,8 +486,8 @@ def pretrain_folder(
     name = task.name if isinstance(task, AuxiliaryTask) else task
     if name not in PRETRAIN_TASKS:
         raise NetgraftError(f"task must be one of {', '.join(PRETRAIN_TASKS)}; found {task!r}")
+    torch.manual_seed(seed)  # before the model is built: its random layers too
     model, task, run = _old_pretrain_keywords(model, task, run, legacy_kwargs)
-    torch.manual_seed(seed)
     split = image_folder(data_dir, model, size=size, val_fraction=val_fraction, seed=seed)
     if name == "layerwise":
         records = pretrain_layerwise(model, split.train, epochs_per_layer=epochs, lr=lr,
