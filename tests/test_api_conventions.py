@@ -29,7 +29,8 @@ KINDS = {
     "function": [
         "attach", "blocks", "cut", "deepen", "evaluate", "expand_blocks", "find_head",
         "find_heads", "fine_tune", "fit", "freeze", "frozen_state", "grown_modules", "layers",
-        "load", "load_frozen_state", "load_model", "load_weights", "param_groups", "predict",
+        "load", "load_frozen_state", "load_model", "load_tokenizer", "load_weights",
+        "param_groups", "predict",
         "pretrain_auxiliary", "pretrain_layerwise", "recipe_of", "reinit", "replace_head",
         "save", "select", "stack_blocks", "study", "suggest", "summary", "train_only",
         "trainable_report",
