@@ -5,6 +5,7 @@ The public API, re-exported from the modules that own each idea.
 
 import importlib.metadata
 
+from .adapters import add_adapters
 from .cache import FeatureCache
 from .choose import AutoRGN, Suggestion, suggest
 from .cut import cut
@@ -67,6 +68,7 @@ from .zoo import load_model, load_weights
 __version__ = importlib.metadata.version("netgraft")
 
 __all__ = [
+    "add_adapters",
     "AutoRGN",
     "AuxiliaryResult",
     "AuxiliaryTask",

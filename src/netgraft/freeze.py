@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import marks
+from .adapted import adapter_parameters, base_layer_names, is_peft_model
 from .errors import NetgraftError
 from .layers import is_norm
 from .select import Selector, select
@@ -210,8 +211,11 @@ def _freeze_layers(model: nn.Module, names: list[str], bn: str) -> None:
             p.requires_grad_(False)
 
 
-def _unfreeze_layers(model: nn.Module, names: list[str]) -> None:
+def _unfreeze_layers(model: nn.Module, names: list[str], base: bool = False) -> None:
     modules = dict(model.named_modules())
+    if not base:  # a PEFT model's base stays frozen: PEFT's own trainable set is the adapters
+        kept = set(base_layer_names(model, names))
+        names = [n for n in names if n not in kept]
     for name in names:
         module = modules[name]
         _release_norm(module, model.training)
@@ -219,28 +223,34 @@ def _unfreeze_layers(model: nn.Module, names: list[str]) -> None:
             p.requires_grad_(True)
 
 
-def unfreeze(model: nn.Module, selector: Selector = None) -> nn.Module:
+def unfreeze(model: nn.Module, selector: Selector = None, *, base: bool = False) -> nn.Module:
     """Make the chosen layers (every layer when None) trainable again and return the model.
 
     Parameters require gradients again; norm layers are released from their frozen policy
-    and follow the model's current train/eval mode.
+    and follow the model's current train/eval mode. On a PEFT model only PEFT's own
+    trainable set (adapters, ``modules_to_save`` copies) among the chosen layers is
+    unfrozen; the base model's layers stay frozen unless ``base=True``.
     """
-    _unfreeze_layers(model, select(model, selector))
+    _unfreeze_layers(model, select(model, selector), base)
     _sync_inference(model)
     return model
 
 
-def train_only(model: nn.Module, selector: Selector, bn: str = "eval") -> nn.Module:
+def train_only(
+    model: nn.Module, selector: Selector, bn: str = "eval", *, base: bool = False
+) -> nn.Module:
     """Freeze every layer except those ``selector`` chooses, which become trainable.
 
-    The frozen norm layers follow ``bn`` as in :func:`freeze`. Returns the model.
+    The frozen norm layers follow ``bn`` as in :func:`freeze`. On a PEFT model the chosen
+    layers' adapters train and its base stays frozen unless ``base=True`` (see
+    :func:`unfreeze`). Returns the model.
     """
     _check_policy(bn)
     keep = set(select(model, selector))
     rest = [n for n in select(model, None) if n not in keep]
     # names, not selectors: "everything else" may include the root, which owns parameters
     # in Vision Transformers (class token, position embedding) and has no selector
-    _unfreeze_layers(model, sorted(keep))
+    _unfreeze_layers(model, sorted(keep), base)
     _freeze_layers(model, rest, bn)
     _sync_inference(model)
     return model
@@ -273,7 +283,13 @@ def load_frozen_state(model: nn.Module, state: dict[str, Any]) -> nn.Module:
 
 
 def trainable_report(model: nn.Module) -> dict[str, int]:
-    """Counts of trainable and frozen parameters (elements), and their total."""
+    """Counts of trainable and frozen parameters (elements), and their total; for a PEFT
+    model also ``adapters``, the elements in PEFT's own trainable set (adapters and
+    ``modules_to_save`` copies of the active adapters)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"total": total, "trainable": trainable, "frozen": total - trainable}
+    report = {"total": total, "trainable": trainable, "frozen": total - trainable}
+    if is_peft_model(model):
+        own = set(adapter_parameters(model))
+        report["adapters"] = sum(p.numel() for n, p in model.named_parameters() if n in own)
+    return report

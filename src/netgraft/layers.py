@@ -36,6 +36,7 @@ from rich.table import Table
 from torch import nn
 
 from . import marks
+from .adapted import peft_base
 from .deprecation import legacy
 from .errors import NetgraftError
 
@@ -546,7 +547,13 @@ def blocks(model: nn.Module) -> list[Block]:
     inside a user's module) has the backbone's blocks, then the heads. MiniLM loaded as a
     sequence classifier gives ``bert.embeddings``, ``bert.encoder.layer.0`` ... ``5``,
     ``bert.pooler``, ``classifier``.
+
+    For a PEFT model these are the blocks of its base model (named as there, holding the
+    full dotted names of their modules), each adapter counted in the block it sits in.
     """
+    prefix, base = peft_base(model)
+    if prefix:
+        return [_under(b, prefix) for b in blocks(base)]
     units, stack_start = _units(model)
     inner = _backbone(model) if stack_start is None else None
     if inner is not None:
@@ -593,6 +600,17 @@ def blocks(model: nn.Module) -> list[Block]:
             )
         )
     return result
+
+
+def _under(block: Block, prefix: str) -> Block:
+    """``block`` of a wrapped model, its modules named from the wrapper (``prefix.NAME``)."""
+    return Block(
+        index=block.index,
+        name=block.name,
+        modules=[_join(prefix, n) for n in block.modules],
+        params=block.params,
+        owners=[_join(prefix, n) for n in block.owners],
+    )
 
 
 def head_block_index(units: Sequence[Sequence[str]], head: str) -> int:

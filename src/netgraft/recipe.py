@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from . import marks
+from .adapted import config_to_plain, is_peft_model, peft_base
 from .deprecation import renamed_function
 from .errors import RecipeError
 
@@ -72,6 +73,7 @@ OPERATIONS: dict[str, str] = {
     "expand_blocks": "netgraft.grow.expand:expand_blocks",
     "widen_transformer": "netgraft.grow.transformer_width:widen_transformer",
     "stack_blocks": "netgraft.grow.stack:stack_blocks",
+    "add_adapters": "netgraft.adapters:add_adapters",
 }
 
 # Arguments of growth operations that only check the result (a probe batch, a tolerance):
@@ -124,11 +126,29 @@ class Resolved(Generic[R]):
 
 def recipe_of(model: nn.Module) -> Recipe:
     """The recipe recorded on ``model``: its base-model spec and the surgery operations
-    applied since, in order (an empty one, without base, is attached if none yet)."""
+    applied since, in order (an empty one, without base, is attached if none yet). A PEFT
+    model built with ``peft.get_peft_model`` gets its base model's recipe followed by an
+    ``add_adapters`` operation holding its adapter config."""
     recipe = marks.RECIPE.get(model)
     if recipe is None:
-        recipe = Recipe()
+        recipe = _peft_recipe(model) if is_peft_model(model) else Recipe()
         marks.RECIPE.set(model, recipe)
+    return recipe
+
+
+def _peft_recipe(model: nn.Module) -> Recipe:
+    """The recipe of a PEFT model that netgraft did not build: its base's, plus the
+    adapters (one adapter; several cannot be replayed by one operation)."""
+    recipe = copy.deepcopy(marks.RECIPE.get(peft_base(model)[1]) or Recipe())
+    configs = model.peft_config
+    if len(configs) != 1:
+        recipe.not_replayable.append(
+            f"add_adapters: the model holds {len(configs)} adapters ({', '.join(configs)}); "
+            "a recipe replays one (build it with netgraft.add_adapters)"
+        )
+    for name, config in list(configs.items())[:1]:
+        args = {"config": config_to_plain(config), "adapter_name": name}
+        recipe.operations.append({"op": "add_adapters", "args": args})
     return recipe
 
 

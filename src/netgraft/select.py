@@ -13,6 +13,9 @@ Grammar (design.md):
 - ranges over layers in execution order with Python slice meaning; bounds are names,
   indices (negative allowed) or percents: ``:layer3``, ``layer3:``, ``:-1``, ``2:5``,
   ``:70%``; ``block:`` ranges over blocks (``block::2``, ``block:layer2:``, ``block:-1``)
+- on a PEFT model, ``adapter:NAME`` (a glob over adapter names; ``adapter:*`` for all)
+  picks the adapter modules and ``modules_to_save`` copies of those adapters, and a name
+  or glob may also be written relative to the base model (``bert.encoder.layer.5``)
 - a list is a union; an item starting with ``~`` removes what it matches
 
 A selector (or list item) that matches nothing raises :class:`SelectionError` naming the
@@ -28,6 +31,7 @@ from typing import Any
 
 from torch import nn
 
+from .adapted import adapter_layers, peft_base
 from .errors import SelectionError, closest
 from .layers import blocks as _blocks
 from .layers import display_name, layers
@@ -194,6 +198,8 @@ def _match_item(ctx: _Context, item: str | type) -> tuple[list[str], list[str]]:
         if not chosen:
             raise SelectionError(f"selector {item!r} selects no block (the range is empty)")
         return chosen, []
+    if text.startswith("adapter:"):
+        return _adapter_item(ctx, item, text[8:].strip())
     if ":" in text:
         chosen = _slice(ctx, item, text, units="layer")
         if not chosen:
@@ -202,6 +208,7 @@ def _match_item(ctx: _Context, item: str | type) -> tuple[list[str], list[str]]:
                 f"{len(ctx.layer_names)} layers"
             )
         return chosen, []
+    text = _in_base(ctx, text)
     if any(ch in text for ch in "*?["):
         mods = [n for n in ctx.modules if n and fnmatch.fnmatchcase(n, text)]
         if not mods:
@@ -211,6 +218,28 @@ def _match_item(ctx: _Context, item: str | type) -> tuple[list[str], list[str]]:
         raise _fail(item, "names no module", ctx.modules)
     chosen = ctx.layers_in(text)
     return chosen, [text]
+
+
+def _adapter_item(ctx: _Context, item: str, pattern: str) -> tuple[list[str], list[str]]:
+    """The layers of the adapters whose name matches ``pattern`` (a glob) on a PEFT model."""
+    owned = adapter_layers(ctx.model)
+    if not owned:
+        raise SelectionError(f"selector {item!r}: the model is not a PEFT model with adapters")
+    mods = [n for n, adapter in owned.items() if fnmatch.fnmatchcase(adapter, pattern or "*")]
+    if not mods:
+        raise _fail(item, "names no adapter", sorted(set(owned.values())))
+    return sorted(ctx.layers_in_all(mods), key=ctx.position.get), mods
+
+
+def _in_base(ctx: _Context, text: str) -> str:
+    """A name or glob written relative to a PEFT model's base, as the model names it."""
+    prefix, _ = peft_base(ctx.model)
+    if not prefix or text in ctx.modules or text.startswith(prefix + "."):
+        return text
+    inner = f"{prefix}.{text}"
+    if inner in ctx.modules or any(fnmatch.fnmatchcase(n, inner) for n in ctx.modules):
+        return inner
+    return text
 
 
 def _present_types(ctx: _Context) -> str:

@@ -31,13 +31,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from ..adapted import is_peft_model
 from ..cache import FeatureCache
 from ..cut import cut
 from ..data import input_of, to_device
 from ..deprecation import legacy
 from ..errors import CacheError, SurgeryError
 from ..freeze import held_in_inference, is_dropout, norm_policy
-from ..layers import Layer, layers, trace_order
+from ..layers import Layer, blocks, layers, trace_order
 from .determinism import cached_training_differs, off_the_record, random_operations
 
 __all__ = ["CachePlan", "plan"]
@@ -229,7 +230,7 @@ def _cut_before(
         if name and not first.name.startswith(name + ".")
     ]
     reasons: list[str] = []
-    for name in candidates[:_MAX_CUT_TRIES]:
+    for name in _block_boundary_first(model, first.name, candidates)[:_MAX_CUT_TRIES]:
         try:
             prefix, suffix = cut(model, after=name, example_input=example)
         except SurgeryError as exc:
@@ -267,11 +268,33 @@ def _not_the_same_training(
 def _probe_batch(model: nn.Module, train_data: Dataset, size: int = 2) -> Any:
     """The first few training inputs as one batch, on the model's device."""
     n = min(size, len(train_data))  # type: ignore[arg-type]
-    return to_device(default_collate([input_of(train_data[i]) for i in range(n)]), _device_of(model))
+    return to_device(
+        default_collate([input_of(train_data[i]) for i in range(n)]), _device_of(model)
+    )
 
 
 def _device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _block_boundary_first(model: nn.Module, first: str, candidates: list[str]) -> list[str]:
+    """On a PEFT model, ``candidates`` with the end of the block below the lowest adapter
+    first: a cut between blocks is where adapters on the top blocks leave a clean boundary,
+    and trying the cuts inside the adapted block first costs a probe pass each."""
+    if not is_peft_model(model):
+        return candidates
+    found = blocks(model)
+    index = next(
+        (b.index for b in found if any(first.startswith(m + ".") for m in b.modules)), None
+    )
+    if not index or len(found[index - 1].modules) != 1:
+        return candidates
+    boundary = found[index - 1].modules[0]
+    return (
+        [boundary, *(c for c in candidates if c != boundary)]
+        if boundary in candidates
+        else candidates
+    )
 
 
 def _check_worth(model: nn.Module, name: str, prefix: nn.Module, reasons: list[str]) -> None:

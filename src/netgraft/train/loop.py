@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..adapters import prepare as prepare_adapters
 from ..deprecation import legacy
 from ..errors import NetgraftError
 from ..options import RunOptions, run_options
@@ -267,6 +268,7 @@ def _prepare_model(
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
         seed_everything(seed)
+    prepare_adapters(model)  # a PEFT model's frozen base held as netgraft holds frozen modules
     model.to(device)
     for p in model.parameters():
         if not p.requires_grad:

@@ -1,0 +1,171 @@
+"""Adapters through Hugging Face PEFT on the real MiniLM sequence classifier and real
+political-speech passages: blocks, selectors, freezing, the feature cache below the lowest
+adapter, save and load, and the errors before training."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import netgraft
+from netgraft.adapters import adapter_blocks, adapter_stack
+from netgraft.data import TokenizedTexts, load_political_passages
+
+pytestmark = pytest.mark.slow
+peft = pytest.importorskip("peft")
+
+LORA = {"r": 8, "target_modules": ["query", "value"]}
+
+
+@pytest.fixture(scope="module")
+def passages(minilm_dir):
+    import transformers
+
+    p = load_political_passages()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
+    pick = torch.randperm(len(p.texts), generator=torch.Generator().manual_seed(0))[:48]
+    return TokenizedTexts([p.texts[i] for i in pick], p.labels[pick], tokenizer, max_length=32)
+
+
+def _classifier(minilm_dir):
+    torch.manual_seed(0)
+    return netgraft.load_model(f"hf:{minilm_dir}", task="sequence-classification", num_labels=2)
+
+
+def _lora(minilm_dir, top=2):
+    return netgraft.add_adapters(_classifier(minilm_dir), top=top, **LORA)
+
+
+def _trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_blocks_of_a_peft_model_are_its_base_blocks_with_each_adapter_in_its_block(minilm_dir):
+    plain = [b.name for b in netgraft.blocks(_classifier(minilm_dir))]
+    model = _lora(minilm_dir)
+    found = netgraft.blocks(model)
+    assert [b.name for b in found] == plain
+    held = {found[i].name: len(names) for i, names in adapter_blocks(model).items()}
+    assert held == {"bert.encoder.layer.4": 4, "bert.encoder.layer.5": 4, "classifier": 1}
+    assert adapter_stack(model).depth == 6
+    assert model.peft_config["default"].layers_to_transform == [4, 5]
+
+
+def test_unfreeze_and_train_only_keep_pefts_own_trainable_set_unless_told(minilm_dir):
+    model = _lora(minilm_dir)
+    own = _trainable(model)
+    assert all(".lora_" in n or ".modules_to_save." in n for n in own)
+    netgraft.freeze(model)
+    assert not _trainable(model)
+    netgraft.unfreeze(model)
+    assert _trainable(model) == own
+    netgraft.train_only(model, "bert.encoder.layer.5")  # a name relative to the base
+    assert _trainable(model) == {n for n in own if ".layer.5." in n}
+    netgraft.train_only(model, "bert.encoder.layer.5.output.LayerNorm", base=True)
+    assert {n.rsplit(".", 1)[-1] for n in _trainable(model)} == {"weight", "bias"}
+    assert netgraft.trainable_report(model)["adapters"] == sum(
+        p.numel() for n, p in model.named_parameters() if n in own
+    )
+
+
+def test_adapter_selector_picks_the_adapters_layers(minilm_dir):
+    model = _lora(minilm_dir)
+    chosen = netgraft.select(model, "adapter:default")
+    assert len(chosen) == 9 and all(".lora_" in n or "modules_to_save" in n for n in chosen)
+    with pytest.raises(netgraft.SelectionError, match="names no adapter"):
+        netgraft.select(model, "adapter:other")
+
+
+def test_cached_lora_training_matches_uncached_and_leaves_the_bottom_bit_identical(
+    minilm_dir, passages, caplog
+):
+    losses, used = {}, {}
+    for cache in (False, True):
+        model = _lora(minilm_dir)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with caplog.at_level(logging.INFO, logger="netgraft"):
+            caplog.clear()
+            history = netgraft.fit(
+                model, passages, epochs=3, lr=1e-3, batch_size=16, seed=0, cache=cache, quiet=True
+            )
+        losses[cache] = [row["loss"] for row in history.rows]
+        used[cache] = [m for m in caplog.messages if "feature cache: frozen prefix" in m]
+        bottom = [
+            n for n in before if ".embeddings." in n or any(f".layer.{i}." in n for i in range(4))
+        ]
+        assert len(bottom) > 50
+        assert all(torch.equal(before[n], dict(model.named_parameters())[n]) for n in bottom)
+        assert any(
+            not torch.equal(before[n], p) for n, p in model.named_parameters() if "lora_B" in n
+        )
+    assert not used[False]
+    assert "up to 'base_model.model.bert.encoder.layer.3'" in used[True][0]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+    assert losses[True][2] < losses[True][0]
+
+
+def test_save_and_load_give_identical_logits_without_pickle(minilm_dir, passages, tmp_path):
+    model = _lora(minilm_dir)
+    netgraft.fit(model, passages, epochs=1, lr=1e-3, batch_size=16, seed=0, quiet=True)
+    netgraft.save(model, tmp_path / "lora")
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == [
+        "recipe.yaml",
+        "weights.safetensors",
+    ]
+    again = netgraft.load(tmp_path / "lora")
+    assert type(again) is type(model) and again.peft_config["default"].layers_to_transform == [4, 5]
+    batch = {k: v[:8] for k, v in passages.columns.items()}
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**batch).logits, again.eval()(**batch).logits)
+    assert _trainable(again) == _trainable(model)
+
+
+def test_a_peft_model_built_by_peft_itself_saves_with_its_base_recipe(minilm_dir, tmp_path):
+    config = peft.LoraConfig(task_type="SEQ_CLS", layers_to_transform=[5], **LORA)
+    model = peft.get_peft_model(_classifier(minilm_dir), config)
+    ops = netgraft.get_recipe(model).operations
+    assert [op["op"] for op in ops] == ["add_adapters"]
+    netgraft.save(model, tmp_path / "m")
+    again = netgraft.load(tmp_path / "m")
+    assert _trainable(again) == _trainable(model)
+
+
+def test_adapters_inside_keep_frozen_are_refused_before_peft_changes_the_model(minilm_dir):
+    model = _classifier(minilm_dir)
+    with pytest.raises(netgraft.NetgraftError, match="adapters on layers kept frozen"):
+        netgraft.add_adapters(model, top=2, keep_frozen="bert.encoder.layer.5", **LORA)
+    assert not any("lora" in n for n, _ in model.named_modules())
+
+
+def test_layers_beyond_the_depth_are_refused_with_the_depth(minilm_dir):
+    with pytest.raises(netgraft.NetgraftError, match="has 6 blocks"):
+        netgraft.add_adapters(_classifier(minilm_dir), layers_to_transform=[4, 6], **LORA)
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.second = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+def test_a_peft_model_whose_base_has_no_blocks_fails_before_training():
+    model = peft.get_peft_model(_TwoLayers(), peft.LoraConfig(r=2, target_modules=["first"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    with pytest.raises(netgraft.NetgraftError, match="finds no stack of blocks in _TwoLayers"):
+        netgraft.fit(model, (x, y), epochs=1, lr=1e-2, quiet=True)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_without_peft_one_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(netgraft.NetgraftError, match=r"netgraft\[peft\]"):
+        netgraft.add_adapters(_TwoLayers(), target_modules=["first"])
