@@ -169,3 +169,66 @@ def test_without_peft_one_error_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(netgraft.NetgraftError, match=r"netgraft\[peft\]"):
         netgraft.add_adapters(_TwoLayers(), target_modules=["first"])
+
+
+def _schedule_run(minilm_dir, passages, root, max_epochs, ckpt_path=None):
+    """LoRA on the top two layers fine-tuned inside Lightning: the head for one epoch, then
+    the adapters of layer 5, then of layer 4, then all; a checkpoint after every epoch."""
+    pl = pytest.importorskip("lightning.pytorch")
+    from torch.utils.data import DataLoader
+
+    from netgraft.integrations.lightning import FineTune
+    from netgraft.train.engine import EpochSampler
+
+    class Lit(pl.LightningModule):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch, batch_idx):
+            torch.manual_seed(1000 * self.current_epoch + batch_idx)  # the same dropout masks
+            return self.model(**batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    # from_pretrained leaves the model in eval mode and Lightning keeps modules' modes
+    lit = Lit(_lora(minilm_dir).train())
+    stages = []
+    trainer = pl.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        deterministic=True,
+        logger=False,
+        callbacks=[
+            FineTune(head_epochs=1, unfreeze="gradual"),
+            pl.callbacks.LambdaCallback(
+                on_train_epoch_start=lambda t, m: stages.append(_trainable(m.model))
+            ),
+            pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True, save_top_k=0),
+        ],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(passages, batch_size=16, sampler=EpochSampler(len(passages), seed=0))
+    trainer.fit(lit, loader, ckpt_path=ckpt_path)
+    return trainer, lit.model, stages
+
+
+def test_gradual_schedule_across_adapters_resumed_mid_run_equals_the_uninterrupted_run(
+    minilm_dir, passages, tmp_path
+):
+    trainer, full, stages = _schedule_run(minilm_dir, passages, tmp_path / "full", 4)
+    layer = [sorted({n.split(".layer.")[1][0] for n in s if ".layer." in n}) for s in stages]
+    assert layer == [[], ["5"], ["4", "5"], ["4", "5"]]
+    assert all(any("modules_to_save" in n for n in s) for s in stages)
+    assert all(".lora_" in n or "modules_to_save" in n for s in stages for n in s)
+    _schedule_run(minilm_dir, passages, tmp_path / "cut", 2)
+    again, resumed, rest = _schedule_run(
+        minilm_dir, passages, tmp_path / "cut", 4, ckpt_path=tmp_path / "cut/last.ckpt"
+    )
+    assert rest == stages[2:]
+    groups = [(g["name"], g["lr"]) for g in again.optimizers[0].param_groups]
+    assert groups == [(g["name"], g["lr"]) for g in trainer.optimizers[0].param_groups]
+    for (name, a), b in zip(resumed.state_dict().items(), full.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)

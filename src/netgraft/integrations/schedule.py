@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapted import is_peft_model
+from ..adapters import check_adapters
 from ..deprecation import warn_deprecated
 from ..errors import NetgraftError, SelectionError
 from ..heads import head_names
@@ -55,14 +57,17 @@ _UNSUPPORTED_SCHEDULERS = (torch.optim.lr_scheduler.OneCycleLR, torch.optim.lr_s
 
 def target_module(module: nn.Module) -> nn.Module:
     """The module a schedule acts on: ``module``, or while it owns no parameters itself and
-    exactly one child holds parameters, that child (a LightningModule's ``self.model``)."""
+    exactly one child holds parameters, that child (a LightningModule's ``self.model``); a
+    PEFT model is kept whole (its wrapper says what of its base trains)."""
     return _target(module)[0]
 
 
 def _target(module: nn.Module) -> tuple[nn.Module, str]:
     """:func:`target_module` and its dotted name inside ``module`` ("" for itself)."""
     path: list[str] = []
-    while not any(True for _ in module.parameters(recurse=False)):
+    while not is_peft_model(module) and not any(
+        True for _ in module.parameters(recurse=False)
+    ):
         holders = [
             (name, c) for name, c in module.named_children() if any(True for _ in c.parameters())
         ]
@@ -199,6 +204,7 @@ class FineTuneSchedule:
             head=inner_selector(model, self.config.head, prefix),
             keep_frozen=inner_selector(model, self.config.keep_frozen, prefix),
         )
+        check_adapters(model, config.keep_frozen)
         heads = head_names(model, config.head)  # both of a distilled DeiT, as in fine_tune
         select(model, heads)
         if config.keep_frozen is not None:

@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from ..adapted import is_peft_model
+from ..adapters import adapter_blocks, check_adapters
 from ..deprecation import warn_deprecated
 from ..errors import NetgraftError
 from ..freeze import NORM_POLICIES, freeze, train_only
@@ -188,6 +190,17 @@ def _top_block(model: nn.Module, selectors: list[list[str]], heads: list[Any]) -
     return min(head_block_index(selectors, h) for h in select(model, heads) or heads)
 
 
+def unfreeze_order(model: nn.Module, top: int) -> list[int]:
+    """The blocks a gradual schedule unfreezes, one per epoch: those below block ``top``
+    (the head's) from the top down; on a PEFT model only the blocks holding adapters, whose
+    adapters are what unfreezing trains there."""
+    order = list(range(top - 1, -1, -1))
+    if is_peft_model(model):
+        held = adapter_blocks(model)
+        order = [i for i in order if i in held]
+    return order
+
+
 class Stage(NamedTuple):
     """One stage of a fine-tuning schedule: its ``name`` (``"head"``, ``"unfreeze BLOCK"``,
     ``"all"``), the layer names it trains (``trainable``; None: every layer), and the rate
@@ -214,7 +227,7 @@ def schedule(
         found = blocks(model)
         selectors = [[n for n in b.layer_names if n] for b in found]
         top = _top_block(model, selectors, heads)
-        for first in range(top - 1, max(top - 1 - epochs, -1), -1):
+        for first in unfreeze_order(model, top)[: max(epochs, 0)]:
             names = [n for names in selectors[first:] for n in names] + heads
             out.append(Stage(f"unfreeze {found[first].name}", names, lr, lr_mult))
     return out + [Stage("all", None, lr, lr_mult)] * (config.head_epochs + epochs - len(out))
@@ -321,6 +334,7 @@ def fine_tune(
     config = resolve_config(config, fit_kwargs, "fine_tune", strict=False)
     if "resume" in fit_kwargs:
         raise NetgraftError("fine_tune cannot resume; resume a stage with fit(..., resume=folder)")
+    check_adapters(model, config.keep_frozen)
     heads = head_names(model, config.head)
     keep = config.keep_frozen
     if not config.train_bn:
