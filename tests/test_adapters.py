@@ -232,3 +232,29 @@ def test_gradual_schedule_across_adapters_resumed_mid_run_equals_the_uninterrupt
     assert groups == [(g["name"], g["lr"]) for g in trainer.optimizers[0].param_groups]
     for (name, a), b in zip(resumed.state_dict().items(), full.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_suggest_adapters_chooses_blocks_under_the_budget_and_leaves_the_model(
+    minilm_dir, passages
+):
+    model = _classifier(minilm_dir)
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    per_block = 8 * (384 + 384) * 2  # rank 8 on query and value
+    s = netgraft.suggest_adapters(
+        model, passages, budget=2 * per_block + 100, batch_size=16, **LORA
+    )
+    assert len(s.recommended) == 2 and s.settings["adapter_params"] == 2 * per_block
+    assert [r["block"] for r in s.rows] == [f"bert.encoder.layer.{i}" for i in range(6)]
+    assert sorted(r["rank"] for r in s.rows) == list(range(1, 7))
+    top = netgraft.suggest_adapters(
+        model, passages, budget=2 * per_block, contiguous=True, batch_size=16, **LORA
+    )
+    assert top.lora["layers_to_transform"] == [4, 5] and top.lora["layers_pattern"] == "layer"
+    assert all(
+        torch.equal(p, before[n][0]) and p.requires_grad == before[n][1]
+        for n, p in model.named_parameters()
+    )
+    adapted = netgraft.add_adapters(model, **top.lora)
+    assert sorted(adapter_blocks(adapted)) == [5, 6, 8]  # layers 4 and 5, and the head
+    with pytest.raises(netgraft.NetgraftError, match="fits no block"):
+        netgraft.suggest_adapters(_classifier(minilm_dir), passages, budget=100, **LORA)

@@ -7,7 +7,7 @@ import importlib.metadata
 
 from .adapters import add_adapters
 from .cache import FeatureCache
-from .choose import AutoRGN, Suggestion, suggest
+from .choose import AutoRGN, Suggestion, suggest, suggest_adapters
 from .cut import cut
 from .errors import (
     CacheError,
@@ -76,6 +76,7 @@ __all__ = [
     "Suggestion",
     "pretrain_auxiliary",
     "suggest",
+    "suggest_adapters",
     "Block",
     "Callback",
     "Checkpoint",

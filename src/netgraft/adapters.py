@@ -51,6 +51,7 @@ __all__ = [
     "add_adapters",
     "adapter_blocks",
     "adapter_stack",
+    "adapter_targets",
     "check_adapters",
     "prepare",
     "require_peft",
@@ -158,7 +159,7 @@ def _lora_config(model: nn.Module, top: int | None, options: dict[str, Any]) -> 
     return peft.LoraConfig(**options)
 
 
-def _targets(model: nn.Module, config: Any) -> list[str]:
+def adapter_targets(model: nn.Module, config: Any) -> list[str]:
     """The modules of ``model`` PEFT would adapt under ``config`` (PEFT's own matching)."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -177,7 +178,7 @@ def _check_config(model: nn.Module, config: Any, keep_frozen: Selector) -> None:
     _check_layers(model, wanted)
     if getattr(config, "target_modules", None) is None:
         return
-    targets = _targets(model, config)
+    targets = adapter_targets(model, config)
     if not targets:
         raise SelectionError(
             f"the adapter config targets no module of {type(model).__name__} "

@@ -39,6 +39,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .adapters import adapter_stack, adapter_targets, require_peft
 from .data import to_device
 from .deprecation import legacy
 from .errors import NetgraftError
@@ -54,7 +55,14 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["AutoRGN", "Suggestion", "relative_gradient_norms", "suggest"]
+__all__ = [
+    "AdapterSuggestion",
+    "AutoRGN",
+    "Suggestion",
+    "relative_gradient_norms",
+    "suggest",
+    "suggest_adapters",
+]
 
 
 @dataclass
@@ -333,3 +341,101 @@ class AutoRGN(Callback):
             for p, (s, old) in self._before.items():
                 p.copy_(torch.lerp(old, p, s))
         self._before = {}
+
+
+@dataclass
+class AdapterSuggestion(Suggestion):
+    """Where to put adapters (:func:`suggest_adapters`): ``rows`` are the blocks of the main
+    stack ranked by the relative gradient norm of their target modules (``params`` being
+    the adapter's parameters there), ``recommended`` the blocks chosen under the budget, and
+    :attr:`lora` the :func:`netgraft.add_adapters` options that put them there."""
+
+    @property
+    def lora(self) -> dict[str, Any]:
+        """``layers_to_transform``, ``layers_pattern``, ``target_modules`` and ``r`` for
+        :func:`netgraft.add_adapters` (or ``peft.LoraConfig``)."""
+        keys = ("layers_to_transform", "layers_pattern", "target_modules", "r")
+        return {k: self.settings[k] for k in keys}
+
+
+def _adapter_costs(model: nn.Module, target_modules: Sequence[str], r: int) -> dict[int, list]:
+    """For each block of the main stack (by PEFT layer index): its target modules' parameter
+    names and the parameters a rank-``r`` LoRA adds there (PEFT's own target matching)."""
+    peft = require_peft()
+    stack = adapter_stack(model)
+    config = peft.LoraConfig(r=r, target_modules=list(target_modules))
+    targets = adapter_targets(model, config)
+    out: dict[int, list] = {}
+    for i, block in enumerate(stack.blocks):
+        names, cost = [], 0
+        for t in targets:
+            if any(t.startswith(m + ".") for m in block.modules):
+                weight = model.get_submodule(t).weight
+                names.append(f"{t}.weight")
+                cost += r * (weight.shape[0] + weight[0].numel())
+        out[i] = [names, cost, block.name]
+    return out
+
+
+def suggest_adapters(
+    model: nn.Module,
+    train: Any,
+    *,
+    budget: int,
+    target_modules: Sequence[str],
+    r: int = 8,
+    contiguous: bool = False,
+    batches: int = 4,
+    batch_size: int = 32,
+    loss: Any = None,
+    seed: int = 0,
+) -> AdapterSuggestion:
+    """Choose the blocks of the main stack that LoRA adapters (rank ``r`` on
+    ``target_modules``) should go on, within ``budget`` adapter parameters, from the relative
+    gradient norm of each block's target weights on the target data (:func:`suggest`'s
+    measure, on the model before it has adapters). Blocks are taken by rank while they fit;
+    ``contiguous=True`` takes the top ``k`` blocks instead, for the largest ``k`` that
+    fits, which lets ``fit`` cache everything below them. The model is left as it was.
+    Raises :class:`NetgraftError` when not even one block fits the budget."""
+    costs = _adapter_costs(model, target_modules, r)
+    norms = relative_gradient_norms(
+        model, train, batches=batches, batch_size=batch_size, loss=loss, seed=seed
+    )
+    rows = []
+    for i, (names, cost, block) in costs.items():
+        g = math.sqrt(sum(norms[n][0] ** 2 for n in names))
+        theta = math.sqrt(sum(norms[n][1] ** 2 for n in names))
+        rows.append({"block": block, "index": i, "params": cost, "grad_norm": g,
+                     "param_norm": theta, "rgn": _ratio(g, theta)})  # fmt: skip
+    order = sorted(rows, key=lambda row: -row["rgn"])
+    largest = order[0]["rgn"] or 1.0
+    for rank, row in enumerate(order, start=1):
+        row["rank"], row["relative"] = rank, row["rgn"] / largest
+    chosen = _within_budget(list(reversed(rows)) if contiguous else order, budget, contiguous)
+    if not chosen:
+        cheapest = min(row["params"] for row in rows)
+        raise NetgraftError(
+            f"a budget of {budget:,} adapter parameters fits no block: the cheapest takes "
+            f"{cheapest:,} (rank {r} on {list(target_modules)}); raise the budget or lower r"
+        )
+    settings = {"budget": budget, "r": r, "target_modules": list(target_modules),
+                "layers_to_transform": sorted(row["index"] for row in chosen),
+                "layers_pattern": adapter_stack(model).pattern,
+                "adapter_params": sum(row["params"] for row in chosen),
+                "batches": batches, "batch_size": batch_size, "seed": seed}  # fmt: skip
+    picked = [row["block"] for row in sorted(chosen, key=lambda row: row["rank"])]
+    return AdapterSuggestion(rows, picked, [], settings)
+
+
+def _within_budget(rows: list[dict[str, Any]], budget: int, stop_at_first: bool) -> list:
+    """Rows taken in order while their parameters fit ``budget`` (stopping at the first
+    that does not when ``stop_at_first``, skipping it otherwise)."""
+    chosen, spent = [], 0
+    for row in rows:
+        if spent + row["params"] > budget:
+            if stop_at_first:
+                break
+            continue
+        chosen.append(row)
+        spent += row["params"]
+    return chosen
