@@ -258,3 +258,37 @@ def test_suggest_adapters_chooses_blocks_under_the_budget_and_leaves_the_model(
     assert sorted(adapter_blocks(adapted)) == [5, 6, 8]  # layers 4 and 5, and the head
     with pytest.raises(netgraft.NetgraftError, match="fits no block"):
         netgraft.suggest_adapters(_classifier(minilm_dir), passages, budget=100, **LORA)
+
+
+def test_expand_adapted_carries_the_adapters_and_the_copies_start_without(
+    minilm_dir, passages, tmp_path
+):
+    model = _lora(minilm_dir)
+    netgraft.fit(model, passages, epochs=1, lr=1e-2, batch_size=16, seed=0, quiet=True)
+    batch = {k: v[:8] for k, v in passages.columns.items()}
+    with torch.no_grad():
+        expected = model.eval()(**batch).logits
+    adapter_weights = {n: p.clone() for n, p in model.named_parameters() if "lora_" in n}
+    netgraft.expand_adapted(model, after=[5], example_input=batch)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(**batch).logits, expected, atol=1e-5)
+    held = {netgraft.blocks(model)[i].name for i in adapter_blocks(model)}
+    assert held == {"bert.encoder.layer.4", "bert.encoder.layer.5", "classifier"}
+    assert model.peft_config["default"].layers_to_transform == [4, 5]
+    assert all(
+        torch.equal(adapter_weights[n], p)
+        for n, p in model.named_parameters()
+        if n in adapter_weights
+    )
+    netgraft.save(model, tmp_path / "grown")
+    again = netgraft.load(tmp_path / "grown")
+    with torch.no_grad():
+        assert torch.equal(again.eval()(**batch).logits, model(**batch).logits)
+
+
+def test_lora_on_only_the_new_blocks_is_one_call(minilm_dir, passages):
+    model = _classifier(minilm_dir)
+    netgraft.expand_blocks(model, after=[2, 5], verify=False)
+    adapted = netgraft.adapt_new_blocks(model, **LORA)
+    held = {netgraft.blocks(adapted)[i].name for i in adapter_blocks(adapted)}
+    assert held == {"bert.encoder.layer.3", "bert.encoder.layer.7", "classifier"}

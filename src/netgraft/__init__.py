@@ -5,6 +5,7 @@ The public API, re-exported from the modules that own each idea.
 
 import importlib.metadata
 
+from .adapter_growth import adapt_new_blocks, expand_adapted
 from .adapters import add_adapters
 from .cache import FeatureCache
 from .choose import AutoRGN, Suggestion, suggest, suggest_adapters
@@ -68,7 +69,9 @@ from .zoo import load_model, load_weights
 __version__ = importlib.metadata.version("netgraft")
 
 __all__ = [
+    "adapt_new_blocks",
     "add_adapters",
+    "expand_adapted",
     "AutoRGN",
     "AuxiliaryResult",
     "AuxiliaryTask",

@@ -74,6 +74,7 @@ OPERATIONS: dict[str, str] = {
     "widen_transformer": "netgraft.grow.transformer_width:widen_transformer",
     "stack_blocks": "netgraft.grow.stack:stack_blocks",
     "add_adapters": "netgraft.adapters:add_adapters",
+    "expand_adapted": "netgraft.adapter_growth:expand_adapted",
 }
 
 # Arguments of growth operations that only check the result (a probe batch, a tolerance):
