@@ -201,7 +201,7 @@ def _schedule_run(minilm_dir, passages, root, max_epochs, ckpt_path=None):
         deterministic=True,
         logger=False,
         callbacks=[
-            FineTune(head_epochs=1, unfreeze="gradual"),
+            FineTune(netgraft.FineTuneConfig(head_epochs=1, unfreeze="gradual")),
             pl.callbacks.LambdaCallback(
                 on_train_epoch_start=lambda t, m: stages.append(_trainable(m.model))
             ),
@@ -232,6 +232,23 @@ def test_gradual_schedule_across_adapters_resumed_mid_run_equals_the_uninterrupt
     assert groups == [(g["name"], g["lr"]) for g in trainer.optimizers[0].param_groups]
     for (name, a), b in zip(resumed.state_dict().items(), full.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_fine_tune_trains_the_head_then_the_adapters_from_the_top_and_never_the_base(
+    minilm_dir, passages
+):
+    model = _lora(minilm_dir)
+    own = _trainable(model)
+    config = netgraft.FineTuneConfig(head_epochs=1, unfreeze="gradual", keep_frozen=None)
+    history = netgraft.fine_tune(model, passages, epochs=3, config=config, batch_size=16, seed=0,
+                                 quiet=True)  # fmt: skip
+    stages = [row["stage"] for row in history.rows]
+    assert stages == ["head", "unfreeze bert.encoder.layer.5", "unfreeze bert.encoder.layer.4",
+                      "all"]  # fmt: skip
+    assert _trainable(model) == own
+    with pytest.raises(netgraft.NetgraftError, match="adapters on layers kept frozen"):
+        netgraft.fine_tune(model, passages, epochs=1, batch_size=16, quiet=True,
+                           config=config.replace(keep_frozen="bert.encoder.layer.4"))  # fmt: skip
 
 
 def test_suggest_adapters_chooses_blocks_under_the_budget_and_leaves_the_model(
