@@ -299,7 +299,7 @@ def test_an_operation_missing_from_the_table_is_refused_where_it_is_defined():
 
 
 def test_replay_names_the_known_operations_for_an_unknown_one():
-    with pytest.raises(RecipeError, match="'stretch'.*known: attach, deepen"):
+    with pytest.raises(RecipeError, match="'stretch'.*known: add_adapters, attach, deepen"):
         replay(_small_net(), [{"op": "stretch", "args": {}}])
 
 
