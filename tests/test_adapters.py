@@ -127,7 +127,7 @@ def test_save_and_load_give_identical_logits_without_pickle(minilm_dir, passages
 def test_a_peft_model_built_by_peft_itself_saves_with_its_base_recipe(minilm_dir, tmp_path):
     config = peft.LoraConfig(task_type="SEQ_CLS", layers_to_transform=[5], **LORA)
     model = peft.get_peft_model(_classifier(minilm_dir), config)
-    ops = netgraft.get_recipe(model).operations
+    ops = netgraft.recipe_of(model).operations
     assert [op["op"] for op in ops] == ["add_adapters"]
     netgraft.save(model, tmp_path / "m")
     again = netgraft.load(tmp_path / "m")
