@@ -27,7 +27,8 @@ against surgical) and ``suite.png`` are rewritten after every task. ``--quick``:
 task at the small budget, one seed, the head alone and this tree's ``fine_tune`` defaults
 (``suite-quick.json``; a smoke test of the whole pipeline, minutes on an idle 2-core CPU).
 Run niced on a shared machine:
-``nice -n 15 python bench/suite.py [--quick] [--tasks mnist,sms] [--threads 2]``.
+``nice -n 15 python bench/suite.py [--quick] [--tasks mnist,sms] [--threads 1]`` (two threads
+on a contended CPU spin-wait: about ten times slower than one in this session's runs).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--tokens", type=int, default=48, help="text max_length")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1 runs best on a busy CPU")
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     args = parser.parse_args()
     if args.quick:

@@ -280,7 +280,7 @@ METHODS = {
     "fastai": fastai,
     "full one rate 3e-4": full_one_rate,
     "gradual (1e-3 x10)": _configured({**BEFORE, "base_lr": 1e-3, "unfreeze": "gradual"}),
-    "candidate 1e-3 x10": _candidate(1e-3),
+    "new defaults (1e-3 x10)": _candidate(1e-3),
     "candidate 3e-4 x10": _candidate(3e-4),
     "suggest": suggest,
     "surgical": surgical,

@@ -19,7 +19,7 @@ CHOOSABLE = (
     "fastai",
     "full one rate 3e-4",
     "gradual (1e-3 x10)",
-    "candidate 1e-3 x10",
+    "new defaults (1e-3 x10)",
     "candidate 3e-4 x10",
 )
 
