@@ -38,10 +38,12 @@ the worker's peak RSS. Results are written after every run (JSON, and a PNG of b
 against compute). Nothing was tuned toward a result: sizes and rates were fixed before the
 first run. On a shared CPU wall times are noisy; FLOPs are not.
 
-Run: ``python bench/llm_growth.py [--quick] [--device cuda] [--steps N --seq T --batch B]``.
-The default (24 full-arm steps of 4 × 128 tokens, 2 data orders) is sized for about 90
-minutes on an idle 2-core CPU; ``--quick`` (1 order, tiny batches) for under 5 minutes;
-``--device cuda`` runs 3 orders of 200 steps of 16 × 256 tokens.
+Run: ``python bench/llm_growth.py [--quick] [--device cuda] [--steps N --seq T --batch B]
+[--arms full,pro_new] [--workers 2]``. The default (a budget of 20 full-model steps of
+4 × 128 tokens, 5 arms, 2 data orders, 2 worker processes of 1 thread) is sized for 45–90
+minutes on an idle 2-core CPU (10–30 s per step); ``--quick`` (1 order, 4 steps of 2 × 32
+tokens) for under 5 minutes; ``--device cuda`` runs 3 orders of 200 steps of 16 × 256
+tokens. On a loaded machine cut ``--steps``/``--seq``/``--batch`` and say so.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ EVERY = 4  # expand_blocks(every=4): one identity copy per group of four blocks
 PLANS: dict[str, dict[str, Any]] = {
     "quick": {"seq": 32, "batch": 2, "steps": 4, "eval_every": 2, "orders": 1,
               "val_new": 4, "val_old": 2},
-    "cpu": {"seq": 128, "batch": 4, "steps": 24, "eval_every": 4, "orders": 2,
+    "cpu": {"seq": 128, "batch": 4, "steps": 20, "eval_every": 5, "orders": 2,
             "val_new": 16, "val_old": 8},
     "cuda": {"seq": 256, "batch": 16, "steps": 200, "eval_every": 20, "orders": 3,
              "val_new": 128, "val_old": 64},
