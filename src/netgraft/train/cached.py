@@ -246,6 +246,7 @@ def _cut_before(
             continue
         return name, prefix, suffix, reasons
     detail = reasons[0] if reasons else "no module runs before it"
+    log.debug("cut candidates refused: %s", reasons)
     raise _Refused(
         f"no cut before the first trainable layer {first.name!r} gives a frozen, deterministic "
         f"prefix ({detail})"

@@ -137,8 +137,7 @@ def cached_training_differs(
     under the same random seed. Weights, buffers, modes and random streams are left as
     they were."""
     try:
-        with _untouched(model):
-            return _differs(model, at, prefix, suffix, batch)
+        return _differs(model, at, prefix, suffix, batch)
     except Exception as exc:  # a probe that cannot run proves nothing: no cache
         return f"the cut could not be checked on a probe batch ({type(exc).__name__}: {exc})"
 
@@ -164,7 +163,7 @@ def _differs(
     with evaluating(prefix):
         features = call_model(prefix, batch)
     for train, want in outputs.items():
-        with _mode([suffix], train), _seeded(0), torch.no_grad():
+        with _untouched(model), _mode([suffix], train), _seeded(0), torch.no_grad():
             got = suffix(features)
         if not _close(want, got):
             return (
@@ -195,7 +194,7 @@ def _run(
     handle = model.get_submodule(at).register_forward_hook(record)
     out = None
     try:
-        with _mode([model], train), _seeded(seed), torch.no_grad():
+        with _untouched(model), _mode([model], train), _seeded(seed), torch.no_grad():
             out = call_model(model, batch)
     except _Reached:
         pass
@@ -238,7 +237,8 @@ def _mode(modules: list[nn.Module], train: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _untouched(model: nn.Module) -> Iterator[None]:
-    """Give every buffer its value back (running statistics a training pass updates)."""
+    """Give every buffer its value back (running statistics a training pass updates), so
+    each probe pass starts from the statistics the model has."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         yield
