@@ -361,14 +361,32 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
             ys = [r.get("start", r["original"])[key]] + [p[key] for p in r["curve"]]
             ax.plot(xs, ys, color=colors[r["arm"]], linestyle=styles[r["order"] % 4],
                     marker=".", label=f"{r['arm']} (order {r['order']})")  # fmt: skip
+        _focus(ax, runs, key)
         ax.set_xlabel("training compute (TFLOPs, frozen parts' forward included)")
         ax.set_ylabel("loss (nats/token)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig.axes[0].legend(fontsize=7, loc="lower left")
     fig.suptitle("SmolLM2-135M (GGUF) taught a new domain: full, LLaMA Pro, grown mid-run, G_stack")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _focus(ax: Any, runs: list[dict[str, Any]], key: str) -> None:
+    """Scale the axis to the function-preserving arms; G_stack's curve, which starts from
+    a far worse loss, is then noted off scale instead of flattening the others."""
+    kept = [r for r in runs if r["arm"] != "gstack"]
+    if not kept or len(kept) == len(runs):
+        return
+    ys = [r["original"][key] for r in kept] + [p[key] for r in kept for p in r["curve"]]
+    pad = 0.1 * (max(ys) - min(ys)) + 1e-3
+    ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    for r in runs:
+        if r["arm"] == "gstack":
+            start, end = r["start"][key], r["curve"][-1][key]
+            ax.annotate(f"gstack (order {r['order']}) off scale: {start:.2f} -> {end:.2f}",
+                        xy=(0.02, 0.95 - 0.06 * r["order"]), xycoords="axes fraction",
+                        fontsize=7, color="tab:purple")  # fmt: skip
 
 
 def write(result: dict[str, Any], out: Path) -> None:
