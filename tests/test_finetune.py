@@ -572,3 +572,13 @@ def test_the_head_may_be_any_selector(head):
         "classifier.1.weight",
         "classifier.1.bias",
     }
+
+
+def test_run_options_pass_through_and_cache_true_insists_for_the_head_stage_only(digits):
+    x, y = digits
+    model = digits_net()
+    run = netgraft.RunOptions(cache=True, progress=False)
+    history = fine_tune(model, (x[:64], y[:64]), epochs=1, config=FineTuneConfig(), run=run)
+    assert history["stage"] == ["head", "all"]  # the "all" stage has nothing to cache
+    with pytest.raises(NetgraftError, match="cannot resume"):
+        fine_tune(model, (x[:64], y[:64]), epochs=1, run=run.replace(resume="somewhere"))

@@ -35,6 +35,7 @@ from ..freeze import NORM_POLICIES, freeze, train_only
 from ..freeze import unfreeze as unfreeze_layers
 from ..heads import find_head, head_names
 from ..layers import blocks, head_block_index, is_norm
+from ..options import RunOptions
 from ..select import Selector, select
 from .history import History
 from .loop import fit_flat
@@ -274,9 +275,13 @@ class _Stages:
         if n_epochs <= 0:
             return
         options = dict(self.fit_kwargs)
-        if options.get("cache") is True and name != "head":
+        run = options.get("run")
+        if name != "head":
             # cache=True insists for the head stage; later stages may have nothing frozen
-            options["cache"] = "auto"
+            if options.get("cache") is True:
+                options["cache"] = "auto"
+            if run is not None and run.cache is True:
+                options["run"] = run.replace(cache="auto")
         part = fit_flat(
             self.model,
             *self.data,
@@ -316,6 +321,7 @@ def fine_tune(
     config: FineTuneConfig | None = None,
     callbacks: Sequence[Any] = (),
     seed: int | None = 0,
+    run: RunOptions | None = None,
     **fit_kwargs: Any,
 ) -> History:
     """Fine-tune ``model`` in place as ``config`` says (a :class:`FineTuneConfig`; None: the
@@ -327,22 +333,26 @@ def fine_tune(
     ``config.keep_frozen`` stays frozen throughout, and so do batch norms outside the head
     unless ``config.train_bn`` (:func:`with_batch_norms`); frozen norm layers follow
     ``config.bn``. Each stage builds a fresh optimizer over its trainable parameters only.
-    ``callbacks`` and ``seed`` (stage ``i`` is seeded ``seed + i``) and other keyword
-    arguments go to :func:`netgraft.fit` (``optimizer``, ``batch_size``, ``cache``, ...).
-    Returns one :class:`History` whose rows carry their ``stage``.
+    ``callbacks``, ``seed`` (stage ``i`` is seeded ``seed + i``), ``run`` (a
+    :class:`~netgraft.RunOptions`: device, precision, progress, cache, ...; ``cache=True``
+    insists for the head stage only) and other keyword arguments go to :func:`netgraft.fit`
+    (``optimizer``, ``batch_size``, ...). Returns one :class:`History` whose rows carry
+    their ``stage``.
 
     The config's fields are also accepted as keyword arguments (``head_epochs=2``,
     ``base_lr=...``): deprecated spellings that warn once.
     """
     config = resolve_config(config, fit_kwargs, "fine_tune", strict=False)
-    if "resume" in fit_kwargs:
-        raise NetgraftError("fine_tune cannot resume; resume a stage with fit(..., resume=folder)")
+    if "resume" in fit_kwargs or (run is not None and run.resume is not None):
+        raise NetgraftError(
+            "fine_tune cannot resume; resume a stage with fit(..., run=RunOptions(resume=...))"
+        )
     check_adapters(model, config.keep_frozen)
     heads = head_names(model, config.head)
     keep = config.keep_frozen
     if not config.train_bn:
         keep = with_batch_norms(model, keep, heads)
-    shared = {"scheduler": config.scheduler, "callbacks": callbacks, **fit_kwargs}
+    shared = {"scheduler": config.scheduler, "callbacks": callbacks, "run": run, **fit_kwargs}
     stages = _Stages(model, (train, val), config.bn, keep, seed, shared)
     for name, group in itertools.groupby(schedule(model, epochs, config), key=lambda s: s.name):
         epochs_in_stage = list(group)
