@@ -27,12 +27,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 KINDS = {
     "function": [
-        "attach", "blocks", "cut", "deepen", "evaluate", "expand_blocks", "find_head",
+        "adapt_new_blocks", "add_adapters", "attach", "blocks", "cut", "deepen", "evaluate", "expand_adapted", "expand_blocks", "find_head",
         "find_heads", "fine_tune", "fit", "freeze", "frozen_state", "grown_modules", "layers",
         "load", "load_frozen_state", "load_model", "load_tokenizer", "load_weights",
         "param_groups", "predict",
         "pretrain_auxiliary", "pretrain_layerwise", "recipe_of", "reinit", "replace_head",
-        "save", "select", "stack_blocks", "study", "suggest", "summary", "train_only",
+        "save", "select", "stack_blocks", "study", "suggest", "suggest_adapters", "summary", "train_only",
         "trainable_report",
         "transfer", "truncate", "unfreeze", "verify_equivalence", "widen", "widen_transformer",
     ],

@@ -40,6 +40,7 @@ from torch import nn
 
 from .adapted import adapter_layers, config_to_plain, is_peft_model, peft_base
 from .errors import NetgraftError, SelectionError
+from .extras import require
 from .freeze import _freeze_layers, _sync_inference
 from .heads import find_heads
 from .layers import Block, blocks, is_norm
@@ -61,8 +62,6 @@ __all__ = [
 def require_peft() -> ModuleType:
     """The ``peft`` module, or :class:`~netgraft.integrations.MissingExtraError` naming the
     extra that installs it (``pip install 'netgraft[peft]'``)."""
-    from .integrations.extras import require
-
     return require("peft", "peft", "netgraft's adapters")
 
 
