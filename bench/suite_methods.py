@@ -145,20 +145,24 @@ def test_acc(task: SuiteTask, model: nn.Module) -> float:
 
 def _fine_tune(task, idx, budget, seed, epochs=None, **fields) -> dict[str, Any]:
     """One ``fine_tune`` call from a fresh head at the budget's epochs (overridable), the
-    :class:`netgraft.FineTuneConfig` fields given over its defaults."""
+    :class:`netgraft.FineTuneConfig` fields given over its defaults (``search`` off unless
+    given: the fixed methods run exactly their settings)."""
     head_epochs, body_epochs = EPOCHS[budget]
-    config = netgraft.FineTuneConfig(**{"head_epochs": head_epochs, **fields})
+    config = netgraft.FineTuneConfig(**{"head_epochs": head_epochs, "search": False, **fields})
     model = task.source_model(seed)
-    netgraft.fine_tune(model, task.subset(idx), epochs=body_epochs if epochs is None else epochs,
-                       config=config, batch_size=BATCH, seed=seed, quiet=True)  # fmt: skip
-    return {"acc": test_acc(task, model)}
+    history = netgraft.fine_tune(model, task.subset(idx), config=config, batch_size=BATCH,
+                                 epochs=body_epochs if epochs is None else epochs, seed=seed,
+                                 quiet=True)  # fmt: skip
+    found = {"search": history.search} if history.search else {}
+    return {"acc": test_acc(task, model), **found}
 
 
 def fine_tune_defaults() -> dict[str, Any]:
     """``FineTuneConfig``'s defaults as they are in this tree (what "defaults" ran)."""
     config = netgraft.FineTuneConfig()
     return {
-        n: getattr(config, n) for n in ("head_lr", "base_lr", "lr_mult", "unfreeze", "train_bn")
+        n: getattr(config, n)
+        for n in ("head_lr", "base_lr", "lr_mult", "unfreeze", "train_bn", "search")
     }
 
 
@@ -171,7 +175,14 @@ def head_only(task, idx, budget, seed):
 
 def defaults(task, idx, budget, seed):
     """``fine_tune`` with every default of this tree, the budget's epochs."""
-    return {**_fine_tune(task, idx, budget, seed), "config": fine_tune_defaults()}
+    fields = fine_tune_defaults()
+    return {**_fine_tune(task, idx, budget, seed, **fields), "config": fields}
+
+
+def search(task, idx, budget, seed):
+    """``fine_tune``'s held-out search (``FineTuneConfig(search=True)``, the new default):
+    four settings tried on 80% of the draw, the best on the other 20% trained on all of it."""
+    return _fine_tune(task, idx, budget, seed, search=True)
 
 
 # fine_tune's defaults before the suite (bench/finetune_defaults.py), and the ones before
@@ -282,6 +293,7 @@ METHODS = {
     "gradual (1e-3 x10)": _configured({**BEFORE, "base_lr": 1e-3, "unfreeze": "gradual"}),
     "new defaults (1e-3 x10)": _candidate(1e-3),
     "candidate 3e-4 x10": _candidate(3e-4),
+    "search (new default)": search,
     "suggest": suggest,
     "surgical": surgical,
 }

@@ -19,7 +19,9 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from ..heads import find_head, head_names
 from ..layers import blocks, head_block_index, is_norm
 from ..options import RunOptions
 from ..select import Selector, select
+from . import search
 from .history import History
 from .loop import fit_flat
 from .optimizers import SCHEDULERS
@@ -80,6 +83,15 @@ class FineTuneConfig:
     - ``scheduler``: the per-stage schedule of :func:`netgraft.fit` (``"onecycle"``,
       ``"cosine"``, ``"constant"``, None or a function); the trainer callbacks use the
       trainer's own scheduler instead.
+    - ``search``: True makes :func:`fine_tune` choose how much of the body to train on the
+      training data itself: it trains copies of the model on four fifths of it with each
+      setting of :func:`netgraft.train.search.candidates` (the head alone; the body at
+      ``base_lr``; at ``0.3 * base_lr``; everything at one rate with batch norms trained),
+      scores them on the fifth held out, and fine-tunes on all of it with the best (about
+      four times the compute; the validation data is never used to choose). A field the
+      caller changed from its default is kept in every candidate. False: exactly the
+      settings given. The trainer callbacks and :func:`schedule` do not own the data and
+      run the settings given.
 
     The default values live here only; everything that fine-tunes follows them. They are
     chosen by the held-out transfer suite (``bench/suite.py``, ``docs/notes/suite.md``: nine
@@ -109,6 +121,7 @@ class FineTuneConfig:
     train_bn: bool = False
     keep_frozen: Selector = None
     scheduler: Any = "onecycle"
+    search: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("unfreeze", self.unfreeze, UNFREEZE_MODES)
@@ -125,8 +138,9 @@ class FineTuneConfig:
                 f"lr_mult must be a number >= 1 (the first block's rate is the top's / "
                 f"lr_mult); found {self.lr_mult!r}"
             )
-        if not isinstance(self.train_bn, bool):
-            raise NetgraftError(f"train_bn must be True or False; found {self.train_bn!r}")
+        for name in ("train_bn", "search"):
+            if not isinstance(getattr(self, name), bool):
+                raise NetgraftError(f"{name} must be True or False; found {getattr(self, name)!r}")
         if not (self.scheduler is None or self.scheduler in SCHEDULERS or callable(self.scheduler)):
             raise NetgraftError(
                 f"scheduler must be one of {', '.join(SCHEDULERS)}, None or a function"
@@ -349,15 +363,76 @@ def fine_tune(
             "fine_tune cannot resume; resume a stage with fit(..., run=RunOptions(resume=...))"
         )
     check_adapters(model, config.keep_frozen)
+    found = None
+    if config.search and epochs > 0:
+        config, epochs, found = _search(model, train, epochs, config, seed, run, fit_kwargs)
+    history = _run_stages(model, (train, val), epochs, config, callbacks, seed, run, fit_kwargs)
+    history.search = found
+    return history
+
+
+def _run_stages(
+    model: nn.Module,
+    data: tuple[Any, Any],
+    epochs: int,
+    config: FineTuneConfig,
+    callbacks: Sequence[Any],
+    seed: int | None,
+    run: RunOptions | None,
+    fit_kwargs: dict[str, Any],
+) -> History:
+    """Every stage of :func:`schedule` for ``config`` (its settings as given), in place."""
     heads = head_names(model, config.head)
     keep = config.keep_frozen
     if not config.train_bn:
         keep = with_batch_norms(model, keep, heads)
     shared = {"scheduler": config.scheduler, "callbacks": callbacks, "run": run, **fit_kwargs}
-    stages = _Stages(model, (train, val), config.bn, keep, seed, shared)
+    stages = _Stages(model, data, config.bn, keep, seed, shared)
     for name, group in itertools.groupby(schedule(model, epochs, config), key=lambda s: s.name):
         epochs_in_stage = list(group)
         first = epochs_in_stage[0]
         stages.hold(first.trainable)
         stages.run(name, len(epochs_in_stage), lr=first.lr, lr_mult=first.lr_mult)
     return stages.history
+
+
+def _search(
+    model: nn.Module,
+    train: Any,
+    epochs: int,
+    config: FineTuneConfig,
+    seed: int | None,
+    run: RunOptions | None,
+    fit_kwargs: dict[str, Any],
+) -> tuple[FineTuneConfig, int, dict[str, Any] | None]:
+    """``config.search``: the setting that scores best on a held-out fifth of ``train``
+    (:mod:`.search`) as the config (``search=False``) and epochs :func:`_run_stages` runs,
+    and what was found (None when ``train`` cannot be split: the settings given)."""
+    fixed = config.replace(search=False)
+    parts = search.holdout_split(train, seed)
+    if parts is None:
+        search.log.info("fine_tune search: the training data cannot be split; no search")
+        return fixed, epochs, None
+    fit_part, held = parts
+    user_set = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != f.default}
+
+    def setting(changes: dict[str, Any]) -> tuple[FineTuneConfig, int]:
+        if not changes:  # the head alone for every epoch
+            return fixed.replace(head_epochs=fixed.head_epochs + epochs), 0
+        return fixed.replace(**{k: v for k, v in changes.items() if k not in user_set}), epochs
+
+    quiet = {k: v for k, v in fit_kwargs.items() if k != "quiet"} | {"progress": False}
+
+    def trial(changes: dict[str, Any]) -> dict[str, float]:
+        trained = copy.deepcopy(model)
+        config_, n = setting(changes)
+        _run_stages(trained, (fit_part, None), n, config_, (), seed, run, quiet)
+        size = fit_kwargs.get("batch_size", 64)
+        return search.score(trained, held, fit_kwargs.get("loss"), size, run)
+
+    options = search.candidates(config.base_lr, config.lr_mult)
+    best, scores = search.pick(
+        {label: functools.partial(trial, ch) for label, ch in options.items()}
+    )
+    chosen, n = setting(options[best])
+    return chosen, n, {"chosen": best, "scores": scores, "held_out": search.size(held)}

@@ -26,6 +26,8 @@ class History:
 
     def __init__(self, rows: list[dict[str, Any]] | None = None):
         self.rows: list[dict[str, Any]] = list(rows or [])
+        # what fine_tune's search chose and every candidate's held-out score (None: none)
+        self.search: dict[str, Any] | None = None
 
     def append(self, row: dict[str, Any]) -> None:
         """Add one epoch's row."""
@@ -72,12 +74,19 @@ class History:
         return list(seen)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data: ``{"epochs": [row, ...]}``, one row per epoch."""
-        return {"epochs": [dict(r) for r in self.rows]}
+        """Plain data: ``{"epochs": [row, ...]}``, one row per epoch, and ``"search"`` when
+        :func:`netgraft.fine_tune` chose its setting on held-out data."""
+        out: dict[str, Any] = {"epochs": [dict(r) for r in self.rows]}
+        if self.search is not None:
+            out["search"] = self.search
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> History:
-        return cls(list(data.get("epochs", [])))
+        """The history :meth:`to_dict` wrote."""
+        history = cls(list(data.get("epochs", [])))
+        history.search = data.get("search")
+        return history
 
     def to_json(self, **kwargs: Any) -> str:
         """:meth:`to_dict` as JSON (``kwargs`` go to ``json.dumps``)."""

@@ -1,0 +1,145 @@
+"""fine_tune's held-out search (FineTuneConfig(search=True), the default): the setting is
+chosen on a fifth of the training data held out, never on the validation data, and the
+winner is what trains; on the real ImageNet MobileNetV2 and real scikit-learn digits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import netgraft
+from netgraft import FineTuneConfig
+from netgraft.train import search
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def digits_32(digits):
+    """120 real digits as 3×32×32 images: 100 to train on, 20 to validate."""
+    x, y = digits
+    x, y = F.interpolate(x[:120], size=32, mode="bilinear").repeat(1, 3, 1, 1), y[:120]
+    return (x[:100], y[:100]), (x[100:], y[100:])
+
+
+def pretrained(weights_path) -> torch.nn.Module:
+    model = torchvision.models.mobilenet_v2()
+    model.load_state_dict(torch.load(weights_path, weights_only=True))
+    torch.manual_seed(0)
+    netgraft.replace_head(model, num_classes=10)
+    return model
+
+
+CONFIG = FineTuneConfig(head_epochs=1)
+
+
+@pytest.mark.slow
+def test_search_scores_every_candidate_on_held_out_training_data_never_on_val(
+    digits_32, mobilenet_v2_weights
+):
+    train, val = digits_32
+    runs = []
+    for v in (None, (val[0], val[1].flip(0))):  # the validation labels shuffled: no effect
+        model = pretrained(mobilenet_v2_weights)
+        history = netgraft.fine_tune(
+            model, train, v, epochs=1, config=CONFIG, batch_size=16, progress=False
+        )
+        runs.append(history.search)
+    found = runs[0]
+    assert found == runs[1]
+    labels = list(search.candidates(CONFIG.base_lr, CONFIG.lr_mult))
+    assert list(found["scores"]) == labels and len(labels) == 4
+    scores = found["scores"]
+    assert found["chosen"] == max(labels, key=lambda k: (scores[k]["acc"], -scores[k]["loss"]))
+    assert found["held_out"] == 20
+    assert all(0 <= s["acc"] <= 1 and s["loss"] > 0 for s in scores.values())
+    assert all(round(s["acc"] * 20) == pytest.approx(s["acc"] * 20) for s in scores.values())
+    assert netgraft.train.History.from_dict(history.to_dict()).search == found
+
+
+HEAD, ALL = 0, 3  # the head alone and everything at one rate, in candidates' order
+
+
+def _prefer(monkeypatch, position: int) -> list[int]:
+    """Make the held-out score prefer the candidate at ``position`` in
+    :func:`search.candidates`' order (the trials still train); return one entry per trial
+    scored."""
+    seen: list[int] = []
+
+    def score(model, held, loss, batch_size, run):
+        seen.append(len(seen))
+        return {"acc": 1.0 if seen[-1] == position else 0.5, "loss": 1.0}
+
+    monkeypatch.setattr(search, "score", score)
+    return seen
+
+
+@pytest.mark.slow
+def test_the_chosen_setting_is_what_trains(digits_32, mobilenet_v2_weights, monkeypatch):
+    train, _ = digits_32
+    # the head alone: the body is bit-identical afterwards and every epoch is a head epoch
+    seen = _prefer(monkeypatch, HEAD)
+    model = pretrained(mobilenet_v2_weights)
+    body = {k: v.clone() for k, v in model.features.state_dict().items()}
+    history = netgraft.fine_tune(model, train, epochs=2, config=CONFIG, batch_size=16)
+    assert len(seen) == 4 and history.search["chosen"] == search.HEAD_ONLY
+    assert history["stage"] == ["head"] * 3
+    assert all(torch.equal(v, model.features.state_dict()[k]) for k, v in body.items())
+
+    # everything at one rate with norms trained: one rate for every group, norms changed
+    _prefer(monkeypatch, ALL)
+    model = pretrained(mobilenet_v2_weights)
+    bn = model.features[1].conv[2]
+    mean = bn.running_mean.clone()
+    history = netgraft.fine_tune(model, train, epochs=1, config=CONFIG, batch_size=16)
+    assert history["stage"] == ["head", "all"]
+    rates = set(history.rows[-1]["lr"].values())
+    assert len(rates) == 1
+    assert not torch.equal(bn.running_mean, mean) and bn.weight.requires_grad
+
+
+@pytest.mark.slow
+def test_a_field_the_caller_set_is_kept_in_every_candidate(
+    digits_32, mobilenet_v2_weights, monkeypatch
+):
+    labels = list(search.candidates(2e-3, 4.0))
+    assert labels[1:3] == ["body 0.002 x4", "body 0.0006 x4"]
+    # lr_mult set by the caller stays in the one-rate candidate too
+    train, _ = digits_32
+    _prefer(monkeypatch, ALL)
+    config = CONFIG.replace(lr_mult=4.0)
+    model = pretrained(mobilenet_v2_weights)
+    history = netgraft.fine_tune(model, train, epochs=1, config=config, batch_size=16)
+    rates = history.rows[-1]["lr"].values()
+    assert max(rates) / min(rates) == pytest.approx(4.0)
+
+
+def test_too_little_data_or_a_loader_of_its_own_order_runs_the_settings_given(digits):
+    x, y = digits
+    x = F.interpolate(x[:19], size=32, mode="bilinear").repeat(1, 3, 1, 1)
+    assert search.holdout_split((x, y[:19]), 0) is None
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y[:19]),
+        sampler=torch.utils.data.WeightedRandomSampler([1.0] * 19, 19),
+    )
+    assert search.holdout_split(loader, 0) is None
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    history = netgraft.fine_tune(model, (x, y[:19]), epochs=1, config=CONFIG, batch_size=8)
+    assert history.search is None and history["stage"] == ["head", "all"]
+
+
+def test_the_split_is_four_fifths_and_one_fifth_disjoint_and_seeded(digits):
+    x, y = digits
+    fit_part, held = search.holdout_split((x[:100], y[:100]), seed=3)
+    assert (len(fit_part), len(held)) == (80, 20)
+    assert not set(fit_part.indices) & set(held.indices)
+    again = search.holdout_split((x[:100], y[:100]), seed=3)
+    assert again[1].indices == held.indices
+    other = search.holdout_split((x[:100], y[:100]), seed=4)
+    assert other[1].indices != held.indices
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:50], y[:50]), 7)
+    fit_loader, held_loader = search.holdout_split(loader, 0)
+    assert fit_loader.batch_size == 7 and len(held_loader.dataset) == 10
