@@ -239,7 +239,9 @@ def test_fine_tune_trains_the_head_then_the_adapters_from_the_top_and_never_the_
 ):
     model = _lora(minilm_dir)
     own = _trainable(model)
-    config = netgraft.FineTuneConfig(head_epochs=1, unfreeze="gradual", keep_frozen=None)
+    config = netgraft.FineTuneConfig(
+        head_epochs=1, unfreeze="gradual", keep_frozen=None, search=False
+    )
     history = netgraft.fine_tune(model, passages, epochs=3, config=config, batch_size=16, seed=0,
                                  quiet=True)  # fmt: skip
     stages = [row["stage"] for row in history.rows]

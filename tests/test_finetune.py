@@ -62,7 +62,8 @@ def test_gradual_unfreezing_shows_optimizer_lr_and_leaves_frozen_blocks_untouche
         epochs=2,
         # batch norms unfreeze with their blocks (train_bn): their own no-decay groups
         config=FineTuneConfig(
-            head_epochs=1, base_lr=1e-2, lr_mult=100, unfreeze="gradual", train_bn=True
+            head_epochs=1, base_lr=1e-2, lr_mult=100, unfreeze="gradual", train_bn=True,
+            search=False,
         ),
         optimizer="sgd",
         weight_decay=0.1,
@@ -111,7 +112,9 @@ def test_unfreeze_all_trains_everything_except_keep_frozen(small_digits):
         train,
         val,
         epochs=1,
-        config=FineTuneConfig(head_epochs=1, base_lr=1e-2, keep_frozen="type:BatchNorm2d"),
+        config=FineTuneConfig(
+            head_epochs=1, base_lr=1e-2, keep_frozen="type:BatchNorm2d", search=False
+        ),
         batch_size=16,
         seed=0,
         quiet=True,
@@ -299,20 +302,34 @@ def imagenet_mobilenet(weights, num_classes=10):
 
 
 @pytest.mark.slow
-def test_default_unfreezing_keeps_what_the_head_learnt_on_200_digit_images(
+def test_the_defaults_keep_what_the_head_learnt_on_200_digit_images(
     digits_64, mobilenet_v2_weights
 ):
     train, val = digits_64
+    # the head alone, 6 epochs: ImageNet features give a useful head on digits
+    model = imagenet_mobilenet(mobilenet_v2_weights)
+    alone = FineTuneConfig(head_epochs=6, search=False)
+    head_acc = fine_tune(model, train, val, epochs=0, config=alone, quiet=True).last["val_acc"]
+    assert head_acc >= 0.7, head_acc
+    # the fixed body rate alone (search=False) undoes it on this task (0.625 against 0.835
+    # when this test was written): no fixed setting holds everywhere ...
+    # ... so the default searches, on held-out training data, and keeps the head's gain
+    model = imagenet_mobilenet(mobilenet_v2_weights)
+    history = fine_tune(model, train, val, epochs=2, config=FineTuneConfig(head_epochs=4),
+                        seed=0, quiet=True)  # fmt: skip
+    assert history.search is not None and history.search["held_out"] == 40
+    assert history.last["val_acc"] >= head_acc - 0.03, (head_acc, history.search)
+
+
+@pytest.mark.slow
+def test_batch_norms_stay_frozen_when_the_body_unfreezes(digits_64, mobilenet_v2_weights):
+    train, _ = digits_64
     model = imagenet_mobilenet(mobilenet_v2_weights)
     bn = model.features[5].conv[1][1]
     stats = bn.running_var.clone()
-    # only the budget is given: rates, lr_mult, scheduler and batch norms are the defaults
-    config = FineTuneConfig(head_epochs=4)
-    history = fine_tune(model, train, val, epochs=2, config=config, seed=0, quiet=True)
-    assert history["stage"] == ["head"] * 4 + ["all"] * 2
-    head_acc, final_acc = history.rows[3]["val_acc"], history.last["val_acc"]
-    assert head_acc >= 0.7, head_acc  # ImageNet features give a useful head on digits
-    assert final_acc >= head_acc - 0.03, (head_acc, final_acc)
+    config = FineTuneConfig(head_epochs=1, search=False)
+    history = fine_tune(model, (train[0][:64], train[1][:64]), epochs=1, config=config, quiet=True)
+    assert history["stage"] == ["head", "all"]
     # batch norms stayed frozen after unfreezing (train_bn=False), the convolutions trained
     assert torch.equal(bn.running_var, stats) and not bn.weight.requires_grad
     assert model.features[5].conv[1][0].weight.requires_grad
@@ -324,7 +341,7 @@ def test_train_bn_unfreezes_batch_norms_with_the_rest(digits_64, mobilenet_v2_we
     model = imagenet_mobilenet(mobilenet_v2_weights)
     bn = model.features[5].conv[1][1]
     stats = bn.running_var.clone()
-    config = FineTuneConfig(head_epochs=0, train_bn=True)
+    config = FineTuneConfig(head_epochs=0, train_bn=True, search=False)
     fine_tune(model, (train[0][:64], train[1][:64]), epochs=1, config=config, seed=0, quiet=True)
     assert bn.weight.requires_grad and not torch.equal(bn.running_var, stats)
 
@@ -377,7 +394,9 @@ def test_fine_tune_runs_the_stages_schedule_computes(digits):
     x, y = digits
     train, val = (x[:96], y[:96]), (x[96:160], y[96:160])
     model = digits_net()
-    config = FineTuneConfig(head_epochs=2, unfreeze="gradual", base_lr=2e-3, lr_mult=4)
+    config = FineTuneConfig(
+        head_epochs=2, unfreeze="gradual", base_lr=2e-3, lr_mult=4, search=False
+    )
     stages = schedule(model, 3, config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     history = fine_tune(
@@ -505,7 +524,7 @@ def test_every_config_field_has_a_command_line_option(monkeypatch, capsys):
     monkeypatch.setattr("netgraft.cli.fine_tune_folder", finetune_folder)
     options = ["--head", "classifier", "--head-epochs", "2", "--lr", "1e-3", "--head-lr", "1e-2"]
     options += ["--lr-mult", "3", "--unfreeze", "gradual", "--bn", "frozen", "--train-bn"]
-    options += ["--freeze", "features.0", "--scheduler", "cosine"]
+    options += ["--freeze", "features.0", "--scheduler", "cosine", "--no-search"]
     argv = ["netgraft", "finetune", "m.py:f", "--data", "d", "-o", "o", *options]
     monkeypatch.setattr("sys.argv", argv)
     with pytest.raises(SystemExit) as exit_info:
@@ -514,7 +533,7 @@ def test_every_config_field_has_a_command_line_option(monkeypatch, capsys):
     assert seen["config"] == FineTuneConfig(
         head="classifier", head_epochs=2, base_lr=1e-3, head_lr=1e-2, lr_mult=3,
         unfreeze="gradual", bn="frozen", train_bn=True, keep_frozen="features.0",
-        scheduler="cosine",
+        scheduler="cosine", search=False,
     )  # fmt: skip
     monkeypatch.setattr("sys.argv", [*argv[:7], "--unfreeze", "sometimes"])
     with pytest.raises(SystemExit) as exit_info:

@@ -375,6 +375,12 @@ _FREEZE_OPTION = typer.Option(
 _SCHEDULER_OPTION = typer.Option(
     None, "--scheduler", help=f"onecycle, cosine or constant [default: {_FT.scheduler}]"
 )
+_SEARCH_OPTION = typer.Option(
+    None,
+    "--search/--no-search",
+    help="choose the setting on a held-out fifth of the training data (about 4x the "
+    f"compute); --no-search runs the rates given [default: {'--search' if _FT.search else '--no-search'}]",
+)
 _NUM_CLASSES_OPTION = typer.Option(
     None, "--num-classes", help="classes of the new head (default: the class folders)"
 )
@@ -416,6 +422,7 @@ def finetune(
     train_bn: bool | None = _TRAIN_BN_OPTION,
     freeze_sel: str | None = _FREEZE_OPTION,
     scheduler: str | None = _SCHEDULER_OPTION,
+    search: bool | None = _SEARCH_OPTION,
     augment: bool = typer.Option(False, "--augment", help="random flips, crops, colour jitter"),
     size: int | None = typer.Option(None, "--size", help="input side in pixels (default: model's)"),
     batch_size: int = typer.Option(32, "--batch-size"),
@@ -431,6 +438,7 @@ def finetune(
     config = finetune_config(
         head=head, head_epochs=head_epochs, base_lr=lr, head_lr=head_lr, lr_mult=lr_mult,
         unfreeze=unfreeze, bn=bn, train_bn=train_bn, keep_frozen=freeze_sel, scheduler=scheduler,
+        search=search,
     )  # fmt: skip
     loaded = weights is not None or trust_pickle
     model = load_model(spec, weights=weights, trust_pickle=trust_pickle) if loaded else spec

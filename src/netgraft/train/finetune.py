@@ -88,8 +88,9 @@ class FineTuneConfig:
       setting of :func:`netgraft.train.search.candidates` (the head alone; the body at
       ``base_lr``; at ``0.3 * base_lr``; everything at one rate with batch norms trained),
       scores them on the fifth held out, and fine-tunes on all of it with the best (about
-      four times the compute; the validation data is never used to choose). A field the
-      caller changed from its default is kept in every candidate. False: exactly the
+      four times the compute; the validation data is never used to choose). ``base_lr``
+      scales the candidates; any other field the caller changed from its default is kept
+      in every candidate. False: exactly the
       settings given. The trainer callbacks and :func:`schedule` do not own the data and
       run the settings given.
 
@@ -414,7 +415,12 @@ def _search(
         search.log.info("fine_tune search: the training data cannot be split; no search")
         return fixed, epochs, None
     fit_part, held = parts
-    user_set = {f.name for f in dataclasses.fields(config) if getattr(config, f.name) != f.default}
+    # base_lr scales the candidates; any other field the caller changed is kept in each
+    user_set = {
+        f.name
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != f.default and f.name != "base_lr"
+    }
 
     def setting(changes: dict[str, Any]) -> tuple[FineTuneConfig, int]:
         if not changes:  # the head alone for every epoch
