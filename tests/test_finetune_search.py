@@ -72,7 +72,7 @@ def _prefer(monkeypatch, position: int) -> list[int]:
         seen.append(len(seen))
         return {"acc": 1.0 if seen[-1] == position else 0.5, "loss": 1.0}
 
-    monkeypatch.setattr(search, "score", score)
+    monkeypatch.setattr("netgraft.train.finetune.held_out_score", score)
     return seen
 
 

@@ -202,7 +202,7 @@ def test_finetune_folder_keeps_batch_norms_frozen_unless_train_bn(image_tree, tm
     torch.manual_seed(0)
     model = load_model("torchvision:resnet18")  # random weights, its spec recorded for saving
     stats = model.layer2[0].bn1.running_mean.clone()
-    config = FineTuneConfig(train_bn=train_bn)
+    config = FineTuneConfig(train_bn=train_bn, search=False)
     finetune_folder(model, root, tmp_path / "model", config=config, size=32, epochs=1, seed=0,
                     quiet=True)  # fmt: skip
     changed = not torch.equal(model.layer2[0].bn1.running_mean, stats)

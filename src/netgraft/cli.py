@@ -210,27 +210,15 @@ def transfer_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the summary line"),
 ) -> None:
     """Copy every weight that fits from SRC into DST_SPEC, print the report, save to OUT."""
-    mapping: dict[str, str] = {}
-    for item in maps or []:
-        dst_pat, sep, src_pat = item.partition("=")
-        if not sep or not dst_pat:
-            raise NetgraftError(f"--map takes DST=SRC, e.g. fc=head; found {item!r}")
-        mapping[dst_pat] = src_pat
-    picked = None
-    if classes is not None:
-        try:
-            picked = [int(c) for c in classes.split(",") if c.strip()]
-        except ValueError:
-            raise NetgraftError(f"--classes takes integers like 3,7,9; found {classes!r}") from None
     result = transfer_folder(
         src,
         dst_spec,
         out,
         include=include or None,
         exclude=exclude or None,
-        mapping=mapping or None,
+        mapping=_mapping(maps),
         on_mismatch=on_mismatch,
-        classes=picked,
+        classes=_int_list(classes, "--classes"),
         input_shape=parse_shape(input_shape),
         adopt_epsilon=adopt_epsilon,
         trust_pickle=trust_pickle,
@@ -244,6 +232,17 @@ def transfer_cmd(
     console.print(f"saved to {result.folder}", markup=False)
 
 
+def _mapping(maps: list[str] | None) -> dict[str, str] | None:
+    """``--map DST=SRC`` options as transfer's mapping (None when none was given)."""
+    mapping: dict[str, str] = {}
+    for item in maps or []:
+        dst_pat, sep, src_pat = item.partition("=")
+        if not sep or not dst_pat:
+            raise NetgraftError(f"--map takes DST=SRC, e.g. fc=head; found {item!r}")
+        mapping[dst_pat] = src_pat
+    return mapping or None
+
+
 def _int_list(text: str | None, flag: str) -> list[int] | None:
     if text is None:
         return None
@@ -251,6 +250,18 @@ def _int_list(text: str | None, flag: str) -> list[int] | None:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise NetgraftError(f"{flag} takes integers like 1,2,3; found {text!r}") from None
+
+
+_WORKERS_OPTION = typer.Option(
+    None, "--workers", help="run the trials in N local processes (default: one by one)"
+)
+_RAY_OPTION = typer.Option(
+    None,
+    "--ray",
+    metavar="ADDRESS",
+    help="run the trials as Ray tasks: 'local' (a local Ray, or RAY_ADDRESS when set), "
+    "'auto' (the running cluster) or HOST:PORT / ray://HOST:PORT",
+)
 
 
 @app.command("study")
@@ -281,16 +292,8 @@ def study_cmd(
     weights: Path | None = _WEIGHTS_OPTION,
     trust_pickle: bool = _TRUST_PICKLE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="print only the table"),
-    workers: int | None = typer.Option(
-        None, "--workers", help="run the trials in N local processes (default: one by one)"
-    ),
-    ray: str | None = typer.Option(
-        None,
-        "--ray",
-        metavar="ADDRESS",
-        help="run the trials as Ray tasks: 'local' (a local Ray, or RAY_ADDRESS when set), "
-        "'auto' (the running cluster) or HOST:PORT / ray://HOST:PORT",
-    ),
+    workers: int | None = _WORKERS_OPTION,
+    ray: str | None = _RAY_OPTION,
 ) -> None:
     """How many layers to reuse: train copies of SPEC reusing its first k blocks (frozen or
     fine-tuned) on the images in --data; print the table, write study.json/.csv/.png.
@@ -381,6 +384,15 @@ _SEARCH_OPTION = typer.Option(
     help="choose the setting on a held-out fifth of the training data (about 4x the "
     f"compute); --no-search runs the rates given [default: {'--search' if _FT.search else '--no-search'}]",
 )
+_FT_DATA_OPTION = typer.Option(
+    ...,
+    "--data",
+    help="image folder: DIR/CLASS/*.png, or DIR/train + DIR/val; or a text table "
+    "(.csv/.jsonl with text and label columns) for an hf:PATH model",
+)
+_AUGMENT_OPTION = typer.Option(False, "--augment", help="random flips, crops, colour jitter")
+_FT_EPOCHS_OPTION = typer.Option(3, "--epochs", help="epochs after the head is trained")
+_MAX_LENGTH_OPTION = typer.Option(128, "--max-length", help="tokens per text (text tables)")
 _NUM_CLASSES_OPTION = typer.Option(
     None, "--num-classes", help="classes of the new head (default: the class folders)"
 )
@@ -402,16 +414,11 @@ def finetune(
     spec: str = typer.Argument(
         ..., help="torchvision:NAME, timm:NAME, hf:PATH, gguf:PATH, file.py:fn or a saved folder"
     ),
-    data: Path = typer.Option(
-        ...,
-        "--data",
-        help="image folder: DIR/CLASS/*.png, or DIR/train + DIR/val; or a text table "
-        "(.csv/.jsonl with text and label columns) for an hf:PATH model",
-    ),
+    data: Path = _FT_DATA_OPTION,
     out: Path = typer.Option(..., "-o", "--out", help="folder to save model, history, plot"),
     weights: Path | None = _WEIGHTS_OPTION,
     num_classes: int | None = _NUM_CLASSES_OPTION,
-    epochs: int = typer.Option(3, "--epochs", help="epochs after the head is trained"),
+    epochs: int = _FT_EPOCHS_OPTION,
     head: str | None = _HEAD_OPTION,
     head_epochs: int | None = _HEAD_EPOCHS_OPTION,
     lr: float | None = _BASE_LR_OPTION,
@@ -423,7 +430,7 @@ def finetune(
     freeze_sel: str | None = _FREEZE_OPTION,
     scheduler: str | None = _SCHEDULER_OPTION,
     search: bool | None = _SEARCH_OPTION,
-    augment: bool = typer.Option(False, "--augment", help="random flips, crops, colour jitter"),
+    augment: bool = _AUGMENT_OPTION,
     size: int | None = typer.Option(None, "--size", help="input side in pixels (default: model's)"),
     batch_size: int = typer.Option(32, "--batch-size"),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="used without a val folder"),
@@ -431,7 +438,7 @@ def finetune(
     cache: bool | None = _FINETUNE_CACHE_OPTION,
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or epoch lines"),
     trust_pickle: bool = _TRUST_PICKLE_OPTION,
-    max_length: int = typer.Option(128, "--max-length", help="tokens per text (text tables)"),
+    max_length: int = _MAX_LENGTH_OPTION,
 ) -> None:
     """Fine-tune a model on an image folder or a text table (new head first, then unfreeze)
     and save it to OUT with its history (JSON + PNG) and class names."""

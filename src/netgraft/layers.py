@@ -558,6 +558,34 @@ def blocks(model: nn.Module) -> list[Block]:
     inner = _backbone(model) if stack_start is None else None
     if inner is not None:
         return _wrapper_blocks(model, *inner)
+    groups = _groups(units, stack_start)
+    covered = [n for _, members in groups for n, _ in members]
+    owners = [
+        (n, m)
+        for n, m in model.named_modules()
+        if _owns_tensors(m) and not any(n == c or n.startswith(c + ".") for c in covered if c)
+    ]
+    result = []
+    for name, members in groups:
+        extra = owners if not result else []
+        result.append(
+            Block(
+                index=len(result),
+                name=name,
+                modules=[n for n, _ in members],
+                params=sum(_n_params(m) for _, m in members)
+                + sum(p.numel() for _, m in extra for p in m._parameters.values() if p is not None),
+                owners=[n for n, _ in extra],
+            )
+        )
+    return result
+
+
+def _groups(
+    units: list[tuple[str, nn.Module]], stack_start: int | None
+) -> list[tuple[str, list[tuple[str, nn.Module]]]]:
+    """The named groups of ``units`` that :func:`blocks` makes blocks of: a stem of the
+    leading individual layers, units without tensors merged into the group before them."""
     # leading individual layers before the main stack (or the first container) form the stem
     first_container = stack_start
     if first_container is None:
@@ -580,26 +608,7 @@ def blocks(model: nn.Module) -> list[Block]:
     if len(groups) > 1 and not any(_has_tensors(m) for _, m in groups[0][1]):
         head = groups.pop(0)
         groups[0] = (groups[0][0], head[1] + groups[0][1])
-    covered = [n for _, members in groups for n, _ in members]
-    owners = [
-        (n, m)
-        for n, m in model.named_modules()
-        if _owns_tensors(m) and not any(n == c or n.startswith(c + ".") for c in covered if c)
-    ]
-    result = []
-    for name, members in groups:
-        extra = owners if not result else []
-        result.append(
-            Block(
-                index=len(result),
-                name=name,
-                modules=[n for n, _ in members],
-                params=sum(_n_params(m) for _, m in members)
-                + sum(p.numel() for _, m in extra for p in m._parameters.values() if p is not None),
-                owners=[n for n, _ in extra],
-            )
-        )
-    return result
+    return groups
 
 
 def _under(block: Block, prefix: str) -> Block:

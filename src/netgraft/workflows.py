@@ -349,18 +349,23 @@ def fine_tune_folder(
     split = image_folder(
         data_dir, model, size=size, augment=augment, val_fraction=val_fraction, seed=seed
     )
-    n = num_classes if num_classes is not None else len(split.classes)
-    if n != len(split.classes):
-        raise DataError(
-            f"--num-classes {n} does not match the {len(split.classes)} class folders in {data_dir}"
-        )
-    replace_head(model, n)
+    replace_head(model, _head_size(num_classes, split.classes, data_dir))
     history = fine_tune(model, split.train, split.val, epochs=epochs, config=config,
                         batch_size=batch_size, seed=seed, run=run)  # fmt: skip
     folder = save(model, out_dir)
     history.save(folder)
     write_data_info(folder, split.classes, split.config)
     return FineTuneResult(folder, history, list(split.classes))
+
+
+def _head_size(num_classes: int | None, classes: list[str], data_dir: Any) -> int:
+    """The new head's outputs: one per class folder; ``num_classes`` must agree."""
+    n = num_classes if num_classes is not None else len(classes)
+    if n != len(classes):
+        raise DataError(
+            f"--num-classes {n} does not match the {len(classes)} class folders in {data_dir}"
+        )
+    return n
 
 
 def _old_fine_tune_keywords(

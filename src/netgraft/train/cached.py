@@ -165,21 +165,7 @@ def plan(
         "parallel": parallel,
     }
     try:
-        with off_the_record():  # probing runs the forward, which may draw random numbers
-            first, order, shapes, example = _first_trainable(model, train_data)
-            name, prefix, suffix, reasons = _cut_before(
-                model, first, order, example, _probe_batch(model, train_data)
-            )
-        if cache == "auto":
-            _check_worth(model, name, prefix, reasons)
-        if cache_dir is None:
-            _check_memory(shapes.get(name), name, dtype, len(train_data) * (augment_copies or 1))  # type: ignore[arg-type]
-        try:
-            features = FeatureCache(
-                prefix, train_data, augment_copies=augment_copies, cut_point=name, **options
-            )
-        except CacheError as exc:
-            raise _Refused(str(exc)) from exc
+        name, prefix, suffix, features = _build(model, train_data, cache, augment_copies, options)
     except _Refused as refused:
         if cache is True:
             raise CacheError(f"cannot train from cached features: {refused}") from None
@@ -191,6 +177,35 @@ def plan(
     # the plan rides on the record so a caller's handler (bench/cache.py) can read its timings
     log.debug("%s", result.describe(), extra={"cache_plan": result})
     return result
+
+
+def _build(
+    model: nn.Module,
+    train_data: Dataset,
+    cache: bool | str,
+    augment_copies: int | None,
+    options: dict[str, Any],
+) -> tuple[str, nn.Module, nn.Module, FeatureCache]:
+    """Where :func:`plan` cuts ``model`` and the cache of the prefix's outputs: the cut's
+    name, the prefix, the suffix and the :class:`FeatureCache`; :class:`_Refused` saying
+    why it cannot (or, under ``"auto"``, why it is not worth it)."""
+    with off_the_record():  # probing runs the forward, which may draw random numbers
+        first, order, shapes, example = _first_trainable(model, train_data)
+        name, prefix, suffix, reasons = _cut_before(
+            model, first, order, example, _probe_batch(model, train_data)
+        )
+    if cache == "auto":
+        _check_worth(model, name, prefix, reasons)
+    if options["cache_dir"] is None:
+        rows = len(train_data) * (augment_copies or 1)  # type: ignore[arg-type]
+        _check_memory(shapes.get(name), name, options["dtype"], rows)
+    try:
+        features = FeatureCache(
+            prefix, train_data, augment_copies=augment_copies, cut_point=name, **options
+        )
+    except CacheError as exc:
+        raise _Refused(str(exc)) from exc
+    return name, prefix, suffix, features
 
 
 def _first_trainable(

@@ -39,10 +39,12 @@ from ..heads import find_head, head_names
 from ..layers import blocks, head_block_index, is_norm
 from ..options import RunOptions
 from ..select import Selector, select
-from . import search
 from .history import History
 from .loop import fit_flat
 from .optimizers import SCHEDULERS
+from .search import candidates, holdout_split, pick, size
+from .search import log as search_log
+from .search import score as held_out_score
 
 __all__ = [
     "FineTuneConfig",
@@ -410,9 +412,9 @@ def _search(
     (:mod:`.search`) as the config (``search=False``) and epochs :func:`_run_stages` runs,
     and what was found (None when ``train`` cannot be split: the settings given)."""
     fixed = config.replace(search=False)
-    parts = search.holdout_split(train, seed)
+    parts = holdout_split(train, seed)
     if parts is None:
-        search.log.info("fine_tune search: the training data cannot be split; no search")
+        search_log.info("fine_tune search: the training data cannot be split; no search")
         return fixed, epochs, None
     fit_part, held = parts
     # base_lr scales the candidates; any other field the caller changed is kept in each
@@ -433,12 +435,10 @@ def _search(
         trained = copy.deepcopy(model)
         config_, n = setting(changes)
         _run_stages(trained, (fit_part, None), n, config_, (), seed, run, quiet)
-        size = fit_kwargs.get("batch_size", 64)
-        return search.score(trained, held, fit_kwargs.get("loss"), size, run)
+        batch = fit_kwargs.get("batch_size", 64)
+        return held_out_score(trained, held, fit_kwargs.get("loss"), batch, run)
 
-    options = search.candidates(config.base_lr, config.lr_mult)
-    best, scores = search.pick(
-        {label: functools.partial(trial, ch) for label, ch in options.items()}
-    )
+    options = candidates(config.base_lr, config.lr_mult)
+    best, scores = pick({label: functools.partial(trial, ch) for label, ch in options.items()})
     chosen, n = setting(options[best])
-    return chosen, n, {"chosen": best, "scores": scores, "held_out": search.size(held)}
+    return chosen, n, {"chosen": best, "scores": scores, "held_out": size(held)}

@@ -117,10 +117,8 @@ def fit(
     writes checkpoints, metrics are over all processes, and a checkpoint resumes on any
     number of processes.
 
-    The old keywords (``device``, ``precision``, ``accumulate``, ``resume``, ``cache``,
-    ``cache_options``, ``quiet``, ``stage`` for ``run``; ``scheduler``, ``weight_decay``,
-    ``lr_mult``, ``layer_decay``, ``max_grad_norm``, ``shuffle`` for ``optimizer``) still
-    work and warn.
+    The old keywords for the fields of ``run`` and ``optimizer`` (``device=``, ``quiet=``,
+    ``cache=``, ``scheduler=``, ``lr_mult=``, ...) still work and warn.
     """
     opt_fields = {k: legacy_kwargs.pop(k) for k in OPTIMIZATION_FIELDS if k in legacy_kwargs}
     how = optimization(optimizer, **opt_fields)
