@@ -54,6 +54,7 @@ __all__ = [
     "adapter_stack",
     "adapter_targets",
     "check_adapters",
+    "lora_config",
     "prepare",
     "require_peft",
 ]
@@ -136,9 +137,12 @@ def _default_targets(base: nn.Module) -> list[str] | None:
     return list(found) if found else None
 
 
-def _lora_config(model: nn.Module, top: int | None, options: dict[str, Any]) -> Any:
-    """A ``peft.LoraConfig`` from keyword options: rank 8, the model type's default targets,
-    the heads as ``modules_to_save``, and ``top`` blocks as ``layers_to_transform``."""
+def lora_config(model: nn.Module, top: int | None, options: dict[str, Any]) -> Any:
+    """The ``peft.LoraConfig`` :func:`add_adapters` builds from keyword ``options`` for
+    ``model`` (which it does not change): rank 8, the model type's default targets, the
+    heads as ``modules_to_save``, and the top ``top`` blocks as ``layers_to_transform``.
+    Raises :class:`NetgraftError` when PEFT knows no default targets for the model and
+    none are given, or when ``top`` is given and the model has no stack of blocks."""
     peft = require_peft()
     options = dict(options)
     options.setdefault("r", 8)
@@ -244,7 +248,7 @@ def add_adapters(
     if isinstance(config, dict):
         config = peft.get_peft_config(config)
     if config is None:
-        config = _lora_config(model, top, lora)
+        config = lora_config(model, top, lora)
     elif lora or top is not None:
         raise NetgraftError("give a PEFT config or keyword options (top=, r=, ...), not both")
     _check_config(model, config, keep_frozen)
