@@ -30,7 +30,7 @@ from rich.progress import (
 from torch import nn
 from torch.utils.data import default_collate
 
-from ..data.batches import input_of
+from ..data.batches import input_of, split_example
 from ..deprecation import legacy
 from ..errors import NetgraftError
 from ..heads import find_head
@@ -79,14 +79,16 @@ def _labels(data: Any) -> torch.Tensor | None:
 
 def _num_classes(train: Any, val: Any) -> int:
     """The target's number of classes: ``train.classes``, else the largest label of the
-    training and validation data + 1."""
+    training and validation data + 1 (the second item of an example, or its ``labels``)."""
     classes = getattr(train, "classes", None)
     if classes is not None:
         return len(classes)
     found = []
     for data in (train, val):
         labels = _labels(data)
-        found.append(torch.as_tensor([int(item[1]) for item in data]) if labels is None else labels)
+        if labels is None:  # an example is (x, y), or a Hugging Face dict with its labels
+            labels = torch.as_tensor([int(split_example(item)[1]) for item in data])
+        found.append(labels)
     if found[0].numel() == 0:
         raise NetgraftError("the target training data is empty; the study needs examples")
     return int(max(int(labels.max()) for labels in found if labels.numel())) + 1
