@@ -277,7 +277,7 @@ def study_cmd(
         None, "--reuse", help="counts of units to reuse, e.g. 1,2,3 (default: all before the head)"
     ),
     modes: str = typer.Option(
-        "frozen,fine-tuned", "--modes", help="frozen, fine-tuned and/or surgical (tune only unit k)"
+        "frozen,fine-tuned", "--modes", help="frozen, fine-tuned, surgical (unit k), lora (top k)"
     ),
     unit: str = typer.Option("block", "--unit", help="count blocks or layers"),
     control: str | None = typer.Option(

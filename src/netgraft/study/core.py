@@ -37,10 +37,11 @@ from ..heads import find_head
 from ..layers import blocks, head_block_index, layers
 from ..options import BACKENDS, RunOptions, run_options
 from ..results import seeded_row
+from .lora import LORA_MODE, check_lora, lora_block_names, split_lora_budget
 from .result import StudyResult, recommend
 from .resume import TrialStore, study_key
 from .runners import connect_ray, run_trials
-from .shared import share_frozen_pass
+from .shared import share_frozen_pass, share_lora_bottoms
 from .trials import MODES, STUDY_MODES, Trial, TrialContext, TrialResult
 
 __all__ = ["BACKENDS", "study"]
@@ -130,11 +131,11 @@ def _mode_ks(
     modes: Sequence[str],
     reuse: Iterable[int] | None,
 ) -> dict[str, list[int]]:
-    """The counts ``k`` each mode runs: units reused before the head (frozen, fine-tuned),
-    or the unit tuned, the head's units included (surgical)."""
+    """The counts ``k`` each mode but ``"lora"`` runs: units reused before the head (frozen,
+    fine-tuned), or the unit tuned, the head's units included (surgical)."""
     limit = head_block_index(units, find_head(model)[0])
     out = {}
-    for mode in modes:
+    for mode in (m for m in modes if m != LORA_MODE):
         surgical = mode == "surgical"
         top = len(units) if surgical else limit
         asked = range(1, top + 1) if reuse is None else reuse
@@ -209,12 +210,17 @@ class _Tracker:
 
 
 def _row(
-    setting: Setting, results: Mapping[Trial, TrialResult], seeds: int, names: list[str] | None
+    setting: Setting,
+    results: Mapping[Trial, TrialResult],
+    seeds: int,
+    names: Mapping[str, list[str]] | None,
 ) -> dict[str, Any]:
+    """The row of ``setting`` over its seeds; ``reused_up_to`` (with ``names``, the names
+    each mode's ``k`` counts, by mode) is the name of unit ``k``."""
     model, mode, k = setting
     key = {"model": model, "mode": mode, "k": k}
     if names is not None:
-        key["reused_up_to"] = names[k - 1] if k > 0 else None
+        key["reused_up_to"] = names[mode][k - 1] if k > 0 else None
     got = [results[Trial(*setting, seed)] for seed in range(seeds)]
     row = seeded_row(key, lambda seed: (got[seed].acc, got[seed].trained_params), range(seeds))
     row["seconds"] = round(sum(r.seconds for r in got) / seeds, 3)  # the trials' own times
@@ -263,12 +269,17 @@ def _features_dir(cache_dir: Any, out_dir: Any) -> Iterator[Path]:
 
 
 def _share(ctx: TrialContext, todo: list[Trial], root: Path) -> None:
-    """Run the shared frozen pass for the trials still to run and record it in ``ctx``."""
+    """Run the shared passes for the trials still to run and record them in ``ctx``: the
+    frozen pass (frozen and surgical trials), the bottoms of the lora settings."""
+    if any(t.mode == LORA_MODE for t in todo):
+        ctx.features_dir = str(root)
+        ctx.stores = share_lora_bottoms(ctx, todo, root)
+        log.info("shared lora bottoms: %d feature store(s)", len(ctx.stores))
     if not any(t.mode in ("frozen", "surgical") for t in todo):
         return
     shared = share_frozen_pass(ctx, todo, root)
     ctx.features_dir, ctx.cuts, ctx.val_cached = str(root), shared.cuts, shared.val_cached
-    ctx.stores = shared.stores
+    ctx.stores = sorted({*ctx.stores, *shared.stores})
     log.info(
         "shared frozen pass: %d cut point(s) for %d setting(s) in %d pass(es), %.2fs "
         "(finding the cut points %.2fs)",
@@ -347,41 +358,41 @@ def study(
     ``"layer"``: the layer table) keep their weights, frozen (``"frozen"``) or not
     (``"fine-tuned"``), the rest re-initialised, and measure accuracy on ``val``; return a
     :class:`StudyResult`. Mode ``"surgical"`` keeps every unit's weights and tunes only
-    unit ``k`` (1-based, the head's units included), every other unit frozen.
+    unit ``k`` (1-based, the head's units included), every other unit frozen; ``"lora"``
+    trains LoRA (through PEFT) on the top ``k`` blocks of the main stack and the head, every
+    weight frozen, with the options in ``budget["lora"]`` (:mod:`netgraft.study.lora`).
 
     ``reuse`` defaults to every count from 1 to the unit before the head (the head is always
     new; it is replaced when the target has another number of classes: ``train.classes``,
-    else the largest label + 1 of ``train`` and ``val``), and for ``"surgical"`` to every
-    unit. ``baseline`` adds ``k = 0`` (from scratch); ``control`` (a model trained on the
-    target task itself) is reused the same way. ``budget`` is the epochs of every run, or
-    a dict of :func:`netgraft.fit` arguments (``epochs``, ``lr``, ``batch_size``,
-    ``optimizer``, and :class:`~netgraft.Optimization` fields such as ``lr_mult``). Data
-    are ``(x, y)`` tensors or datasets; the runs of a setting use seeds 0 to ``seeds - 1``.
+    else the largest label + 1 of ``train`` and ``val``), for ``"surgical"`` to every unit,
+    for ``"lora"`` to every block of the stack. ``baseline`` adds ``k = 0`` (from scratch);
+    ``control`` (a model trained on the target task itself) is reused the same way.
+    ``budget`` is the epochs of every run, or a dict of :func:`netgraft.fit` arguments
+    (``epochs``, ``lr``, ``batch_size``, ``optimizer``, ``lr_mult``, ...). Data are
+    ``(x, y)`` tensors or datasets; the runs of a setting use seeds 0 to ``seeds - 1``.
 
     With ``out_dir`` every trial is written as it finishes and a rerun of the same study
     (same budget, unit, models and data) skips the finished ones; the JSON, CSV and PNG
-    are written there at the end. ``run`` (:class:`~netgraft.RunOptions`) says how to run
-    the trials: ``workers`` local processes, or ``backend="ray"`` (``ray_address``),
-    ``threads`` per trial (with the same threads every backend gives the same rows),
-    ``shared_pass`` (frozen and surgical trials share one forward pass over the data,
-    :mod:`netgraft.study.shared`, stored as feature caches under ``cache_dir``,
-    ``out_dir/features`` or a temporary folder) and ``progress`` (a bar over trials; a
-    line per row once its seeds are done goes to the ``netgraft.study`` logger either
-    way). The old keywords (``source_model``, ``num_classes``, ``quiet``, ``workers``, ...)
-    still work and warn.
+    are written there at the end. ``run`` (:class:`~netgraft.RunOptions`): ``workers``
+    local processes or ``backend="ray"`` (``ray_address``), ``threads`` per trial (with the
+    same threads, the same rows on every backend), ``shared_pass`` (frozen and surgical
+    trials share one forward pass over the data, the seeds of a lora ``k`` its frozen
+    bottom, :mod:`netgraft.study.shared`; stored under ``cache_dir``, ``out_dir/features``
+    or a temporary folder) and ``progress`` (a bar over trials; a line per finished row goes
+    to the ``netgraft.study`` logger either way). The old keywords (``source_model``,
+    ``num_classes``, ``quiet``, ``workers``, ...) still work and warn.
     """
     say = legacy_kwargs.pop("progress", None)
     num_classes = legacy_kwargs.pop("num_classes", None) or _num_classes(train, val)
     run = run_options(run, legacy_kwargs)
     _check_choices(modes, unit, seeds)
     settings = _budget(budget)
-    models = {"source": model, **({"control": control} if control is not None else {})}
-    ctx, unit_names = _context(models, (train, val), unit, num_classes, settings)
-    ks = _mode_ks(model, ctx.units, unit, unit_names, modes, reuse)
+    ctx, unit_names = _context((model, control), (train, val), unit, num_classes, settings)
+    ks, names = _counts(ctx, unit, unit_names, modes, reuse)
     plan = _settings(modes, ks, baseline, control is not None)
     key_settings = {"budget": settings, "unit": unit, "num_classes": num_classes}
     results, reused = _run_on(run, ctx, plan, seeds, key_settings, out_dir, say)
-    result = _gather(plan, results, seeds, unit, unit_names, reused)
+    result = _gather(plan, results, seeds, (unit, unit_names, names), reused)
     result.settings = {**settings, "seeds": seeds, "modes": list(modes), "num_classes": num_classes}
     if out_dir is not None:
         result.save(out_dir)
@@ -389,18 +400,43 @@ def study(
 
 
 def _context(
-    models: dict[str, nn.Module],
+    source_control: tuple[nn.Module, nn.Module | None],
     data: tuple[Any, Any],
     unit: str,
     num_classes: int,
     settings: dict[str, Any],
 ) -> tuple[TrialContext, list[str]]:
-    """What every trial needs (the models, their units, the data, the budget) and the
-    units' names; the control, when given, must have the source's units."""
-    units = _units(models["source"], unit, _example(data[0]))
-    _check_control(models.get("control"), unit, len(units))
-    ctx = TrialContext(models, units, num_classes, data[0], data[1], settings)
+    """What every trial needs (the source and control models, their units, the data, fit's
+    budget and the lora options) and the units' names; the control, when given, must have
+    the source's units."""
+    source, control = source_control
+    models = {"source": source, **({"control": control} if control is not None else {})}
+    units = _units(source, unit, _example(data[0]))
+    _check_control(control, unit, len(units))
+    budget, lora = split_lora_budget(settings)
+    ctx = TrialContext(models, units, num_classes, data[0], data[1], budget, lora=lora)
     return ctx, _unit_names(models["source"], unit, units)
+
+
+def _counts(
+    ctx: TrialContext,
+    unit: str,
+    unit_names: list[str],
+    modes: Sequence[str],
+    reuse: Iterable[int] | None,
+) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
+    """The counts ``k`` each mode runs and, per mode, the names its ``k`` count (unit ``k``
+    at index ``k - 1``: the units, or for ``"lora"`` the stack's blocks from the top),
+    every mode checked before any training."""
+    model = ctx.models["source"]
+    ks = _mode_ks(model, ctx.units, unit, unit_names, modes, reuse)
+    names = {mode: unit_names for mode in (*modes, "scratch")}
+    if LORA_MODE in modes:
+        ks[LORA_MODE], stack = check_lora(model, unit, reuse, ctx.lora)
+        names[LORA_MODE] = lora_block_names(stack)
+    elif ctx.lora:
+        raise NetgraftError("budget['lora'] sets the adapters of mode 'lora', which modes lacks")
+    return ks, names
 
 
 def _run_on(run: RunOptions, ctx: TrialContext, plan: list[Setting], seeds: int,
@@ -418,12 +454,13 @@ def _gather(
     plan: list[Setting],
     results: Mapping[Trial, TrialResult],
     seeds: int,
-    unit: str,
-    unit_names: list[str],
+    units: tuple[str, list[str], dict[str, list[str]]],
     reused: int,
 ) -> StudyResult:
-    """The study's result from its trials: one row per setting, in plan order."""
-    rows = [_row(setting, results, seeds, unit_names) for setting in plan]
+    """The study's result from its trials: one row per setting, in plan order; ``units``
+    is the unit, its names and the names each mode's ``k`` count."""
+    unit, unit_names, names = units
+    rows = [_row(setting, results, seeds, names) for setting in plan]
     return StudyResult(
         rows=rows,
         unit=unit,

@@ -142,11 +142,25 @@ class StudyResult:
 def _reused_cell(row: Mapping[str, Any]) -> str:
     if row["mode"] == "surgical":
         return f"only {row['reused_up_to']} tuned"
+    if row["mode"] == "lora" and row["reused_up_to"]:
+        return f"all, LoRA down to {row['reused_up_to']}"
     return row["reused_up_to"] and f"… {row['reused_up_to']}" or "none"
 
 
 def _same_run(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return a["model"] == b["model"] and a["mode"] == b["mode"] and a["k"] == b["k"]
+
+
+def _what(pick: Mapping[str, Any]) -> str:
+    """What the recommended (non-scratch) row does, for its reason."""
+    if pick["mode"] == "surgical":
+        return f"tune only unit {pick['k']} ({pick['reused_up_to']}), keeping every other"
+    if pick["mode"] == "lora":
+        return (
+            f"LoRA on the top {pick['k']} block(s), down to {pick['reused_up_to']}, every "
+            "weight kept frozen"
+        )
+    return f"reuse {pick['k']} unit(s) up to {pick['reused_up_to']} {pick['mode']}"
 
 
 def recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -164,11 +178,7 @@ def recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
             f"(acc {pick['acc_mean']:.4f} ± {pick['acc_std']:.4f})"
         )
     else:
-        what = (
-            f"tune only unit {pick['k']} ({pick['reused_up_to']}), keeping every other"
-            if pick["mode"] == "surgical"
-            else f"reuse {pick['k']} unit(s) up to {pick['reused_up_to']} {pick['mode']}"
-        )
+        what = _what(pick)
         reason = f"{what} (acc {pick['acc_mean']:.4f} ± {pick['acc_std']:.4f}"
         reason += (
             f", {pick['trained_params']:,} trained parameters; best {best['mode']} k={best['k']} "

@@ -14,7 +14,14 @@ setting whose cut cannot be shared (random data pipeline, a cut by substitution,
 called twice) falls back to its own pass, and says why in the ``netgraft.study`` log.
 
 When the features of every cut point would not fit in memory together (2 GiB), the cut
-points are captured in as few passes as fit. This module never changes a model's weights,
+points are captured in as few passes as fit.
+
+The ``"lora"`` settings share less (:func:`share_lora_bottoms`): their frozen bottom, below
+the lowest adapter, is a cut of the PEFT model by substitution whose output is not one
+tensor a hook can capture, so each ``k`` runs its own bottom once, here, into the feature
+cache its trials' ``fit(cache="auto")`` then finds (under the same key: the bottom holds
+no adapter, so every seed's trial has the same one); the seeds of a ``k`` share it, the
+``k`` do not share with each other or with the frozen settings. This module never changes a model's weights,
 never leaves its train/eval modes or the global random streams changed, and writes only
 into the features folder it is given.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -37,11 +45,13 @@ from ..cache import FeatureCache, cache_key
 from ..data import as_dataset, input_of, to_device
 from ..errors import NetgraftError
 from ..layers import call_model, evaluating
+from ..options import RunOptions, run_options
 from ..rng import forked
 from ..train.cached import plan
-from .trials import Trial, TrialContext, set_trainable
+from .lora import LORA_MODE
+from .trials import Trial, TrialContext, build_trial_model, set_trainable
 
-__all__ = ["FrozenPass", "share_frozen_pass"]
+__all__ = ["FrozenPass", "share_frozen_pass", "share_lora_bottoms"]
 
 log = logging.getLogger("netgraft.study")
 
@@ -240,3 +250,35 @@ def share_frozen_pass(ctx: TrialContext, trials: Iterable[Trial], root: str | Pa
     result.stores = sorted(n for n in names if (root / n / "manifest.json").is_file())
     result.pass_seconds = time.perf_counter() - started - result.probe_seconds
     return result
+
+
+def _trial_run(ctx: TrialContext, root: Path) -> RunOptions:
+    """The run options a lora trial's ``fit`` gets: the budget's RunOptions fields over a
+    quiet run caching into ``root`` (the cache's dtype, batch size, ... as the trial's)."""
+    fields = {f.name for f in dataclasses.fields(RunOptions)}
+    own = {k: v for k, v in ctx.budget.items() if k in fields}
+    return run_options(RunOptions(progress=False, cache="auto", cache_dir=str(root)), own)
+
+
+def share_lora_bottoms(ctx: TrialContext, trials: Iterable[Trial], root: str | Path) -> list[str]:
+    """For each ``"lora"`` setting of ``trials``, build in the features folder ``root`` the
+    feature cache that its trials' ``fit`` builds below the lowest adapter (the cache plan
+    of the setting's model with seed 0's adapters, which the bottom does not hold), so the
+    seeds of a setting run its frozen bottom once; return the store folders written. A
+    setting whose cache does not apply is logged and left to its trials."""
+    root = Path(root)
+    if isinstance(ctx.train, DataLoader):
+        return []
+    train = as_dataset(ctx.train)
+    stores = []
+    run = _trial_run(ctx, root)
+    for setting in sorted({t.setting for t in trials if t.mode == LORA_MODE}):
+        model = build_trial_model(ctx, Trial(*setting, seed=0))
+        found = plan(model, train, cache=run.cache, **run.cache_options())
+        if found is None:
+            log.info("shared pass: %s %s k=%d runs without a feature cache", *setting)
+            continue
+        name = _store_name(found.prefix, train, found.cut_point)
+        if (root / name / "manifest.json").is_file():
+            stores.append(name)
+    return sorted(set(stores))

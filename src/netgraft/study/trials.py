@@ -30,6 +30,7 @@ from ..options import RunOptions
 from ..reinit import reinit
 from ..train import evaluate
 from ..train.loop import fit_flat
+from .lora import LORA_MODE, lora_model
 
 __all__ = [
     "MODES",
@@ -44,8 +45,9 @@ __all__ = [
 ]
 
 MODES = ("frozen", "fine-tuned")  # the default sweep
-# "surgical" (Lee et al., ICLR 2023): tune only unit k, every other unit frozen
-STUDY_MODES = (*MODES, "surgical")
+# "surgical" (Lee et al., ICLR 2023): tune only unit k, every other unit frozen;
+# "lora": LoRA (through PEFT) on the top k blocks of the main stack, every weight frozen
+STUDY_MODES = (*MODES, "surgical", LORA_MODE)
 
 
 @dataclass(frozen=True, order=True)
@@ -93,7 +95,8 @@ class TrialContext:
     shared frozen pass (:mod:`netgraft.study.shared`): the folder holding the features and,
     per setting ``(model, mode, k)``, the cut point its frozen prefix ends at; ``stores``
     names the feature stores in that folder the trials read (what Ray ships to other
-    nodes)."""
+    nodes); ``lora`` holds the options of the ``"lora"`` mode's adapters (the budget's
+    ``"lora"`` entry, which ``budget`` itself, fit's arguments, no longer holds)."""
 
     models: Mapping[str, nn.Module]
     units: list[list[str]]
@@ -105,6 +108,7 @@ class TrialContext:
     cuts: dict[tuple[str, str, int], str] = field(default_factory=dict)
     val_cached: bool = False
     stores: list[str] = field(default_factory=list)  # the shared pass's folders in features_dir
+    lora: dict[str, Any] = field(default_factory=dict)
 
 
 def _head_outputs(model: nn.Module) -> int | None:
@@ -129,21 +133,25 @@ def set_trainable(
 def build_trial_model(ctx: TrialContext, trial: Trial) -> nn.Module:
     """The model ``trial`` trains: a copy of its base with a head for the target's classes;
     ``"surgical"`` keeps every unit and trains only unit ``k`` (and a replaced head, which has
-    nothing to keep); the other modes keep the first ``k`` units, re-initialise the rest with
-    the trial's seed and freeze the kept ones in ``"frozen"``."""
+    nothing to keep); ``"lora"`` keeps every unit and is the PEFT model of the copy with
+    LoRA on the top ``k`` blocks of its main stack (the adapters and the head train, seeded
+    by the trial's seed); the other modes keep the first ``k`` units, re-initialise the rest
+    with the trial's seed and freeze the kept ones in ``"frozen"``."""
     model = copy.deepcopy(ctx.models[trial.base()])
     unfreeze(model)
     new_head = _head_outputs(model) not in (None, ctx.num_classes)
     if new_head:
         replace_head(model, ctx.num_classes)
     head = find_head(model)[0]
-    if trial.mode == "surgical":
+    if trial.mode in ("surgical", LORA_MODE):
         if new_head:
             reinit(model, head, seed=trial.seed)  # seeded: never drawn from the global stream
     else:
         later = [n for names in ctx.units[trial.k :] for n in names]
         if later:
             reinit(model, later, seed=trial.seed)
+    if trial.mode == LORA_MODE:
+        return lora_model(model, trial.k, ctx.lora, trial.seed)
     set_trainable(model, ctx.units, trial.mode, trial.k, [head] if new_head else None)
     return model
 
@@ -178,7 +186,10 @@ def run_trial(ctx: TrialContext, trial: Trial) -> TrialResult:
     batch_size = max(64, 2 * ctx.budget["batch_size"])
     net, val = model, ctx.val
     quiet = RunOptions(progress=False)
-    if cut_at is None:
+    if trial.mode == LORA_MODE:
+        run = quiet.replace(cache="auto", cache_dir=ctx.features_dir)
+        fit_flat(model, ctx.train, seed=trial.seed, run=run, **ctx.budget)
+    elif cut_at is None:
         fit_flat(model, ctx.train, seed=trial.seed, run=quiet, **ctx.budget)
     elif {"lr_mult", "layer_decay"} & set(ctx.budget):
         run = quiet.replace(cache=True, cache_dir=ctx.features_dir)
