@@ -4,18 +4,19 @@
 model, re-initialises the rest, trains on the target data with the copied units frozen
 (``"frozen"``) or trainable (``"fine-tuned"``) — or keeps every unit and tunes only unit ``k``
 (``"surgical"``, Lee et al. 2023, "Surgical fine-tuning improves adaptation to distribution
-shifts") — and records validation accuracy (mean and std over seeds), the number of trained
-parameters and the time, for every ``k`` asked for. A from-scratch baseline (``k = 0``) and a
-*selffer* control (a model trained on the target task itself, reused the same way; Yosinski
-et al. 2014, "How transferable are features in deep neural networks?") put the numbers in
-context. Results: a rich table, JSON, CSV, a PNG of accuracy against ``k`` per mode, and a
-recommended ``k``.
+shifts"), or keeps every weight frozen and trains LoRA adapters (through PEFT) on the top
+``k`` blocks of the main stack (``"lora"``, :mod:`.lora`) — and records validation accuracy
+(mean and std over seeds), the number of trained parameters and the time, for every ``k``
+asked for. A from-scratch baseline (``k = 0``) and a *selffer* control (a model trained on
+the target task itself, reused the same way; Yosinski et al. 2014, "How transferable are
+features in deep neural networks?") put the numbers in context. Results: a rich table,
+JSON, CSV, a PNG of accuracy against ``k`` per mode, and a recommended ``k``.
 
 At scale: the frozen trials share one forward pass of the source model over the target data
-(:mod:`.shared`), trials run in local processes or as Ray tasks (:mod:`.runners`) with the
-same numbers as one after another, and with ``out_dir`` a killed study resumes where it
-stopped (:mod:`.resume`). One trial is :mod:`.trials`; the steps are :mod:`.core`; the rows,
-table and plot are :mod:`.result`.
+(and the seeds of a lora ``k`` its frozen bottom; :mod:`.shared`), trials run in local
+processes or as Ray tasks (:mod:`.runners`) with the same numbers as one after another, and
+with ``out_dir`` a killed study resumes where it stopped (:mod:`.resume`). One trial is
+:mod:`.trials`; the steps are :mod:`.core`; the rows, table and plot are :mod:`.result`.
 
 Example::
 
