@@ -1,6 +1,7 @@
 """The study's "lora" mode on the real MiniLM sequence classifier and real political-speech
 passages: LoRA (through PEFT) on the top k layers for each k, the source left as it was,
-the same rows with and without the shared bottoms, and the errors before any training."""
+the same rows with and without the shared bottoms and from a worker process, and the errors
+before any training."""
 
 from __future__ import annotations
 
@@ -97,6 +98,12 @@ def test_lora_rows_are_the_same_with_the_shared_bottoms_and_without(source, pass
     assert _rows(alone) == _rows(shared)
     again = _lora_study(source, passages, seeds=2, run=QUIET)
     assert _rows(again) == _rows(shared)
+
+
+def test_lora_rows_from_a_worker_process_are_the_serial_rows(source, passages):
+    serial = _lora_study(source, passages, reuse=[1], run=QUIET.replace(threads=1))
+    worker = _lora_study(source, passages, reuse=[1], run=QUIET.replace(workers=1, threads=1))
+    assert _rows(worker) == _rows(serial)
 
 
 def test_lora_options_come_from_the_budget(source, passages):
