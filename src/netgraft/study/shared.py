@@ -21,9 +21,10 @@ the lowest adapter, is a cut of the PEFT model by substitution whose output is n
 tensor a hook can capture, so each ``k`` runs its own bottom once, here, into the feature
 cache its trials' ``fit(cache="auto")`` then finds (under the same key: the bottom holds
 no adapter, so every seed's trial has the same one); the seeds of a ``k`` share it, the
-``k`` do not share with each other or with the frozen settings. This module never changes a model's weights,
-never leaves its train/eval modes or the global random streams changed, and writes only
-into the features folder it is given.
+``k`` do not share with each other or with the frozen settings.
+
+This module never changes a model's weights, never leaves its train/eval modes or the
+global random streams changed, and writes only into the features folder it is given.
 """
 
 from __future__ import annotations
