@@ -354,33 +354,24 @@ def study(
     **legacy_kwargs: Any,
 ) -> StudyResult:
     """For each ``k`` in ``reuse`` and each mode, train ``seeds`` copies of ``model`` (the
-    source) whose first ``k`` units (``unit="block"``: :func:`netgraft.blocks`;
-    ``"layer"``: the layer table) keep their weights, frozen (``"frozen"``) or not
-    (``"fine-tuned"``), the rest re-initialised, and measure accuracy on ``val``; return a
-    :class:`StudyResult`. Mode ``"surgical"`` keeps every unit's weights and tunes only
-    unit ``k`` (1-based, the head's units included), every other unit frozen; ``"lora"``
-    trains LoRA (through PEFT) on the top ``k`` blocks of the main stack and the head, every
-    weight frozen, with the options in ``budget["lora"]`` (:mod:`netgraft.study.lora`).
+    source) whose first ``k`` units (``unit="block"``: :func:`netgraft.blocks`; ``"layer"``:
+    the layer table) keep their weights, frozen (``"frozen"``) or not (``"fine-tuned"``), the
+    rest re-initialised, and measure accuracy on ``val``; return a :class:`StudyResult`.
+    ``"surgical"`` keeps every unit and tunes only unit ``k`` (1-based, heads included);
+    ``"lora"`` trains LoRA (PEFT) on the top ``k`` blocks of the main stack and the head,
+    every weight frozen, with ``budget["lora"]``'s options (:mod:`netgraft.study.lora`).
 
-    ``reuse`` defaults to every count from 1 to the unit before the head (the head is always
-    new; it is replaced when the target has another number of classes: ``train.classes``,
-    else the largest label + 1 of ``train`` and ``val``), for ``"surgical"`` to every unit,
-    for ``"lora"`` to every block of the stack. ``baseline`` adds ``k = 0`` (from scratch);
-    ``control`` (a model trained on the target task itself) is reused the same way.
-    ``budget`` is the epochs of every run, or a dict of :func:`netgraft.fit` arguments
-    (``epochs``, ``lr``, ``batch_size``, ``optimizer``, ``lr_mult``, ...). Data are
-    ``(x, y)`` tensors or datasets; the runs of a setting use seeds 0 to ``seeds - 1``.
+    ``reuse`` defaults to every count from 1 to the unit before the head (the head is new,
+    replaced when the target has another number of classes: ``train.classes``, else the
+    largest label + 1), for ``"surgical"`` every unit, for ``"lora"`` every stack block.
+    ``baseline`` adds ``k = 0`` (from scratch); ``control`` (a model trained on the target)
+    is reused the same way. ``budget``: epochs, or :func:`netgraft.fit` arguments (``epochs``,
+    ``lr``, ``batch_size``, ...). A setting's runs use seeds 0 to ``seeds - 1``.
 
-    With ``out_dir`` every trial is written as it finishes and a rerun of the same study
-    (same budget, unit, models and data) skips the finished ones; the JSON, CSV and PNG
-    are written there at the end. ``run`` (:class:`~netgraft.RunOptions`): ``workers``
-    local processes or ``backend="ray"`` (``ray_address``), ``threads`` per trial (with the
-    same threads, the same rows on every backend), ``shared_pass`` (frozen and surgical
-    trials share one forward pass over the data, the seeds of a lora ``k`` its frozen
-    bottom, :mod:`netgraft.study.shared`; stored under ``cache_dir``, ``out_dir/features``
-    or a temporary folder) and ``progress`` (a bar over trials; a line per finished row goes
-    to the ``netgraft.study`` logger either way). The old keywords (``source_model``,
-    ``num_classes``, ``quiet``, ``workers``, ...) still work and warn.
+    With ``out_dir`` every trial is saved as it finishes (a rerun skips them), then the JSON,
+    CSV and PNG. ``run`` (:class:`~netgraft.RunOptions`): ``workers`` or ``backend="ray"``,
+    ``threads`` per trial (same rows on every backend), ``shared_pass`` (one shared forward
+    pass, :mod:`netgraft.study.shared`), ``progress``. Old keywords still work and warn.
     """
     say = legacy_kwargs.pop("progress", None)
     num_classes = legacy_kwargs.pop("num_classes", None) or _num_classes(train, val)
@@ -390,8 +381,8 @@ def study(
     ctx, unit_names = _context((model, control), (train, val), unit, num_classes, settings)
     ks, names = _counts(ctx, unit, unit_names, modes, reuse)
     plan = _settings(modes, ks, baseline, control is not None)
-    key_settings = {"budget": settings, "unit": unit, "num_classes": num_classes}
-    results, reused = _run_on(run, ctx, plan, seeds, key_settings, out_dir, say)
+    key = {"budget": settings, "unit": unit, "num_classes": num_classes}
+    results, reused = _run_on(run, ctx, plan, seeds, key, out_dir, say)
     result = _gather(plan, results, seeds, (unit, unit_names, names), reused)
     result.settings = {**settings, "seeds": seeds, "modes": list(modes), "num_classes": num_classes}
     if out_dir is not None:
