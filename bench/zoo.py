@@ -25,7 +25,9 @@ so a long run can be watched): per model pass/fail, the failing step with its ex
 the cut point and the seconds each step took. Times are noisy on a shared CPU; they say
 where the time goes, not how fast netgraft is.
 
-torchvision models take the crop size of their default weights when at most 299, else 224.
+torchvision models take the crop size of their default weights when at most 299, else 224,
+and are built as their ImageNet weights build them (:data:`PRETRAINED_FORM`: GoogLeNet
+without its auxiliary heads; Inception v3 keeps its own, as its weights do).
 
 Run: ``python bench/zoo.py [--quick] [--only NAME ...] [--threads 2]``. ``--quick`` runs a
 dozen architectures (both libraries, the two-head and untraceable cases).
@@ -208,10 +210,16 @@ def _torchvision_input(name: str) -> tuple[int, ...]:
     return (3, side, side)
 
 
+# torchvision builds these with their ImageNet weights this way: GoogLeNet's auxiliary heads
+# (dropout inside, run only in training) are dropped unless asked for
+PRETRAINED_FORM = {"googlenet": {"aux_logits": False, "init_weights": True}}
+
+
 def _build(spec: str) -> tuple[nn.Module, tuple[int, ...]]:
     library, name = spec.split(":", 1)
     if library == "torchvision":
-        return torchvision.models.get_model(name, weights=None), _torchvision_input(name)
+        kwargs = PRETRAINED_FORM.get(name, {})
+        return torchvision.models.get_model(name, weights=None, **kwargs), _torchvision_input(name)
     return timm.create_model(name, pretrained=False), _input_size(name)
 
 
@@ -487,7 +495,7 @@ def main() -> None:
         "timm": timm.__version__,
         "threads": args.threads,
         "machine": platform.machine(),
-        "note": "shared CPU: timings are noisy",
+        "note": os.environ.get("ZOO_NOTE", "shared CPU: timings are noisy"),
     }
     for spec in specs:
         row = done.get(spec) or run_one(spec)
