@@ -68,7 +68,7 @@ def _prefer(monkeypatch, position: int) -> list[int]:
     scored."""
     seen: list[int] = []
 
-    def score(model, held, loss, batch_size, run):
+    def score(model, held, loss, batch_size):
         seen.append(len(seen))
         return {"acc": 1.0 if seen[-1] == position else 0.5, "loss": 1.0}
 
@@ -143,3 +143,58 @@ def test_the_split_is_four_fifths_and_one_fifth_disjoint_and_seeded(digits):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:50], y[:50]), 7)
     fit_loader, held_loader = search.holdout_split(loader, 0)
     assert fit_loader.batch_size == 7 and len(held_loader.dataset) == 10
+
+
+@pytest.mark.slow
+def test_the_final_run_is_the_chosen_setting_run_alone(digits_32, mobilenet_v2_weights):
+    """The trials leave no trace: the searched run ends with the weights of a run of the
+    chosen setting without search."""
+    train, _ = digits_32
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=16)
+    searched = pretrained(mobilenet_v2_weights)
+    history = netgraft.fine_tune(searched, loader, epochs=1, config=CONFIG)
+    found = history.search
+    assert found is not None and found["held_out"] == 20  # a DataLoader is split too
+    changes = search.candidates(CONFIG.base_lr, CONFIG.lr_mult)[found["chosen"]]
+    alone = pretrained(mobilenet_v2_weights)
+    if changes:
+        fixed, epochs = CONFIG.replace(search=False, **changes), 1
+    else:
+        fixed, epochs = CONFIG.replace(search=False, head_epochs=CONFIG.head_epochs + 1), 0
+    netgraft.fine_tune(alone, loader, epochs=epochs, config=fixed)
+    pairs = zip(searched.state_dict().items(), alone.state_dict().values(), strict=True)
+    for (name, a), b in pairs:
+        assert torch.equal(a, b), name
+
+
+def test_a_loader_with_its_own_batches_or_a_model_that_cannot_be_copied_is_not_searched(
+    digits, caplog
+):
+    x, y = digits
+    data = torch.utils.data.TensorDataset(x[:40].repeat(1, 3, 1, 1), y[:40])
+    batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(data), 8, False)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=batches)
+    assert search.holdout_split(loader, 0) is None
+
+    class Uncopyable(torch.nn.Sequential):
+        def __deepcopy__(self, memo):
+            raise RuntimeError("this module refuses to be copied")
+
+    torch.manual_seed(0)
+    model = Uncopyable(torch.nn.Flatten(), torch.nn.Linear(192, 32), torch.nn.Linear(32, 10))
+    with caplog.at_level("WARNING", logger="netgraft"):
+        history = netgraft.fine_tune(model, data, epochs=1, config=CONFIG, batch_size=8)
+    assert history.search is None and history["stage"] == ["head", "all"]
+    assert "cannot be copied" in caplog.text
+
+
+def test_a_regression_is_scored_by_its_loss_alone(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 1))
+    held = torch.utils.data.TensorDataset(x[:30], y[:30].float().unsqueeze(1))
+    found = search.score(model, held, "mse", 16)
+    assert set(found) == {"loss"} and found["loss"] > 0
+    classes = torch.utils.data.TensorDataset(x[:30], y[:30])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    assert set(search.score(model, classes, None, 16)) == {"acc", "loss"}

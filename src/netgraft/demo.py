@@ -241,6 +241,7 @@ def _train_target(
             base_lr=config.lr,
             head_lr=config.lr,
             lr_mult=10,
+            search=False,  # every method gets the same optimizer steps
         )
         fine_tune(
             model,

@@ -92,7 +92,8 @@ class FineTuneConfig:
       scores them on the fifth held out, and fine-tunes on all of it with the best (about
       four times the compute; the validation data is never used to choose). ``base_lr``
       scales the candidates; any other field the caller changed from its default is kept
-      in every candidate. False: exactly the
+      in every candidate (a field left at its default may change: ``search=False`` fixes
+      everything). False: exactly the
       settings given. The trainer callbacks and :func:`schedule` do not own the data and
       run the settings given.
 
@@ -352,6 +353,14 @@ def fine_tune(
     (``optimizer``, ``batch_size``, ...). Returns one :class:`History` whose rows carry
     their ``stage``.
 
+    With ``config.search`` (the default) the settings above are chosen first on the
+    training data itself: copies of ``model`` train on four fifths of ``train`` with each
+    candidate of :func:`netgraft.train.search.candidates` (possibly the head alone for every
+    epoch), are scored on the fifth held out, and ``model`` then trains on all of ``train``
+    with the winner; ``history.search`` records the choice and every score (None when no
+    search ran: fewer than 20 examples, data that cannot be split, a model that cannot be
+    copied). ``val`` is never used to choose.
+
     The config's fields are also accepted as keyword arguments (``head_epochs=2``,
     ``base_lr=...``): deprecated spellings that warn once.
     """
@@ -405,35 +414,46 @@ def _search(
 ) -> tuple[FineTuneConfig, int, dict[str, Any] | None]:
     """``config.search``: the setting that scores best on a held-out fifth of ``train``
     (:mod:`.search`) as the config (``search=False``) and epochs :func:`_run_stages` runs,
-    and what was found (None when ``train`` cannot be split: the settings given)."""
+    and what was found (None when ``train`` cannot be split or ``model`` cannot be copied:
+    the settings given). The body candidates share one head stage; ``model`` is untouched."""
     fixed = config.replace(search=False)
     parts = holdout_split(train, seed)
     if parts is None:
         search_log.info("fine_tune search: the training data cannot be split; no search")
         return fixed, epochs, None
+    try:
+        copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001  (whatever keeps a model from being copied)
+        search_log.warning("fine_tune search: the model cannot be copied (%s); no search", exc)
+        return fixed, epochs, None
     fit_part, held = parts
+    quiet = {k: v for k, v in fit_kwargs.items() if k != "quiet"} | {"progress": False}
+
+    def train_copy(of: nn.Module, setting: FineTuneConfig, n: int) -> nn.Module:
+        trained = copy.deepcopy(of)
+        _run_stages(trained, (fit_part, None), n, setting, (), seed, run, quiet)
+        return trained
+
+    headed = functools.cache(lambda: train_copy(model, fixed, 0))  # the shared head stage
+
+    def trial(changes: dict[str, Any]) -> dict[str, float]:
+        if changes:
+            trained = train_copy(headed(), fixed.replace(head_epochs=0, **changes), epochs)
+        else:  # the head alone for every epoch
+            trained = train_copy(model, fixed.replace(head_epochs=fixed.head_epochs + epochs), 0)
+        return held_out_score(
+            trained, held, fit_kwargs.get("loss"), fit_kwargs.get("batch_size", 64)
+        )
+
     # base_lr scales the candidates; any other field the caller changed is kept in each
-    user_set = {
-        f.name
+    keep = {
+        f.name: getattr(config, f.name)
         for f in dataclasses.fields(config)
         if getattr(config, f.name) != f.default and f.name != "base_lr"
     }
-
-    def setting(changes: dict[str, Any]) -> tuple[FineTuneConfig, int]:
-        if not changes:  # the head alone for every epoch
-            return fixed.replace(head_epochs=fixed.head_epochs + epochs), 0
-        return fixed.replace(**{k: v for k, v in changes.items() if k not in user_set}), epochs
-
-    quiet = {k: v for k, v in fit_kwargs.items() if k != "quiet"} | {"progress": False}
-
-    def trial(changes: dict[str, Any]) -> dict[str, float]:
-        trained = copy.deepcopy(model)
-        config_, n = setting(changes)
-        _run_stages(trained, (fit_part, None), n, config_, (), seed, run, quiet)
-        batch = fit_kwargs.get("batch_size", 64)
-        return held_out_score(trained, held, fit_kwargs.get("loss"), batch, run)
-
-    options = candidates(config.base_lr, config.lr_mult)
+    options = candidates(config.base_lr, config.lr_mult, keep)
     best, scores = pick({label: functools.partial(trial, ch) for label, ch in options.items()})
-    chosen, n = setting(options[best])
-    return chosen, n, {"chosen": best, "scores": scores, "held_out": size(held)}
+    found = {"chosen": best, "scores": scores, "held_out": size(held)}
+    if not options[best]:
+        return fixed.replace(head_epochs=fixed.head_epochs + epochs), 0, found
+    return fixed.replace(**options[best]), epochs, found

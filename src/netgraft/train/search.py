@@ -13,14 +13,24 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    default_collate,
+)
 
-from .batches import evaluate, to_data
+from ..options import RunOptions
+from .batches import evaluate, split_batch, to_data
 
 __all__ = ["HOLDOUT", "MIN_EXAMPLES", "candidates", "holdout_split", "pick", "score", "size"]
 
@@ -33,35 +43,48 @@ MIN_EXAMPLES = 20
 HEAD_ONLY = "head only"
 
 
-def candidates(base_lr: float, lr_mult: float) -> dict[str, dict[str, Any]]:
+def candidates(
+    base_lr: float, lr_mult: float, keep: Mapping[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
     """The settings the search compares, by label, as :class:`FineTuneConfig` changes
-    (``{}`` for the head alone): the head alone; the config's own body rates; the body at
-    0.3 times them; and everything at one rate (``0.6 * base_lr``, i.e. ``0.3 * base_lr``
-    for every block after halving) with batch norms trained. At the defaults: the head,
-    ``base_lr`` 1e-3 ×10, 3e-4 ×10, and 3e-4 everywhere with norms trained."""
-    return {
-        HEAD_ONLY: {},
-        f"body {base_lr:g} x{lr_mult:g}": {"base_lr": base_lr},
-        f"body {0.3 * base_lr:g} x{lr_mult:g}": {"base_lr": 0.3 * base_lr},
-        f"all {0.3 * base_lr:g}, norms trained": {
-            "base_lr": 0.6 * base_lr, "lr_mult": 1.0, "train_bn": True,
-        },
-    }  # fmt: skip
+    (``{}`` for the head alone): the head alone; the body at ``base_lr``; at ``0.3 *
+    base_lr``; and everything at one rate (``0.6 * base_lr``, i.e. ``0.3 * base_lr`` for
+    every block after halving) with batch norms trained. ``keep`` (field -> value) holds
+    the fields the caller chose, which no candidate changes; the labels say the rates that
+    run. At the defaults: the head, ``base_lr`` 1e-3 ×10, 3e-4 ×10, and 3e-4 everywhere
+    with norms trained."""
+    keep = dict(keep or {})
+    options = {
+        "body": {"base_lr": base_lr},
+        "lower": {"base_lr": 0.3 * base_lr},
+        "all": {"base_lr": 0.6 * base_lr, "lr_mult": 1.0, "train_bn": True},
+    }
+    out: dict[str, dict[str, Any]] = {HEAD_ONLY: {}}
+    for changes in options.values():
+        changes = {k: v for k, v in changes.items() if k not in keep}
+        ran = {"lr_mult": lr_mult, "train_bn": False, **keep, **changes}
+        scope = "all" if ran["lr_mult"] == 1 and ran["train_bn"] else "body"
+        label = f"{scope} {changes['base_lr']:g} x{ran['lr_mult']:g}"
+        out[label + (", norms trained" if ran["train_bn"] else "")] = changes
+    return out
 
 
 def holdout_split(data: Any, seed: int | None) -> tuple[Any, Any] | None:
     """``data`` (anything :func:`netgraft.fit` takes) split at random into four fifths to
-    train on and one fifth held out, as datasets (a DataLoader's own dataset, batch size
-    and collate function kept). None when it cannot be split: an iterable dataset, a
-    loader with its own sampler, or fewer than :data:`MIN_EXAMPLES` examples."""
+    train on and one fifth held out (the same transforms as the training data: augmented
+    data is scored augmented), as datasets, or as DataLoaders with the loader's own
+    settings. None when it cannot be split: an iterable dataset, a loader with its own
+    sampler or batch sampler, or fewer than :data:`MIN_EXAMPLES` examples."""
     data = to_data(data)
     loader = data if isinstance(data, DataLoader) else None
     dataset: Dataset = loader.dataset if loader is not None else data
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
         return None
-    if loader is not None and type(loader.sampler).__name__ not in (
-        "SequentialSampler", "RandomSampler",
-    ):  # fmt: skip
+    if loader is not None and (
+        loader.batch_size is None
+        or type(loader.sampler) not in (SequentialSampler, RandomSampler)
+        or type(loader.batch_sampler) is not BatchSampler
+    ):
         return None
     n = len(dataset)
     if n < MIN_EXAMPLES:
@@ -71,10 +94,17 @@ def holdout_split(data: Any, seed: int | None) -> tuple[Any, Any] | None:
     parts = Subset(dataset, sorted(order[held:])), Subset(dataset, sorted(order[:held]))
     if loader is None:
         return parts
-    return tuple(
-        DataLoader(p, batch_size=loader.batch_size, shuffle=i == 0, collate_fn=loader.collate_fn)
-        for i, p in enumerate(parts)
-    )  # type: ignore[return-value]
+    settings = {
+        "batch_size": loader.batch_size,
+        "collate_fn": loader.collate_fn,
+        "num_workers": loader.num_workers,
+        "pin_memory": loader.pin_memory,
+        "worker_init_fn": loader.worker_init_fn,
+    }
+    return (
+        DataLoader(parts[0], shuffle=True, drop_last=loader.drop_last, **settings),
+        DataLoader(parts[1], shuffle=False, **settings),
+    )
 
 
 def size(data: Any) -> int:
@@ -82,17 +112,24 @@ def size(data: Any) -> int:
     return len(data.dataset) if isinstance(data, DataLoader) else len(data)
 
 
-def score(model: nn.Module, held: Any, loss: Any, batch_size: int, run: Any) -> dict[str, float]:
-    """``model``'s accuracy and mean loss on the held-out part (the loss alone when
-    accuracy has no meaning for the task, a regression say), rounded to 6 digits."""
-    try:
-        found = evaluate(model, held, loss=loss, batch_size=batch_size, run=run)
-    except (RuntimeError, ValueError, IndexError):
-        found = evaluate(model, held, loss=loss, metrics=(), batch_size=batch_size, run=run)
+def score(model: nn.Module, held: Any, loss: Any, batch_size: int) -> dict[str, float]:
+    """``model``'s mean loss on the held-out part and, for class targets (integers), its
+    accuracy, rounded to 6 digits; evaluated on the device the model's parameters are on."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    run = RunOptions(device=device, progress=False)
+    metrics = ("acc",) if _class_targets(held) else ()
+    found = evaluate(model, held, loss=loss, metrics=metrics, batch_size=batch_size, run=run)
     return {
         k: round(float(found[k]), 6)
         for k in ("acc", "loss") if k in found and not math.isnan(found[k])
     }  # fmt: skip
+
+
+def _class_targets(held: Any) -> bool:
+    """Whether the held-out targets are class indices (integers) rather than values."""
+    data = held.dataset if isinstance(held, DataLoader) else held
+    _, target = split_batch(default_collate([data[0]]))
+    return isinstance(target, torch.Tensor) and not target.is_floating_point()
 
 
 def _rank(found: dict[str, float]) -> tuple[float, float]:
