@@ -98,7 +98,8 @@ def run_fit(kind: str, train, epochs: int, cache: bool, batch: int, lr: float):
     try:
         start = time.perf_counter()
         history = netgraft.fit(model, train, epochs=epochs, lr=lr, seed=0, batch_size=batch,
-                               cache=cache, quiet=True, callbacks=[clock])  # fmt: skip
+                               run=netgraft.RunOptions(cache=cache, progress=False),
+                               callbacks=[clock])  # fmt: skip
     finally:
         logger.removeHandler(catcher)
     walls = [end - start for end in clock.ends]
