@@ -52,7 +52,9 @@ def test_search_scores_every_candidate_on_held_out_training_data_never_on_val(
     labels = list(search.candidates(CONFIG.base_lr, CONFIG.lr_mult))
     assert list(found["scores"]) == labels and len(labels) == 4
     scores = found["scores"]
-    assert found["chosen"] == max(labels, key=lambda k: (scores[k]["acc"], -scores[k]["loss"]))
+    best = max(labels, key=lambda k: (scores[k]["acc"], -scores[k]["loss"]))
+    clear = scores[best]["acc"] - scores[labels[1]]["acc"] > (0.25 / 20) ** 0.5
+    assert found["chosen"] == (best if clear else labels[1])  # the config's own unless beaten
     assert found["held_out"] == 20
     assert all(0 <= s["acc"] <= 1 and s["loss"] > 0 for s in scores.values())
     assert all(round(s["acc"] * 20) == pytest.approx(s["acc"] * 20) for s in scores.values())
@@ -198,3 +200,20 @@ def test_a_regression_is_scored_by_its_loss_alone(digits):
     classes = torch.utils.data.TensorDataset(x[:30], y[:30])
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     assert set(search.score(model, classes, None, 16)) == {"acc", "loss"}
+
+
+def test_the_configs_own_setting_stands_unless_clearly_beaten():
+    def trials(**accs):
+        return {k: (lambda a=a: {"acc": a, "loss": 1.0 - a}) for k, a in accs.items()}
+
+    # 20 held out: one standard error at its widest is sqrt(0.25 / 20) = 0.112
+    chosen, _ = search.pick(trials(head=0.60, own=0.55, other=0.50), prior="own", held_out=20)
+    assert chosen == "own"
+    chosen, _ = search.pick(trials(head=0.70, own=0.55, other=0.50), prior="own", held_out=20)
+    assert chosen == "head"
+    # more held-out examples, a smaller margin
+    chosen, _ = search.pick(trials(head=0.60, own=0.55, other=0.50), prior="own", held_out=400)
+    assert chosen == "head"
+    # a regression: the lowest loss
+    regression = {k: (lambda v=v: {"loss": v}) for k, v in {"own": 2.0, "b": 1.0}.items()}
+    assert search.pick(regression, prior="own", held_out=20)[0] == "b"

@@ -89,13 +89,13 @@ class FineTuneConfig:
       training data itself: it trains copies of the model on four fifths of it with each
       setting of :func:`netgraft.train.search.candidates` (the head alone; the body at
       ``base_lr``; at ``0.3 * base_lr``; everything at one rate with batch norms trained),
-      scores them on the fifth held out, and fine-tunes on all of it with the best (about
-      four times the compute; the validation data is never used to choose). ``base_lr``
-      scales the candidates; any other field the caller changed from its default is kept
-      in every candidate (a field left at its default may change: ``search=False`` fixes
-      everything). False: exactly the
-      settings given. The trainer callbacks and :func:`schedule` do not own the data and
-      run the settings given.
+      scores them on the fifth held out, and fine-tunes on all of it with the config's own
+      setting unless another is clearly better there (:func:`netgraft.train.search.pick`).
+      About four times the compute; the validation data is never used to choose.
+      ``base_lr`` scales the candidates; any other field the caller changed from its
+      default is kept in every candidate (a field left at its default may change). False:
+      exactly the settings given. The trainer callbacks and :func:`schedule` do not own
+      the data and run the settings given.
 
     The default values live here only; everything that fine-tunes follows them. The held-out
     transfer suite (``bench/suite.py``; real tasks, images and text, leave-one-task-out)
@@ -452,7 +452,9 @@ def _search(
         if getattr(config, f.name) != f.default and f.name != "base_lr"
     }
     options = candidates(config.base_lr, config.lr_mult, keep)
-    best, scores = pick({label: functools.partial(trial, ch) for label, ch in options.items()})
+    own = next(label for label, ch in options.items() if ch == {"base_lr": config.base_lr})
+    trials = {label: functools.partial(trial, ch) for label, ch in options.items()}
+    best, scores = pick(trials, prior=own, held_out=size(held))
     found = {"chosen": best, "scores": scores, "held_out": size(held)}
     if not options[best]:
         return fixed.replace(head_epochs=fixed.head_epochs + epochs), 0, found
