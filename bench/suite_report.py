@@ -100,6 +100,59 @@ def leave_one_task_out(rows: list[dict]) -> dict[str, Any]:
     return {"folds": folds, "mean_regret_all_tasks": overall, "worst_regret_all_tasks": worst}
 
 
+# the settings run on every seed: fine_tune's search and the four fixed settings it chooses
+# among (full one rate 3e-4 as the one-rate candidate, from the start instead of after the
+# head stage)
+CORE = (
+    "search (new default)",
+    "head only",
+    "new defaults (1e-3 x10)",
+    "candidate 3e-4 x10",
+    "full one rate 3e-4",
+)
+
+
+def matched(runs: list[dict], methods: tuple[str, ...] = CORE) -> dict[str, Any]:
+    """``methods`` compared on equal terms: per (task, budget), only the seeds where every
+    one of them ran; each one's accuracy on every such seed, their mean, its regret (the
+    best mean minus its own), average ranks, and leave-one-task-out over ``methods``."""
+    by_key = {(r["task"], r["budget"], r["seed"], r["method"]): r["acc"] for r in runs}
+    cells: dict[tuple, dict[str, float]] = {}
+    per_seed: dict[str, dict[str, list[float]]] = {}
+    for task, budget in sorted({(r["task"], r["budget"]) for r in runs}):
+        seeds = sorted({s for (t, b, s, _) in by_key if (t, b) == (task, budget)})
+        seeds = [s for s in seeds if all((task, budget, s, m) in by_key for m in methods)]
+        if not seeds:
+            continue
+        accs = {m: [by_key[(task, budget, s, m)] for s in seeds] for m in methods}
+        cells[(task, budget)] = {m: statistics.fmean(a) for m, a in accs.items()}
+        per_seed[f"{task} {budget} seeds {seeds}"] = accs
+    rows = [{"task": t, "budget": b, "method": m, "acc_mean": round(v, 4)}
+            for (t, b), scores in cells.items() for m, v in scores.items()]  # fmt: skip
+    folds = {}
+    for held in sorted({t for t, _ in cells}):
+        others = [v for (t, _), v in cells.items() if t != held]
+        if others:
+            mean = {m: statistics.fmean(_regret(v, m) for v in others) for m in methods}
+            pick = min(mean, key=mean.get)
+            folds[held] = {
+                "picked": pick,
+                "held_out_regret": {b: round(_regret(v, pick), 4)
+                                    for (t, b), v in cells.items() if t == held},
+            }  # fmt: skip
+    regret = {m: [round(_regret(v, m), 4) for v in cells.values()] for m in methods}
+    return {
+        "methods": list(methods),
+        "per_seed": per_seed,
+        "mean": {f"{t} {b}": {m: round(a, 4) for m, a in v.items()} for (t, b), v in cells.items()},
+        "regret": regret,
+        "mean_regret": {m: round(statistics.fmean(r), 4) for m, r in regret.items() if r},
+        "worst_regret": {m: max(r) for m, r in regret.items() if r},
+        "average_rank": average_ranks(rows, list(methods)),
+        "leave_one_task_out": folds,
+    }
+
+
 def agreement(runs: list[dict]) -> list[dict[str, Any]]:
     """Per (task, budget, seed): the surgical study's best block, suggest's first block, and
     suggest's first among the surgical study's candidates."""
@@ -178,6 +231,7 @@ def write(runs_path: Path, json_path: Path, png_path: Path, settings: dict[str, 
         "rows": rows,
         "average_rank": ranks,
         "leave_one_task_out": leave_one_task_out(rows),
+        "matched_seeds": matched(runs),
         "suggest_vs_surgical": agreement(runs),
         "table": markdown(rows, methods, ranks),
         "runs": runs,
