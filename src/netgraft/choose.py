@@ -43,7 +43,7 @@ from .adapters import adapter_stack, adapter_targets, require_peft
 from .data import to_device
 from .deprecation import legacy
 from .errors import NetgraftError
-from .layers import modes_kept
+from .layers import device_of, modes_kept
 from .optim import block_of_parameters
 from .options import RunOptions, run_options
 from .results import results_table, write_png, write_results
@@ -194,7 +194,7 @@ def relative_gradient_norms(
     gradients, requires_grad flags and train/eval modes."""
     if not isinstance(batches, int) or batches < 1:
         raise NetgraftError(f"batches must be a positive integer; found {batches!r}")
-    device = resolve_device(device) if device is not None else _device_of(model)
+    device = resolve_device(device) if device is not None else device_of(model)
     score = loss_fn(loss)
     params = dict(model.named_parameters())
     flags = {n: p.requires_grad for n, p in params.items()}
@@ -221,11 +221,6 @@ def relative_gradient_norms(
         n: (float((sums[n] / len(seen)).norm()), float(p.detach().norm()))
         for n, p in params.items()
     }
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def _ratio(g: float, theta: float) -> float:

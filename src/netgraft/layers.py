@@ -45,6 +45,7 @@ __all__ = [
     "Layer",
     "LayerTable",
     "blocks",
+    "device_of",
     "display_name",
     "evaluating",
     "head_block_index",
@@ -198,6 +199,11 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
     if hasattr(output, "to_tuple"):  # Hugging Face ModelOutput
         return _first_tensor(output.to_tuple())
     return None
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def call_model(model: nn.Module, example_input: Any) -> Any:

@@ -30,7 +30,7 @@ from ..atomic import atomic_folder
 from ..data import as_dataset, split_example, to_device
 from ..deprecation import legacy
 from ..errors import CacheError
-from ..layers import call_model, evaluating
+from ..layers import call_model, device_of, evaluating
 from ..rng import forked, seed_everything
 from .key import KeyedDataset, cache_key
 from .store import (
@@ -184,7 +184,7 @@ class FeatureCache(KeyedDataset):
         with the prefix in eval mode and the global random streams untouched."""
         prefix = self._prefix
         assert prefix is not None and self._dataset is not None
-        device = next((p.device for p in prefix.parameters()), torch.device("cpu"))
+        device = device_of(prefix)
         with evaluating(prefix), forked():
             for copy in range(self.copies):
                 seed_everything(_AUGMENT_SEED + copy)

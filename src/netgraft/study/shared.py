@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from ..cache import FeatureCache, cache_key
 from ..data import as_dataset, input_of, to_device
 from ..errors import NetgraftError
-from ..layers import call_model, evaluating
+from ..layers import call_model, device_of, evaluating
 from ..options import RunOptions, run_options
 from ..rng import forked
 from ..train.cached import plan
@@ -96,7 +96,7 @@ def _capture(
         return hook
 
     out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = device_of(model)
     handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
     loader = DataLoader(
         data, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(0)

@@ -38,7 +38,7 @@ from ..data import input_of, to_device
 from ..deprecation import legacy
 from ..errors import CacheError, SurgeryError
 from ..freeze import held_in_inference, is_dropout, norm_policy
-from ..layers import Layer, blocks, layers, trace_order
+from ..layers import Layer, blocks, device_of, layers, trace_order
 from .determinism import cached_training_differs, off_the_record, random_operations
 
 __all__ = ["CachePlan", "plan"]
@@ -216,7 +216,7 @@ def _first_trainable(
     runs before it."""
     if len(train_data) == 0:  # type: ignore[arg-type]
         raise _Refused("the training data is empty")
-    example = to_device(default_collate([input_of(train_data[0])]), _device_of(model))
+    example = to_device(default_collate([input_of(train_data[0])]), device_of(model))
     order, shapes = trace_order(model, example)
     table = layers(model)
     first = next((row for row in table if row.trainable_params > 0), None)
@@ -285,12 +285,8 @@ def _probe_batch(model: nn.Module, train_data: Dataset, size: int = 2) -> Any:
     """The first few training inputs as one batch, on the model's device."""
     n = min(size, len(train_data))  # type: ignore[arg-type]
     return to_device(
-        default_collate([input_of(train_data[i]) for i in range(n)]), _device_of(model)
+        default_collate([input_of(train_data[i]) for i in range(n)]), device_of(model)
     )
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def _block_boundary_first(model: nn.Module, first: str, candidates: list[str]) -> list[str]:

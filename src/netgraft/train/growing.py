@@ -52,7 +52,7 @@ from ..data import to_device
 from ..errors import EquivalenceError, NetgraftError, SurgeryError
 from ..grow.carry import ParamGrowth, tracking
 from ..grow.verify import default_atol, probe_input
-from ..layers import evaluating
+from ..layers import device_of, evaluating
 from ..optim import param_groups
 from ..recipe import operation
 from .batches import loss_fn, predictions, split_batch
@@ -251,11 +251,6 @@ def grow_with_optimizer(
     return event
 
 
-def _device(model: nn.Module) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 class Grow(Callback):
     """Grow the model before epoch ``at_epoch`` (0-based: after ``at_epoch`` epochs) of
     :func:`netgraft.fit`, carrying the optimizer's state across (see the module docstring).
@@ -331,7 +326,7 @@ class Grow(Callback):
     def _probe_batch(self, model: nn.Module) -> tuple[Any, Any]:
         if self.probe is None:
             return probe_input(model, None, what="Grow"), None
-        return split_batch(to_device(self.probe, _device(model)))
+        return split_batch(to_device(self.probe, device_of(model)))
 
     def _measure(
         self, model: nn.Module, inputs: Any, targets: Any

@@ -30,6 +30,7 @@ from torch.utils.data import (
     default_collate,
 )
 
+from ..layers import device_of
 from ..options import RunOptions
 from .batches import evaluate, split_batch, to_data
 
@@ -116,8 +117,7 @@ def size(data: Any) -> int:
 def score(model: nn.Module, held: Any, loss: Any, batch_size: int) -> dict[str, float]:
     """``model``'s mean loss on the held-out part and, for class targets (integers), its
     accuracy, rounded to 6 digits; evaluated on the device the model's parameters are on."""
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    run = RunOptions(device=device, progress=False)
+    run = RunOptions(device=device_of(model), progress=False)
     metrics = ("acc",) if _class_targets(held) else ()
     found = evaluate(model, held, loss=loss, metrics=metrics, batch_size=batch_size, run=run)
     return {
