@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -46,11 +45,10 @@ from ..cache import FeatureCache, cache_key
 from ..data import as_dataset, input_of, to_device
 from ..errors import NetgraftError
 from ..layers import call_model, device_of, evaluating
-from ..options import RunOptions, run_options
 from ..rng import forked
 from ..train.cached import plan
 from .lora import LORA_MODE
-from .trials import Trial, TrialContext, build_trial_model, set_trainable
+from .trials import Trial, TrialContext, build_trial_model, lora_run, set_trainable
 
 __all__ = ["FrozenPass", "share_frozen_pass", "share_lora_bottoms"]
 
@@ -253,14 +251,6 @@ def share_frozen_pass(ctx: TrialContext, trials: Iterable[Trial], root: str | Pa
     return result
 
 
-def _trial_run(ctx: TrialContext, root: Path) -> RunOptions:
-    """The run options a lora trial's ``fit`` gets: the budget's RunOptions fields over a
-    quiet run caching into ``root`` (the cache's dtype, batch size, ... as the trial's)."""
-    fields = {f.name for f in dataclasses.fields(RunOptions)}
-    own = {k: v for k, v in ctx.budget.items() if k in fields}
-    return run_options(RunOptions(progress=False, cache="auto", cache_dir=str(root)), own)
-
-
 def share_lora_bottoms(ctx: TrialContext, trials: Iterable[Trial], root: str | Path) -> list[str]:
     """For each ``"lora"`` setting of ``trials``, build in the features folder ``root`` the
     feature cache that its trials' ``fit`` builds below the lowest adapter (the cache plan
@@ -272,7 +262,7 @@ def share_lora_bottoms(ctx: TrialContext, trials: Iterable[Trial], root: str | P
         return []
     train = as_dataset(ctx.train)
     stores = []
-    run = _trial_run(ctx, root)
+    run = lora_run(ctx).replace(cache_dir=str(root))
     for setting in sorted({t.setting for t in trials if t.mode == LORA_MODE}):
         model = build_trial_model(ctx, Trial(*setting, seed=0))
         found = plan(model, train, cache=run.cache, **run.cache_options())

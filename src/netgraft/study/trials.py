@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -26,7 +26,7 @@ from ..cut import cut
 from ..data import as_dataset
 from ..freeze import freeze, train_only, unfreeze
 from ..heads import find_head, replace_head
-from ..options import RunOptions
+from ..options import RunOptions, run_options
 from ..reinit import reinit
 from ..train import evaluate
 from ..train.loop import fit_flat
@@ -173,6 +173,16 @@ def _from_features(
     return suffix, train, val
 
 
+def lora_run(ctx: TrialContext) -> RunOptions:
+    """How a ``"lora"`` trial's ``fit`` runs: quiet, ``cache="auto"`` into the features
+    folder (where :func:`netgraft.study.shared.share_lora_bottoms` built its bottom), with
+    the budget's own RunOptions fields over these."""
+    names = {f.name for f in fields(RunOptions)}
+    own = {k: v for k, v in ctx.budget.items() if k in names}
+    base = RunOptions(progress=False, cache="auto", cache_dir=ctx.features_dir)
+    return run_options(base, own)
+
+
 def run_trial(ctx: TrialContext, trial: Trial) -> TrialResult:
     """Build, train and measure one trial. A setting with a cut point trains its suffix on
     the shared features, as :func:`netgraft.fit` would from its own cache (the optimizer
@@ -187,8 +197,7 @@ def run_trial(ctx: TrialContext, trial: Trial) -> TrialResult:
     net, val = model, ctx.val
     quiet = RunOptions(progress=False)
     if trial.mode == LORA_MODE:
-        run = quiet.replace(cache="auto", cache_dir=ctx.features_dir)
-        fit_flat(model, ctx.train, seed=trial.seed, run=run, **ctx.budget)
+        fit_flat(model, ctx.train, seed=trial.seed, run=lora_run(ctx), **ctx.budget)
     elif cut_at is None:
         fit_flat(model, ctx.train, seed=trial.seed, run=quiet, **ctx.budget)
     elif {"lr_mult", "layer_decay"} & set(ctx.budget):
