@@ -74,22 +74,28 @@ def _regret(scores: dict[str, float], method: str) -> float:
     return max(scores.values()) - scores[method]
 
 
+def _folds(cells: dict[tuple, dict[str, float]], methods: tuple[str, ...]) -> dict[str, Any]:
+    """Per task left out: the method with the smallest mean regret over the other tasks'
+    cells, that mean, and its regret on each of the left-out task's cells."""
+    folds = {}
+    for held in sorted({t for t, _ in cells}):
+        others = [v for (t, _), v in cells.items() if t != held]
+        if not others:
+            continue
+        mean = {m: statistics.fmean(_regret(v, m) for v in others) for m in methods}
+        pick = min(mean, key=mean.get)
+        held_cells = {b: round(_regret(v, pick), 4) for (t, b), v in cells.items() if t == held}
+        folds[held] = {"picked": pick, "train_mean_regret": round(mean[pick], 4),
+                       "held_out_regret": held_cells}  # fmt: skip
+    return folds
+
+
 def leave_one_task_out(rows: list[dict]) -> dict[str, Any]:
     """For each task: the fixed setting (of :data:`CHOOSABLE`) with the smallest mean
     regret (best method's accuracy minus its own) over the other tasks' cells, and its
     regret on the held-out task's cells."""
     cells = {k: v for k, v in _cells(rows).items() if all(m in v for m in CHOOSABLE)}
-    tasks = sorted({t for t, _ in cells})
-    folds = {}
-    for held in tasks:
-        others = [v for (t, _), v in cells.items() if t != held]
-        if not others:
-            continue
-        mean = {m: statistics.fmean(_regret(v, m) for v in others) for m in CHOOSABLE}
-        pick = min(mean, key=mean.get)
-        held_cells = {b: round(_regret(v, pick), 4) for (t, b), v in cells.items() if t == held}
-        folds[held] = {"picked": pick, "train_mean_regret": round(mean[pick], 4),
-                       "held_out_regret": held_cells}  # fmt: skip
+    folds = _folds(cells, CHOOSABLE)
     overall = {m: round(statistics.fmean(_regret(v, m) for v in cells.values()), 4)
                for m in CHOOSABLE} if cells else {}  # fmt: skip
     worst = (
@@ -129,17 +135,7 @@ def matched(runs: list[dict], methods: tuple[str, ...] = CORE) -> dict[str, Any]
         per_seed[f"{task} {budget} seeds {seeds}"] = accs
     rows = [{"task": t, "budget": b, "method": m, "acc_mean": round(v, 4)}
             for (t, b), scores in cells.items() for m, v in scores.items()]  # fmt: skip
-    folds = {}
-    for held in sorted({t for t, _ in cells}):
-        others = [v for (t, _), v in cells.items() if t != held]
-        if others:
-            mean = {m: statistics.fmean(_regret(v, m) for v in others) for m in methods}
-            pick = min(mean, key=mean.get)
-            folds[held] = {
-                "picked": pick,
-                "held_out_regret": {b: round(_regret(v, pick), 4)
-                                    for (t, b), v in cells.items() if t == held},
-            }  # fmt: skip
+    folds = _folds(cells, methods)
     regret = {m: [round(_regret(v, m), 4) for v in cells.values()] for m in methods}
     return {
         "methods": list(methods),
