@@ -28,7 +28,8 @@ against surgical) and ``suite.png`` are rewritten after every task. ``--quick``:
 per source (digits, elpv, speeches) at the small budget, one seed, the head alone and
 ``fine_tune``'s defaults (its search) (``suite-quick.json``; a smoke test of the whole pipeline, minutes on an idle 2-core CPU).
 Run niced on a shared machine:
-``nice -n 15 python bench/suite.py [--quick] [--tasks mnist,sms] [--threads 1]`` (two threads
+``nice -n 15 python bench/suite.py [--quick] [--tasks mnist,sms] [--threads 1] [--workers 2]``
+(``--workers``: runs side by side in loky processes, each row the same as run alone; two threads
 on a contended CPU spin-wait: about ten times slower than one in this session's runs).
 """
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -70,21 +72,59 @@ def _append(path: Path, row: dict[str, Any]) -> None:
         fh.flush()
 
 
-def run_cell(task: sm.SuiteTask, budget: str, seed: int, methods: list[str], runs: Path) -> None:
-    """Every method of one (task, budget, seed) not yet in ``runs``, on one training draw."""
-    done = _done(runs)
-    todo = [m for m in methods if (task.name, budget, seed, m) not in done]
-    train = task.train_set(budget, seed) if todo else None
-    for method in todo:
-        if (task.name, budget, seed, method) in _done(runs):  # another run of the suite did it
+def _log(runs: Path, row: dict[str, Any]) -> None:
+    _append(runs, row)
+    print(json.dumps(row), file=sys.stderr, flush=True)
+
+
+def _jobs(args: argparse.Namespace) -> list[tuple[str, str, int, str]]:
+    """Every (task, budget, seed, method) of the run in the order they go: every task at the
+    small budget and the first seed first (a stopped run still has rows for every task),
+    then more seeds, then the large budget; the fixed settings before suggest and surgical."""
+    phases = [[m for m in args.methods if m not in SLOW], [m for m in args.methods if m in SLOW]]
+    return [
+        (name, budget, seed, method)
+        for budget in args.budgets
+        for seed in range(args.first_seed, args.first_seed + args.seeds)
+        for methods in phases
+        for name in args.tasks
+        for method in methods
+    ]
+
+
+def _serial(args: argparse.Namespace, runs: Path, report) -> None:
+    """The runs not yet logged, one after another in this process."""
+    tasks: dict[str, sm.SuiteTask] = {}
+    for job in _jobs(args):
+        if job in _done(runs):  # this or another run of the suite did it
             continue
-        started = time.perf_counter()
-        result = {**sm.METHODS, **sm.EXTRA}[method](task, train, budget, seed)
-        row = {"task": task.name, "budget": budget, "seed": seed, "method": method,
-               "n_train": len(train), **result,
-               "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
-        _append(runs, row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        name = job[0]
+        if name not in tasks:
+            tasks[name] = sm.load_task(name, args)
+        _log(runs, sm.run_one(tasks[name], *job[1:]))
+        report()
+
+
+def _parallel(args: argparse.Namespace, runs: Path, report) -> None:
+    """The runs not yet logged, in ``args.workers`` loky processes of one torch thread each
+    (every run seeds itself, so a row is the same whichever process ran it); rows are
+    appended here as they finish."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    from loky import ProcessPoolExecutor
+
+    here = str(Path(__file__).parent)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    done = _done(runs)
+    todo = [j for j in _jobs(args) if j not in done]
+    options = {"size": args.size, "tokens": args.tokens, "threads": args.threads}
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        pending = {pool.submit(sm.run_job, job, options) for job in todo}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                _log(runs, future.result())
+            report()
 
 
 def _parse() -> argparse.Namespace:
@@ -98,6 +138,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--tokens", type=int, default=48, help="text max_length")
     parser.add_argument("--threads", type=int, default=1, help="1 runs best on a busy CPU")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes side by side (loky), each with --threads threads")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="results folder")
     args = parser.parse_args()
     if args.quick:
@@ -121,21 +163,12 @@ def main() -> None:
     stem = "suite-quick" if args.quick else "suite"
     runs = out / f"{stem}-runs.jsonl"
     started = time.perf_counter()
-    tasks: dict[str, sm.SuiteTask] = {}
-    # every task at the small budget and the first seed first: a stopped run still has rows
-    # for every task, then more seeds, then the large budget
-    # (and the fixed settings the defaults are chosen from before suggest and surgical)
-    phases = [[m for m in args.methods if m not in SLOW], [m for m in args.methods if m in SLOW]]
-    for budget in args.budgets:
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            for methods in phases:
-                for name in args.tasks:
-                    if name not in tasks:
-                        tasks[name] = sm.load_task(name, args)
-                    run_cell(tasks[name], budget, seed, methods, runs)
-                    suite_report.write(runs, out / f"{stem}.json", out / f"{stem}.png", vars(args))
-    print(f"suite: {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
+    def report() -> None:
+        suite_report.write(runs, out / f"{stem}.json", out / f"{stem}.png", vars(args))
+
+    (_parallel if args.workers > 1 else _serial)(args, runs, report)
+    print(f"suite: {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
 if __name__ == "__main__":
     main()

@@ -298,3 +298,32 @@ METHODS = {
     "surgical": surgical,
 }
 EXTRA = {"defaults": defaults}
+
+
+def run_one(task: SuiteTask, budget: str, seed: int, method: str) -> dict[str, Any]:
+    """One method on the training draw of (``budget``, ``seed``): the run log's row."""
+    import time
+
+    train = task.train_set(budget, seed)
+    started = time.perf_counter()
+    result = {**METHODS, **EXTRA}[method](task, train, budget, seed)
+    return {"task": task.name, "budget": budget, "seed": seed, "method": method,
+            "n_train": len(train), **result,
+            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
+_LOADED: dict[str, SuiteTask] = {}  # a worker process's tasks, loaded once each
+
+
+def run_job(job: tuple[str, str, int, str], options: dict[str, Any]) -> dict[str, Any]:
+    """:func:`run_one` in a worker process: ``job`` is (task, budget, seed, method);
+    ``options`` the run's size, tokens and threads."""
+    import logging
+    from types import SimpleNamespace
+
+    torch.set_num_threads(options["threads"])
+    logging.disable(logging.WARNING)
+    name, budget, seed, method = job
+    if name not in _LOADED:
+        _LOADED[name] = load_task(name, SimpleNamespace(**options))
+    return run_one(_LOADED[name], budget, seed, method)
