@@ -1,6 +1,7 @@
 """fine_tune's held-out search (FineTuneConfig(search=True), the default): the setting is
-chosen on a fifth of the training data held out, never on the validation data, and the
-winner is what trains; on the real ImageNet MobileNetV2 and real scikit-learn digits."""
+chosen on a fifth of the training data held out (every fifth in turn on small data), never
+on the validation data, and the winner is what trains; on the real ImageNet MobileNetV2 and
+real scikit-learn digits."""
 
 from __future__ import annotations
 
@@ -53,11 +54,12 @@ def test_search_scores_every_candidate_on_held_out_training_data_never_on_val(
     assert list(found["scores"]) == labels and len(labels) == 4
     scores = found["scores"]
     best = max(labels, key=lambda k: (scores[k]["acc"], -scores[k]["loss"]))
-    clear = scores[best]["acc"] - scores[labels[1]]["acc"] > (0.25 / 20) ** 0.5
+    clear = scores[best]["acc"] - scores[labels[1]]["acc"] > (0.25 / 100) ** 0.5
     assert found["chosen"] == (best if clear else labels[1])  # the config's own unless beaten
-    assert found["held_out"] == 20
+    # 100 examples: under FOLDS_BELOW, each fifth held out in turn, every example scored once
+    assert (found["held_out"], found["folds"]) == (100, 5)
     assert all(0 <= s["acc"] <= 1 and s["loss"] > 0 for s in scores.values())
-    assert all(round(s["acc"] * 20) == pytest.approx(s["acc"] * 20) for s in scores.values())
+    assert all(round(s["acc"] * 100) == pytest.approx(s["acc"] * 100) for s in scores.values())
     assert netgraft.train.History.from_dict(history.to_dict()).search == found
 
 
@@ -66,13 +68,13 @@ HEAD, ALL = 0, 3  # the head alone and everything at one rate, in candidates' or
 
 def _prefer(monkeypatch, position: int) -> list[int]:
     """Make the held-out score prefer the candidate at ``position`` in
-    :func:`search.candidates`' order (the trials still train); return one entry per trial
-    scored."""
+    :func:`search.candidates`' order on every split (the trials still train); return one
+    entry per trial scored."""
     seen: list[int] = []
 
     def score(model, held, loss, batch_size):
         seen.append(len(seen))
-        return {"acc": 1.0 if seen[-1] == position else 0.5, "loss": 1.0}
+        return {"acc": 1.0 if seen[-1] % 4 == position else 0.5, "loss": 1.0}
 
     monkeypatch.setattr("netgraft.train.finetune.held_out_score", score)
     return seen
@@ -86,7 +88,7 @@ def test_the_chosen_setting_is_what_trains(digits_32, mobilenet_v2_weights, monk
     model = pretrained(mobilenet_v2_weights)
     body = {k: v.clone() for k, v in model.features.state_dict().items()}
     history = netgraft.fine_tune(model, train, epochs=2, config=CONFIG, batch_size=16)
-    assert len(seen) == 4 and history.search["chosen"] == search.HEAD_ONLY
+    assert len(seen) == 4 * 5 and history.search["chosen"] == search.HEAD_ONLY
     assert history["stage"] == ["head"] * 3
     assert all(torch.equal(v, model.features.state_dict()[k]) for k, v in body.items())
 
@@ -156,7 +158,7 @@ def test_the_final_run_is_the_chosen_setting_run_alone(digits_32, mobilenet_v2_w
     searched = pretrained(mobilenet_v2_weights)
     history = netgraft.fine_tune(searched, loader, epochs=1, config=CONFIG)
     found = history.search
-    assert found is not None and found["held_out"] == 20  # a DataLoader is split too
+    assert found is not None and found["held_out"] == 100  # a DataLoader is split too
     changes = search.candidates(CONFIG.base_lr, CONFIG.lr_mult)[found["chosen"]]
     alone = pretrained(mobilenet_v2_weights)
     if changes:
@@ -202,9 +204,31 @@ def test_a_regression_is_scored_by_its_loss_alone(digits):
     assert set(search.score(model, classes, None, 16)) == {"acc", "loss"}
 
 
+def test_small_data_holds_out_every_fifth_in_turn_large_data_one_fifth(digits):
+    x, y = digits
+    parts = search.folds((x[:100], y[:100]), seed=3)
+    assert len(parts) == search.FOLDS
+    held = [set(h.indices) for _, h in parts]
+    assert sorted(i for h in held for i in h) == list(range(100))  # each example once
+    for (fit_part, _), h in zip(parts, held, strict=True):
+        assert len(h) == 20 and set(fit_part.indices) == set(range(100)) - h
+    # the first fold is the single holdout's fifth
+    assert held[0] == set(search.holdout_split((x[:100], y[:100]), seed=3)[1].indices)
+    # 23 examples: five parts of 5 and 4 or 5
+    assert sorted(len(h) for _, h in search.folds((x[:23], y[:23]), 0)) == [4, 4, 5, 5, 5]
+    big = search.folds((x[:600], y[:600]), seed=3)
+    one = search.holdout_split((x[:600], y[:600]), seed=3)
+    assert len(big) == 1 and big[0][1].indices == one[1].indices
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:50], y[:50]), 7)
+    assert [len(h.dataset) for _, h in search.folds(loader, 0)] == [10] * 5
+    # scores of the parts pooled by their sizes, as one pass over every example would
+    pooled = search.pool([({"acc": 0.5, "loss": 1.0}, 20), ({"acc": 1.0, "loss": 0.5}, 80)])
+    assert pooled == {"acc": 0.9, "loss": 0.6}
+
+
 def test_the_configs_own_setting_stands_unless_clearly_beaten():
     def trials(**accs):
-        return {k: (lambda a=a: {"acc": a, "loss": 1.0 - a}) for k, a in accs.items()}
+        return {k: {"acc": a, "loss": 1.0 - a} for k, a in accs.items()}
 
     # 20 held out: one standard error at its widest is sqrt(0.25 / 20) = 0.112
     chosen, _ = search.pick(trials(head=0.60, own=0.55, other=0.50), prior="own", held_out=20)
@@ -215,5 +239,5 @@ def test_the_configs_own_setting_stands_unless_clearly_beaten():
     chosen, _ = search.pick(trials(head=0.60, own=0.55, other=0.50), prior="own", held_out=400)
     assert chosen == "head"
     # a regression: the lowest loss
-    regression = {k: (lambda v=v: {"loss": v}) for k, v in {"own": 2.0, "b": 1.0}.items()}
+    regression = {k: {"loss": v} for k, v in {"own": 2.0, "b": 1.0}.items()}
     assert search.pick(regression, prior="own", held_out=20)[0] == "b"

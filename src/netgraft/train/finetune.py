@@ -42,7 +42,7 @@ from ..select import Selector, select
 from .history import History
 from .loop import fit_flat
 from .optimizers import SCHEDULERS
-from .search import candidates, holdout_split, pick, size
+from .search import candidates, folds, pick, pool, size
 from .search import log as search_log
 from .search import score as held_out_score
 
@@ -89,9 +89,11 @@ class FineTuneConfig:
       training data itself: it trains copies of the model on four fifths of it with each
       setting of :func:`netgraft.train.search.candidates` (the head alone; the body at
       ``base_lr``; at ``0.3 * base_lr``; everything at one rate with batch norms trained),
-      scores them on the fifth held out, and fine-tunes on all of it with the config's own
-      setting unless another is clearly better there (:func:`netgraft.train.search.pick`).
-      About four times the compute; the validation data is never used to choose.
+      scores them on the fifth held out (under 500 examples every fifth in turn, so that
+      each example is scored once: :func:`netgraft.train.search.folds`), and fine-tunes on
+      all of it with the config's own setting unless another is clearly better there
+      (:func:`netgraft.train.search.pick`). About four times the compute of the run alone
+      (about sixteen times under 500 examples); the validation data is never used to choose.
       ``base_lr`` scales the candidates; any other field the caller changed from its
       default is kept in every candidate (a field left at its default may change). False:
       exactly the settings given. The trainer callbacks and :func:`schedule` do not own
@@ -358,7 +360,8 @@ def fine_tune(
     With ``config.search`` (the default) the settings above are chosen first on the
     training data itself: copies of ``model`` train on four fifths of ``train`` with each
     candidate of :func:`netgraft.train.search.candidates` (possibly the head alone for every
-    epoch), are scored on the fifth held out, and ``model`` then trains on all of ``train``
+    epoch), are scored on the fifth held out (every fifth in turn under 500 examples:
+    :func:`netgraft.train.search.folds`), and ``model`` then trains on all of ``train``
     with the config's own setting unless another is clearly better there
     (:func:`netgraft.train.search.pick`); ``history.search`` records the choice and every
     score (None when no
@@ -416,13 +419,14 @@ def _search(
     run: RunOptions | None,
     fit_kwargs: dict[str, Any],
 ) -> tuple[FineTuneConfig, int, dict[str, Any] | None]:
-    """``config.search``: the setting that scores best on a held-out fifth of ``train``
-    (:mod:`.search`) as the config (``search=False``) and epochs :func:`_run_stages` runs,
-    and what was found (None when ``train`` cannot be split or ``model`` cannot be copied:
-    the settings given). The body candidates share one head stage; ``model`` is untouched."""
+    """``config.search``: the setting that scores best on held-out parts of ``train``
+    (:func:`.search.folds`: one fifth, or every fifth in turn on small data) as the config
+    (``search=False``) and epochs :func:`_run_stages` runs, and what was found (None when
+    ``train`` cannot be split or ``model`` cannot be copied: the settings given). On each
+    split the body candidates share one head stage; ``model`` is untouched."""
     fixed = config.replace(search=False)
-    parts = holdout_split(train, seed)
-    if parts is None:
+    splits = folds(train, seed)
+    if splits is None:
         search_log.info("fine_tune search: the training data cannot be split; no search")
         return fixed, epochs, None
     try:
@@ -430,25 +434,6 @@ def _search(
     except Exception as exc:  # noqa: BLE001  (whatever keeps a model from being copied)
         search_log.warning("fine_tune search: the model cannot be copied (%s); no search", exc)
         return fixed, epochs, None
-    fit_part, held = parts
-    quiet = {k: v for k, v in fit_kwargs.items() if k != "quiet"} | {"progress": False}
-
-    def train_copy(of: nn.Module, setting: FineTuneConfig, n: int) -> nn.Module:
-        trained = copy.deepcopy(of)
-        _run_stages(trained, (fit_part, None), n, setting, (), seed, run, quiet)
-        return trained
-
-    headed = functools.cache(lambda: train_copy(model, fixed, 0))  # the shared head stage
-
-    def trial(changes: dict[str, Any]) -> dict[str, float]:
-        if changes:
-            trained = train_copy(headed(), fixed.replace(head_epochs=0, **changes), epochs)
-        else:  # the head alone for every epoch
-            trained = train_copy(model, fixed.replace(head_epochs=fixed.head_epochs + epochs), 0)
-        return held_out_score(
-            trained, held, fit_kwargs.get("loss"), fit_kwargs.get("batch_size", 64)
-        )
-
     # base_lr scales the candidates; any other field the caller changed is kept in each
     keep = {
         f.name: getattr(config, f.name)
@@ -457,9 +442,44 @@ def _search(
     }
     options = candidates(config.base_lr, config.lr_mult, keep)
     own = next(label for label, ch in options.items() if ch == {"base_lr": config.base_lr})
-    trials = {label: functools.partial(trial, ch) for label, ch in options.items()}
-    best, scores = pick(trials, prior=own, held_out=size(held))
-    found = {"chosen": best, "scores": scores, "held_out": size(held)}
+    parts: dict[str, list] = {label: [] for label in options}
+    for split in splits:  # one split at a time: one copy with a trained head held at once
+        for label, found in _trials(model, split, options, epochs, fixed, seed, run, fit_kwargs):
+            parts[label].append(found)
+    held_out = sum(n for _, n in parts[own])
+    best, scores = pick({label: pool(found) for label, found in parts.items()}, own, held_out)
+    found = {"chosen": best, "scores": scores, "held_out": held_out, "folds": len(splits)}
     if not options[best]:
         return fixed.replace(head_epochs=fixed.head_epochs + epochs), 0, found
     return fixed.replace(**options[best]), epochs, found
+
+
+def _trials(
+    model: nn.Module,
+    split: tuple[Any, Any],
+    options: dict[str, dict[str, Any]],
+    epochs: int,
+    fixed: FineTuneConfig,
+    seed: int | None,
+    run: RunOptions | None,
+    fit_kwargs: dict[str, Any],
+):
+    """For each candidate (label -> changes to ``fixed``), a copy of ``model`` trained on
+    ``split``'s first part, yielded as (label, (held-out score, held-out size)). The body
+    candidates start from one copy whose head stage ran once."""
+    fit_part, held = split
+    quiet = {k: v for k, v in fit_kwargs.items() if k != "quiet"} | {"progress": False}
+
+    def train_copy(of: nn.Module, setting: FineTuneConfig, n: int) -> nn.Module:
+        trained = copy.deepcopy(of)
+        _run_stages(trained, (fit_part, None), n, setting, (), seed, run, quiet)
+        return trained
+
+    headed = functools.cache(lambda: train_copy(model, fixed, 0))  # the shared head stage
+    for label, changes in options.items():
+        if changes:
+            trained = train_copy(headed(), fixed.replace(head_epochs=0, **changes), epochs)
+        else:  # the head alone for every epoch
+            trained = train_copy(model, fixed.replace(head_epochs=fixed.head_epochs + epochs), 0)
+        loss, batch_size = fit_kwargs.get("loss"), fit_kwargs.get("batch_size", 64)
+        yield label, (held_out_score(trained, held, loss, batch_size), size(held))
