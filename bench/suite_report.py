@@ -165,6 +165,40 @@ def agreement(runs: list[dict]) -> list[dict[str, Any]]:
     return out
 
 
+DEFAULT = "search (new default)"
+
+
+def defaults_gap(runs: list[dict], rows: list[dict], default: str = DEFAULT) -> list[dict]:
+    """Per (task, budget): the default's mean accuracy, the best method's, the gap, whether
+    it is within 2 points, and why not: what the default chose on each seed (its search's
+    setting) beside the best method."""
+    chosen: dict[tuple, list[str]] = defaultdict(list)
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        if r["method"] == default and r.get("search"):
+            chosen[(r["task"], r["budget"])].append(r["search"]["chosen"])
+    out = []
+    for (task, budget), scores in sorted(_cells(rows).items()):
+        if default not in scores:
+            continue
+        best = max(scores, key=scores.get)
+        gap = round(scores[best] - scores[default], 4)
+        out.append({"task": task, "budget": budget, "default": scores[default],
+                    "best": best, "best_acc": scores[best], "gap": gap,
+                    "within_2_points": gap <= 0.02, "default_chose": chosen[(task, budget)],
+                    "methods_measured": len(scores)})  # fmt: skip
+    return out
+
+
+def timing(runs: list[dict]) -> dict[str, Any]:
+    """Seconds the logged runs took, per method and in all (each run's own wall time; runs
+    that shared the CPU with others took longer than alone)."""
+    per: dict[str, float] = defaultdict(float)
+    for r in runs:
+        per[r["method"]] += r["seconds"]
+    return {"per_method": {m: round(v) for m, v in per.items()},
+            "total": round(sum(per.values())), "runs": len(runs)}  # fmt: skip
+
+
 def markdown(rows: list[dict], methods: list[str], ranks: dict[str, float]) -> str:
     """Task × method table of mean ± std accuracy, best per row in bold, then the ranks."""
     head = "| task | budget | " + " | ".join(methods) + " |"
@@ -229,6 +263,8 @@ def write(runs_path: Path, json_path: Path, png_path: Path, settings: dict[str, 
         "leave_one_task_out": leave_one_task_out(rows),
         "matched_seeds": matched(runs),
         "suggest_vs_surgical": agreement(runs),
+        "defaults_gap": defaults_gap(runs, rows),
+        "seconds": timing(runs),
         "table": markdown(rows, methods, ranks),
         "runs": runs,
     }
