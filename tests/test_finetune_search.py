@@ -92,13 +92,15 @@ def test_the_chosen_setting_is_what_trains(digits_32, mobilenet_v2_weights, monk
     assert history["stage"] == ["head"] * 3
     assert all(torch.equal(v, model.features.state_dict()[k]) for k, v in body.items())
 
-    # everything at one rate with norms trained: one rate for every group, norms changed
+    # everything at one rate with norms trained, from the start: no head stage, one rate
+    # for every group, norms changed
     _prefer(monkeypatch, ALL)
     model = pretrained(mobilenet_v2_weights)
     bn = model.features[1].conv[2]
     mean = bn.running_mean.clone()
     history = netgraft.fine_tune(model, train, epochs=1, config=CONFIG, batch_size=16)
-    assert history["stage"] == ["head", "all"]
+    assert history.search["chosen"] == "all 0.0006 x1 from the start, norms trained"
+    assert history["stage"] == ["all", "all"]
     rates = set(history.rows[-1]["lr"].values())
     assert len(rates) == 1
     assert not torch.equal(bn.running_mean, mean) and bn.weight.requires_grad
@@ -161,10 +163,8 @@ def test_the_final_run_is_the_chosen_setting_run_alone(digits_32, mobilenet_v2_w
     assert found is not None and found["held_out"] == 100  # a DataLoader is split too
     changes = search.candidates(CONFIG.base_lr, CONFIG.lr_mult)[found["chosen"]]
     alone = pretrained(mobilenet_v2_weights)
-    if changes:
-        fixed, epochs = CONFIG.replace(search=False, **changes), 1
-    else:
-        fixed, epochs = CONFIG.replace(search=False, head_epochs=CONFIG.head_epochs + 1), 0
+    fixed, epochs = search.apply(CONFIG, 1, changes)
+    assert fixed.head_epochs + epochs == CONFIG.head_epochs + 1  # every candidate: 2 epochs
     netgraft.fine_tune(alone, loader, epochs=epochs, config=fixed)
     pairs = zip(searched.state_dict().items(), alone.state_dict().values(), strict=True)
     for (name, a), b in pairs:
@@ -202,6 +202,22 @@ def test_a_regression_is_scored_by_its_loss_alone(digits):
     classes = torch.utils.data.TensorDataset(x[:30], y[:30])
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     assert set(search.score(model, classes, None, 16)) == {"acc", "loss"}
+
+
+def test_every_candidate_runs_the_same_epochs_the_one_rate_one_without_a_head_stage():
+    config = FineTuneConfig(head_epochs=2, search=True)
+    found = {
+        label: search.apply(config, 3, changes)
+        for label, changes in search.candidates(1e-3, 10.0).items()
+    }
+    assert all(c.head_epochs + n == 5 and not c.search for c, n in found.values())
+    head, body, lower, one = found.values()
+    assert (head[0].head_epochs, body[0].head_epochs, one[0].head_epochs) == (5, 2, 0)
+    assert (one[0].lr_mult, one[0].train_bn, lower[0].base_lr) == (1.0, True, 3e-4)
+    # a caller's head_epochs is kept: the one-rate candidate then runs after the head stage
+    kept = search.candidates(1e-3, 10.0, keep={"head_epochs": 2})
+    assert "head_epochs" not in list(kept.values())[-1]
+    assert list(kept)[-1] == "all 0.0006 x1, norms trained"
 
 
 def test_small_data_holds_out_every_fifth_in_turn_large_data_one_fifth(digits):

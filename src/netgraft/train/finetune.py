@@ -42,7 +42,7 @@ from ..select import Selector, select
 from .history import History
 from .loop import fit_flat
 from .optimizers import SCHEDULERS
-from .search import candidates, folds, pick, pool, size
+from .search import apply, candidates, folds, pick, pool, size
 from .search import log as search_log
 from .search import score as held_out_score
 
@@ -449,9 +449,7 @@ def _search(
     held_out = sum(n for _, n in parts[own])
     best, scores = pick({label: pool(found) for label, found in parts.items()}, own, held_out)
     found = {"chosen": best, "scores": scores, "held_out": held_out, "folds": len(splits)}
-    if not options[best]:
-        return fixed.replace(head_epochs=fixed.head_epochs + epochs), 0, found
-    return fixed.replace(**options[best]), epochs, found
+    return (*apply(fixed, epochs, options[best]), found)
 
 
 def _trials(
@@ -466,7 +464,7 @@ def _trials(
 ):
     """For each candidate (label -> changes to ``fixed``), a copy of ``model`` trained on
     ``split``'s first part, yielded as (label, (held-out score, held-out size)). The body
-    candidates start from one copy whose head stage ran once."""
+    candidates after a head stage start from one copy whose head stage ran once."""
     fit_part, held = split
     quiet = {k: v for k, v in fit_kwargs.items() if k != "quiet"} | {"progress": False}
 
@@ -477,9 +475,10 @@ def _trials(
 
     headed = functools.cache(lambda: train_copy(model, fixed, 0))  # the shared head stage
     for label, changes in options.items():
-        if changes:
-            trained = train_copy(headed(), fixed.replace(head_epochs=0, **changes), epochs)
-        else:  # the head alone for every epoch
-            trained = train_copy(model, fixed.replace(head_epochs=fixed.head_epochs + epochs), 0)
+        setting, n = apply(fixed, epochs, changes)
+        if changes and setting.head_epochs == fixed.head_epochs:  # after the shared head stage
+            trained = train_copy(headed(), setting.replace(head_epochs=0), n)
+        else:  # the head alone, or no head stage: from the model as given
+            trained = train_copy(model, setting, n)
         loss, batch_size = fit_kwargs.get("loss"), fit_kwargs.get("batch_size", 64)
         yield label, (held_out_score(trained, held, loss, batch_size), size(held))

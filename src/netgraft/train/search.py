@@ -40,6 +40,7 @@ __all__ = [
     "FOLDS_BELOW",
     "HOLDOUT",
     "MIN_EXAMPLES",
+    "apply",
     "candidates",
     "folds",
     "holdout_split",
@@ -67,17 +68,18 @@ def candidates(
     base_lr: float, lr_mult: float, keep: Mapping[str, Any] | None = None
 ) -> dict[str, dict[str, Any]]:
     """The settings the search compares, by label, as :class:`FineTuneConfig` changes
-    (``{}`` for the head alone): the head alone; the body at ``base_lr``; at ``0.3 *
-    base_lr``; and everything at one rate (``0.6 * base_lr``, i.e. ``0.3 * base_lr`` for
-    every block after halving) with batch norms trained. ``keep`` (field -> value) holds
-    the fields the caller chose, which no candidate changes; the labels say the rates that
-    run. At the defaults: the head, ``base_lr`` 1e-3 ×10, 3e-4 ×10, and 3e-4 everywhere
-    with norms trained."""
+    (``{}`` for the head alone): the head alone; the body at ``base_lr`` after the head
+    stage; at ``0.3 * base_lr``; and everything from the start at one rate (``0.6 *
+    base_lr``, i.e. ``0.3 * base_lr`` for every block after halving) with batch norms
+    trained, for every epoch (``head_epochs`` 0: no head stage; :func:`apply`). ``keep``
+    (field -> value) holds the fields the caller chose, which no candidate changes; the
+    labels say the rates that run. At the defaults: the head, ``base_lr`` 1e-3 ×10, 3e-4
+    ×10, and 3e-4 everywhere from the start with norms trained."""
     keep = dict(keep or {})
     options = {
         "body": {"base_lr": base_lr},
         "lower": {"base_lr": 0.3 * base_lr},
-        "all": {"base_lr": 0.6 * base_lr, "lr_mult": 1.0, "train_bn": True},
+        "all": {"base_lr": 0.6 * base_lr, "lr_mult": 1.0, "train_bn": True, "head_epochs": 0},
     }
     out: dict[str, dict[str, Any]] = {HEAD_ONLY: {}}
     for changes in options.values():
@@ -85,8 +87,22 @@ def candidates(
         ran = {"lr_mult": lr_mult, "train_bn": False, **keep, **changes}
         scope = "all" if ran["lr_mult"] == 1 and ran["train_bn"] else "body"
         label = f"{scope} {changes['base_lr']:g} x{ran['lr_mult']:g}"
+        label += " from the start" if changes.get("head_epochs") == 0 else ""
         out[label + (", norms trained" if ran["train_bn"] else "")] = changes
     return out
+
+
+def apply(config: Any, epochs: int, changes: Mapping[str, Any]) -> tuple[Any, int]:
+    """The :class:`FineTuneConfig` (``search`` off) and epochs that run candidate
+    ``changes`` of :func:`candidates` with ``config``'s ``head_epochs + epochs`` epochs in
+    all: the head alone for every epoch (``{}``); no head stage and every epoch a body
+    epoch (``head_epochs`` 0 among the changes); else the head stage, then ``epochs``."""
+    config = config.replace(search=False)
+    if not changes:
+        return config.replace(head_epochs=config.head_epochs + epochs), 0
+    if changes.get("head_epochs") == 0:
+        return config.replace(**changes), config.head_epochs + epochs
+    return config.replace(**changes), epochs
 
 
 def holdout_split(data: Any, seed: int | None) -> tuple[Any, Any] | None:
