@@ -24,6 +24,25 @@ CHOOSABLE = (
 )
 
 
+DEFAULT = "search (new default)"  # fine_tune's default (FineTuneConfig(search=True))
+# every method of suite_methods.METHODS, in its order (tables list them so)
+ORDER = (
+    "head only",
+    *CHOOSABLE[:5],
+    "new defaults (1e-3 x10)",
+    "candidate 3e-4 x10",
+    "search (new default)",
+    "suggest",
+    "surgical",
+)
+
+
+def order(present: set[str], listed: list[str] = ()) -> list[str]:
+    """The methods in ``present`` in :data:`ORDER`, then any other (``listed`` first)."""
+    known = [m for m in ORDER if m in present]
+    return known + [m for m in [*listed, *sorted(present)] if m in present and m not in known]
+
+
 def load_runs(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -90,16 +109,17 @@ def _folds(cells: dict[tuple, dict[str, float]], methods: tuple[str, ...]) -> di
     return folds
 
 
-def leave_one_task_out(rows: list[dict]) -> dict[str, Any]:
-    """For each task: the fixed setting (of :data:`CHOOSABLE`) with the smallest mean
-    regret (best method's accuracy minus its own) over the other tasks' cells, and its
-    regret on the held-out task's cells."""
-    cells = {k: v for k, v in _cells(rows).items() if all(m in v for m in CHOOSABLE)}
-    folds = _folds(cells, CHOOSABLE)
+def leave_one_task_out(rows: list[dict], choosable: tuple[str, ...] = CHOOSABLE) -> dict[str, Any]:
+    """For each task: the setting (of ``choosable``, the fixed settings by default) with
+    the smallest mean regret (best method's accuracy minus its own) over the other tasks'
+    cells, and its regret on the held-out task's cells; every setting's mean and worst
+    regret over all the cells where each of them ran."""
+    cells = {k: v for k, v in _cells(rows).items() if all(m in v for m in choosable)}
+    folds = _folds(cells, choosable)
     overall = {m: round(statistics.fmean(_regret(v, m) for v in cells.values()), 4)
-               for m in CHOOSABLE} if cells else {}  # fmt: skip
+               for m in choosable} if cells else {}  # fmt: skip
     worst = (
-        {m: round(max(_regret(v, m) for v in cells.values()), 4) for m in CHOOSABLE}
+        {m: round(max(_regret(v, m) for v in cells.values()), 4) for m in choosable}
         if cells
         else {}
     )
@@ -163,9 +183,6 @@ def agreement(runs: list[dict]) -> list[dict[str, Any]]:
                     "suggest": other["block"], "suggest_among_candidates": among,
                     "agree": among == r["block"], "surgical_scores": r["scores"]})  # fmt: skip
     return out
-
-
-DEFAULT = "search (new default)"
 
 
 def defaults_gap(runs: list[dict], rows: list[dict], default: str = DEFAULT) -> list[dict]:
@@ -251,8 +268,7 @@ def write(runs_path: Path, json_path: Path, png_path: Path, settings: dict[str, 
     """Rebuild the summary JSON and PNG from every run logged so far."""
     runs = load_runs(runs_path)
     rows = summarise(runs)
-    present = {r["method"] for r in rows}
-    methods = [m for m in settings["methods"] if m in present]
+    methods = order({r["method"] for r in rows}, settings["methods"])
     ranks = average_ranks(rows, methods)
     result = {
         "benchmark": "suite",
@@ -261,6 +277,7 @@ def write(runs_path: Path, json_path: Path, png_path: Path, settings: dict[str, 
         "rows": rows,
         "average_rank": ranks,
         "leave_one_task_out": leave_one_task_out(rows),
+        "leave_one_task_out_with_search": leave_one_task_out(rows, (*CHOOSABLE, DEFAULT)),
         "matched_seeds": matched(runs),
         "suggest_vs_surgical": agreement(runs),
         "defaults_gap": defaults_gap(runs, rows),
@@ -272,3 +289,87 @@ def write(runs_path: Path, json_path: Path, png_path: Path, settings: dict[str, 
     atomic_write(json_path, lambda p: p.write_text(text))
     if rows:
         plot(rows, methods, ranks, png_path)
+
+
+def _short(method: str) -> str:
+    return method.replace(" (new default)", "").replace("previous defaults", "previous")
+
+
+def _docs_table(rows: list[dict], methods: list[str]) -> list[str]:
+    """Task × method: mean accuracy (every seed in brackets), the best in bold; then each
+    method's average rank, mean and worst regret over the rows where all of them ran."""
+    out = ["| task | budget | " + " | ".join(_short(m) for m in methods) + " |",
+           "|---" * (len(methods) + 2) + "|"]  # fmt: skip
+    cells = _cells(rows)
+    by = {(r["task"], r["budget"], r["method"]): r for r in rows}
+    for (task, budget), scores in sorted(cells.items()):
+        best = max(scores.values())
+        parts = []
+        for m in methods:
+            r = by.get((task, budget, m))
+            text = "–" if r is None else f"{r['acc_mean']:.3f} (" + ", ".join(
+                f"{a:.2f}" for a in r["accs"]) + ")"  # fmt: skip
+            parts.append(f"**{text}**" if r is not None and r["acc_mean"] == best else text)
+        out.append(f"| {task} | {budget} | " + " | ".join(parts) + " |")
+    full = {k: v for k, v in cells.items() if all(m in v for m in methods)}
+    ranks = average_ranks([r for r in rows if (r["task"], r["budget"]) in full], methods)
+    for name, value in (
+        ("average rank", lambda m: f"{ranks[m]:.2f}"),
+        ("mean regret", lambda m: f"{statistics.fmean(_regret(v, m) for v in full.values()):.3f}"),
+        ("worst regret", lambda m: f"{max(_regret(v, m) for v in full.values()):.3f}"),
+    ):
+        if full:
+            out.append(
+                f"| {name} ({len(full)} rows) | | " + " | ".join(value(m) for m in methods) + " |"
+            )
+    return out
+
+
+def docs_markdown(runs: list[dict]) -> str:
+    """The suite's section of docs/benchmarks.md from the run log: every method on every
+    task, the default against the best, leave-one-task-out, suggest against surgical, time."""
+    rows = summarise(runs)
+    methods = order({r["method"] for r in rows})
+    out = _docs_table(rows, methods)
+    out += ["", "| task | budget | default | best method | best | gap | within 2 points | "
+            "the search chose (per seed) |", "|---" * 8 + "|"]  # fmt: skip
+    for g in defaults_gap(runs, rows):
+        out.append(f"| {g['task']} | {g['budget']} | {g['default']:.3f} | {_short(g['best'])} | "
+                   f"{g['best_acc']:.3f} | {g['gap']:.3f} | {'yes' if g['within_2_points'] else 'no'} | "
+                   f"{'; '.join(g['default_chose'])} |")  # fmt: skip
+    for title, choosable in (
+        ("fixed settings", CHOOSABLE),
+        ("fixed settings and the search", (*CHOOSABLE, DEFAULT)),
+    ):
+        loto = leave_one_task_out(rows, choosable)
+        out += ["", f"Leave-one-task-out over the {title}:", "",
+                "| task left out | picked on the others | its mean regret there | regret on the task left out |",
+                "|---|---|---|---|"]  # fmt: skip
+        for task, f in loto["folds"].items():
+            held = ", ".join(f"{b} {v:.3f}" for b, v in sorted(f["held_out_regret"].items()))
+            out.append(
+                f"| {task} | {_short(f['picked'])} | {f['train_mean_regret']:.3f} | {held} |"
+            )
+    agree = agreement(runs)
+    if agree:
+        out += ["", "| task | budget | seed | surgical | suggest (first among surgical's) | agree |",
+                "|---|---|---|---|---|---|"]  # fmt: skip
+        for a in agree:
+            out.append(f"| {a['task']} | {a['budget']} | {a['seed']} | `{a['surgical']}` | "
+                       f"`{a['suggest']}` (`{a['suggest_among_candidates']}`) | "
+                       f"{'yes' if a['agree'] else 'no'} |")  # fmt: skip
+    t = timing(runs)
+    out += ["", f"Run time: {t['runs']} runs, {t['total']} s in all; per method: "
+            + ", ".join(f"{_short(m)} {v} s" for m, v in t["per_method"].items())]  # fmt: skip
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+
+    log = (
+        Path(sys.argv[1])
+        if len(sys.argv) > 1
+        else Path(__file__).parent / "results" / "suite-runs.jsonl"
+    )
+    print(docs_markdown(load_runs(log)))
