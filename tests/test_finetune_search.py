@@ -115,11 +115,12 @@ def test_a_field_the_caller_set_is_kept_in_every_candidate(
     # lr_mult set by the caller stays in the one-rate candidate too
     train, _ = digits_32
     _prefer(monkeypatch, ALL)
-    config = CONFIG.replace(lr_mult=4.0)
+    config = CONFIG.replace(lr_mult=4.0, head_epochs=2)  # head_epochs: the search's to divide
     model = pretrained(mobilenet_v2_weights)
     history = netgraft.fine_tune(model, train, epochs=1, config=config, batch_size=16)
     rates = history.rows[-1]["lr"].values()
     assert max(rates) / min(rates) == pytest.approx(4.0)
+    assert history["stage"] == ["all"] * 3  # from the start, the 2 + 1 epochs
 
 
 def test_too_little_data_or_a_loader_of_its_own_order_runs_the_settings_given(digits):
@@ -214,7 +215,8 @@ def test_every_candidate_runs_the_same_epochs_the_one_rate_one_without_a_head_st
     head, body, lower, one = found.values()
     assert (head[0].head_epochs, body[0].head_epochs, one[0].head_epochs) == (5, 2, 0)
     assert (one[0].lr_mult, one[0].train_bn, lower[0].base_lr) == (1.0, True, 3e-4)
-    # a caller's head_epochs is kept: the one-rate candidate then runs after the head stage
+    # a head_epochs kept (fine_tune never keeps it: the candidates divide the epochs) puts
+    # the one-rate candidate after the head stage
     kept = search.candidates(1e-3, 10.0, keep={"head_epochs": 2})
     assert "head_epochs" not in list(kept.values())[-1]
     assert list(kept)[-1] == "all 0.0006 x1, norms trained"

@@ -92,9 +92,11 @@ class FineTuneConfig:
       scores them on the fifth held out (under 500 examples every fifth in turn, so that
       each example is scored once: :func:`netgraft.train.search.folds`), and fine-tunes on
       all of it with the config's own setting unless another is clearly better there
-      (:func:`netgraft.train.search.pick`). About four times the compute of the run alone
-      (about sixteen times under 500 examples); the validation data is never used to choose.
-      ``base_lr`` scales the candidates; any other field the caller changed from its
+      (:func:`netgraft.train.search.pick`). About five times the compute of the run alone
+      (about twenty times under 500 examples); the validation data is never used to choose.
+      ``base_lr`` scales the candidates, and each runs ``head_epochs + epochs`` epochs in
+      all, divided its own way (the head alone for all of them, the head stage then the
+      body, or one rate from the start); any other field the caller changed from its
       default is kept in every candidate (a field left at its default may change). False:
       exactly the settings given. The trainer callbacks and :func:`schedule` do not own
       the data and run the settings given.
@@ -434,11 +436,13 @@ def _search(
     except Exception as exc:  # noqa: BLE001  (whatever keeps a model from being copied)
         search_log.warning("fine_tune search: the model cannot be copied (%s); no search", exc)
         return fixed, epochs, None
-    # base_lr scales the candidates; any other field the caller changed is kept in each
+    # base_lr scales the candidates and how the epochs divide between the head stage and
+    # the body is what they choose (each runs head_epochs + epochs in all); any other field
+    # the caller changed is kept in each
     keep = {
         f.name: getattr(config, f.name)
         for f in dataclasses.fields(config)
-        if getattr(config, f.name) != f.default and f.name != "base_lr"
+        if getattr(config, f.name) != f.default and f.name not in ("base_lr", "head_epochs")
     }
     options = candidates(config.base_lr, config.lr_mult, keep)
     own = next(label for label, ch in options.items() if ch == {"base_lr": config.base_lr})
