@@ -206,6 +206,37 @@ def defaults_gap(runs: list[dict], rows: list[dict], default: str = DEFAULT) -> 
     return out
 
 
+# the fixed method that runs each of the search's candidates alone (its final run is that
+# setting on the whole draw: the same accuracy when both ran with this tree)
+SEARCHED = {
+    "head only": "head only",
+    "body 0.001 x10": "new defaults (1e-3 x10)",
+    "body 0.0003 x10": "candidate 3e-4 x10",
+    "all 0.0006 x1 from the start, norms trained": "full one rate 3e-4",
+}
+
+
+def reproduced(runs: list[dict], default: str = DEFAULT) -> dict[str, Any]:
+    """Every search run against the logged run of the fixed method it chose (same task,
+    budget, seed): equal accuracies say both rows come from the same code; the ones that
+    differ are listed."""
+    by_key = {(r["task"], r["budget"], r["seed"], r["method"]): r["acc"] for r in runs}
+    same, differ = 0, []
+    for r in runs:
+        fixed = SEARCHED.get((r.get("search") or {}).get("chosen", ""))
+        if r["method"] != default or fixed is None:
+            continue
+        other = by_key.get((r["task"], r["budget"], r["seed"], fixed))
+        if other is None:
+            continue
+        if other == r["acc"]:
+            same += 1
+        else:
+            differ.append({"task": r["task"], "budget": r["budget"], "seed": r["seed"],
+                           "chosen": fixed, "search": r["acc"], "fixed": other})  # fmt: skip
+    return {"same": same, "differ": differ}
+
+
 def timing(runs: list[dict]) -> dict[str, Any]:
     """Seconds the logged runs took, per method and in all (each run's own wall time; runs
     that shared the CPU with others took longer than alone)."""
@@ -282,6 +313,7 @@ def write(runs_path: Path, json_path: Path, png_path: Path, settings: dict[str, 
         "suggest_vs_surgical": agreement(runs),
         "defaults_gap": defaults_gap(runs, rows),
         "seconds": timing(runs),
+        "search_reproduces_fixed_rows": reproduced(runs),
         "table": markdown(rows, methods, ranks),
         "runs": runs,
     }
@@ -358,6 +390,9 @@ def docs_markdown(runs: list[dict]) -> str:
             out.append(f"| {a['task']} | {a['budget']} | {a['seed']} | `{a['surgical']}` | "
                        f"`{a['suggest']}` (`{a['suggest_among_candidates']}`) | "
                        f"{'yes' if a['agree'] else 'no'} |")  # fmt: skip
+    check = reproduced(runs)
+    out += ["", f"The search's final run against the fixed row of the setting it chose: "
+            f"{check['same']} equal, {len(check['differ'])} differ {check['differ'] or ''}"]  # fmt: skip
     t = timing(runs)
     out += ["", f"Run time: {t['runs']} runs, {t['total']} s in all; per method: "
             + ", ".join(f"{_short(m)} {v} s" for m, v in t["per_method"].items())]  # fmt: skip
