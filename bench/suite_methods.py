@@ -181,8 +181,8 @@ def defaults(task, idx, budget, seed):
 
 def search(task, idx, budget, seed):
     """``fine_tune``'s held-out search (``FineTuneConfig(search=True)``, the new default):
-    four settings tried on 80% of the draw and scored on the other 20% (every fifth in turn
-    under 500 examples); the config's own setting trains on all of it unless clearly
+    four settings tried on 80% of the draw and scored on the other 20% (the next fifths
+    in turn until 100 examples are scored); the config's own setting trains on all of it unless clearly
     beaten (:func:`netgraft.train.search.pick`)."""
     return _fine_tune(task, idx, budget, seed, search=True)
 

@@ -56,7 +56,7 @@ def test_search_scores_every_candidate_on_held_out_training_data_never_on_val(
     best = max(labels, key=lambda k: (scores[k]["acc"], -scores[k]["loss"]))
     clear = scores[best]["acc"] - scores[labels[1]]["acc"] > (0.25 / 100) ** 0.5
     assert found["chosen"] == (best if clear else labels[1])  # the config's own unless beaten
-    # 100 examples: under FOLDS_BELOW, each fifth held out in turn, every example scored once
+    # 100 examples: a fifth is 20, so all five fifths in turn, every example scored once
     assert (found["held_out"], found["folds"]) == (100, 5)
     assert all(0 <= s["acc"] <= 1 and s["loss"] > 0 for s in scores.values())
     assert all(round(s["acc"] * 100) == pytest.approx(s["acc"] * 100) for s in scores.values())
@@ -222,7 +222,7 @@ def test_every_candidate_runs_the_same_epochs_the_one_rate_one_without_a_head_st
     assert list(kept)[-1] == "all 0.0006 x1, norms trained"
 
 
-def test_small_data_holds_out_every_fifth_in_turn_large_data_one_fifth(digits):
+def test_fifths_are_held_out_in_turn_until_100_examples_are_scored(digits):
     x, y = digits
     parts = search.folds((x[:100], y[:100]), seed=3)
     assert len(parts) == search.FOLDS
@@ -237,6 +237,9 @@ def test_small_data_holds_out_every_fifth_in_turn_large_data_one_fifth(digits):
     big = search.folds((x[:600], y[:600]), seed=3)
     one = search.holdout_split((x[:600], y[:600]), seed=3)
     assert len(big) == 1 and big[0][1].indices == one[1].indices
+    # 200 examples: fifths of 40, three of them (120 scored); 300: two fifths of 60
+    assert [len(h) for _, h in search.folds((x[:200], y[:200]), 0)] == [40, 40, 40]
+    assert [len(h) for _, h in search.folds((x[:300], y[:300]), 0)] == [60, 60]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:50], y[:50]), 7)
     assert [len(h.dataset) for _, h in search.folds(loader, 0)] == [10] * 5
     # scores of the parts pooled by their sizes, as one pass over every example would

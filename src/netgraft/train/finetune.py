@@ -89,11 +89,11 @@ class FineTuneConfig:
       training data itself: it trains copies of the model on four fifths of it with each
       setting of :func:`netgraft.train.search.candidates` (the head alone; the body at
       ``base_lr``; at ``0.3 * base_lr``; everything at one rate with batch norms trained),
-      scores them on the fifth held out (under 500 examples every fifth in turn, so that
-      each example is scored once: :func:`netgraft.train.search.folds`), and fine-tunes on
+      scores them on the fifth held out (on small data the next fifths in turn, until 100
+      examples are scored: :func:`netgraft.train.search.folds`), and fine-tunes on
       all of it with the config's own setting unless another is clearly better there
       (:func:`netgraft.train.search.pick`). About five times the compute of the run alone
-      (about twenty times under 500 examples); the validation data is never used to choose.
+      (up to about twenty times on small data); the validation data is never used to choose.
       ``base_lr`` scales the candidates, and each runs ``head_epochs + epochs`` epochs in
       all, divided its own way (the head alone for all of them, the head stage then the
       body, or one rate from the start); any other field the caller changed from its
@@ -362,8 +362,8 @@ def fine_tune(
     With ``config.search`` (the default) the settings above are chosen first on the
     training data itself: copies of ``model`` train on four fifths of ``train`` with each
     candidate of :func:`netgraft.train.search.candidates` (possibly the head alone for every
-    epoch), are scored on the fifth held out (every fifth in turn under 500 examples:
-    :func:`netgraft.train.search.folds`), and ``model`` then trains on all of ``train``
+    epoch), are scored on the fifth held out (the next fifths in turn until 100 examples are
+    scored: :func:`netgraft.train.search.folds`), and ``model`` then trains on all of ``train``
     with the config's own setting unless another is clearly better there
     (:func:`netgraft.train.search.pick`); ``history.search`` records the choice and every
     score (None when no

@@ -5,10 +5,11 @@ wins on text loses on small grey images, and training batch norms collapses some
 so :func:`netgraft.fine_tune` with ``FineTuneConfig(search=True)`` (the default) tries a
 few settings on four fifths of the training data, scores each on the fifth held out, and
 then fine-tunes on all the training data with the config's own setting unless another one
-is clearly better there (:func:`pick`). Under :data:`FOLDS_BELOW` examples one fifth is
-too few to tell settings apart, so every fifth is held out in turn (5-fold
-cross-validation: each example scored once). The user's validation data is never used to
-choose. This module splits the data and scores; :mod:`.finetune` runs the trials.
+is clearly better there (:func:`pick`). A fifth of under :data:`MIN_SCORED` examples is
+too few to tell settings apart, so further fifths are held out in turn until that many
+are scored (five-fold cross-validation under 100 examples: each example scored once).
+The user's validation data is never used to choose. This module splits the data and
+scores; :mod:`.finetune` runs the trials.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from .batches import evaluate, split_batch, to_data
 
 __all__ = [
     "FOLDS",
-    "FOLDS_BELOW",
     "HOLDOUT",
     "MIN_EXAMPLES",
+    "MIN_SCORED",
     "apply",
     "candidates",
     "folds",
@@ -55,10 +56,10 @@ log = logging.getLogger("netgraft")
 HOLDOUT = 0.2
 # below this many training examples the held-out part is too small to choose anything
 MIN_EXAMPLES = 20
-# below this many examples a held-out fifth is under 100 (one standard error of its accuracy
-# over 0.05): each fifth is held out in turn, every example scored once (about five times
-# the trials' cost, which is small at that size)
-FOLDS_BELOW = 500
+# held-out examples the search wants scored: one standard error of an accuracy on 100 is
+# at most 0.05; a held-out fifth of fewer (under 500 examples) is followed by the next
+# fifths in turn, each a fold of its own, until this many are scored or all five ran
+MIN_SCORED = 100
 FOLDS = 5
 
 HEAD_ONLY = "head only"
@@ -116,11 +117,11 @@ def holdout_split(data: Any, seed: int | None) -> tuple[Any, Any] | None:
 
 
 def folds(data: Any, seed: int | None) -> list[tuple[Any, Any]] | None:
-    """The (train, held-out) pairs the search scores on: :data:`FOLDS` pairs when ``data``
-    has fewer than :data:`FOLDS_BELOW` examples (a seeded order cut into five parts, each
-    held out once: every example is scored exactly once), else the one
-    :func:`holdout_split` (the first of those parts held out). None when ``data`` cannot
-    be split (see :func:`holdout_split`)."""
+    """The (train, held-out) pairs the search scores on: a seeded order cut into five
+    parts, the first held out as in :func:`holdout_split`, then the next ones in turn
+    while fewer than :data:`MIN_SCORED` examples are held out in all (one pair from 500
+    examples, three at 200, all five, every example scored once, under 100). None when
+    ``data`` cannot be split (see :func:`holdout_split`)."""
     return _splits(data, seed, folds=None)
 
 
@@ -139,11 +140,11 @@ def _splits(data: Any, seed: int | None, folds: int | None) -> list[tuple[Any, A
     n = len(dataset)
     if n < MIN_EXAMPLES:
         return None
+    held = max(1, round(HOLDOUT * n))
     if folds is None:
-        folds = FOLDS if n < FOLDS_BELOW else 1
+        folds = min(FOLDS, math.ceil(MIN_SCORED / held))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed or 0)).tolist()
     # part i held out: order[bounds[i]:bounds[i + 1]]; part 0 is the single holdout's fifth
-    held = max(1, round(HOLDOUT * n))
     bounds = [0, held] + [held + round(i * (n - held) / (FOLDS - 1)) for i in range(1, FOLDS)]
     out = []
     for i in range(folds):
