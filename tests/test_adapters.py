@@ -242,14 +242,15 @@ def test_fine_tune_trains_the_head_then_the_adapters_from_the_top_and_never_the_
     config = netgraft.FineTuneConfig(
         head_epochs=1, unfreeze="gradual", keep_frozen=None, search=False
     )
+    quiet = netgraft.RunOptions(progress=False)
     history = netgraft.fine_tune(model, passages, epochs=3, config=config, batch_size=16, seed=0,
-                                 quiet=True)  # fmt: skip
+                                 run=quiet)  # fmt: skip
     stages = [row["stage"] for row in history.rows]
     assert stages == ["head", "unfreeze bert.encoder.layer.5", "unfreeze bert.encoder.layer.4",
                       "all"]  # fmt: skip
     assert _trainable(model) == own
     with pytest.raises(netgraft.NetgraftError, match="adapters on layers kept frozen"):
-        netgraft.fine_tune(model, passages, epochs=1, batch_size=16, quiet=True,
+        netgraft.fine_tune(model, passages, epochs=1, batch_size=16, run=quiet,
                            config=config.replace(keep_frozen="bert.encoder.layer.4"))  # fmt: skip
 
 

@@ -22,6 +22,8 @@ from netgraft.errors import NetgraftError
 from netgraft.train import Callback, fine_tune
 from netgraft.train.finetune import schedule
 
+QUIET = netgraft.RunOptions(progress=False)
+
 
 class Spy(Callback):
     """Reads the optimizer's rates right before each step, and the norm layers' modes."""
@@ -309,14 +311,14 @@ def test_the_defaults_keep_what_the_head_learnt_on_200_digit_images(
     # the head alone, 6 epochs: ImageNet features give a useful head on digits
     model = imagenet_mobilenet(mobilenet_v2_weights)
     alone = FineTuneConfig(head_epochs=6, search=False)
-    head_acc = fine_tune(model, train, val, epochs=0, config=alone, quiet=True).last["val_acc"]
+    head_acc = fine_tune(model, train, val, epochs=0, config=alone, run=QUIET).last["val_acc"]
     assert head_acc >= 0.7, head_acc
     # the fixed body rate alone (search=False) undoes it on this task (0.625 against 0.835
     # when this test was written): no fixed setting holds everywhere ...
     # ... so the default searches, on held-out training data, and keeps the head's gain
     model = imagenet_mobilenet(mobilenet_v2_weights)
     history = fine_tune(model, train, val, epochs=2, config=FineTuneConfig(head_epochs=4),
-                        seed=0, quiet=True)  # fmt: skip
+                        seed=0, run=QUIET)  # fmt: skip
     assert history.search is not None and history.search["held_out"] == 40
     assert history.last["val_acc"] >= head_acc - 0.03, (head_acc, history.search)
 
@@ -328,7 +330,7 @@ def test_batch_norms_stay_frozen_when_the_body_unfreezes(digits_64, mobilenet_v2
     bn = model.features[5].conv[1][1]
     stats = bn.running_var.clone()
     config = FineTuneConfig(head_epochs=1, search=False)
-    history = fine_tune(model, (train[0][:64], train[1][:64]), epochs=1, config=config, quiet=True)
+    history = fine_tune(model, (train[0][:64], train[1][:64]), epochs=1, config=config, run=QUIET)
     assert history["stage"] == ["head", "all"]
     # batch norms stayed frozen after unfreezing (train_bn=False), the convolutions trained
     assert torch.equal(bn.running_var, stats) and not bn.weight.requires_grad
@@ -342,7 +344,7 @@ def test_train_bn_unfreezes_batch_norms_with_the_rest(digits_64, mobilenet_v2_we
     bn = model.features[5].conv[1][1]
     stats = bn.running_var.clone()
     config = FineTuneConfig(head_epochs=0, train_bn=True, search=False)
-    fine_tune(model, (train[0][:64], train[1][:64]), epochs=1, config=config, seed=0, quiet=True)
+    fine_tune(model, (train[0][:64], train[1][:64]), epochs=1, config=config, seed=0, run=QUIET)
     assert bn.weight.requires_grad and not torch.equal(bn.running_var, stats)
 
 
@@ -400,7 +402,7 @@ def test_fine_tune_runs_the_stages_schedule_computes(digits):
     stages = schedule(model, 3, config)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     history = fine_tune(
-        model, train, val, epochs=3, config=config, batch_size=32, seed=0, quiet=True
+        model, train, val, epochs=3, config=config, batch_size=32, seed=0, run=QUIET
     )
     assert history["stage"] == [s.name for s in stages]
     assert history["stage"] == ["head", "head", "unfreeze 4", "unfreeze 1", "unfreeze 0"]
@@ -468,7 +470,7 @@ def test_a_default_changed_in_the_config_is_followed_everywhere(
     x, y = digits
     model = digits_net()
     bn_stats = model[1].running_mean.clone()
-    history = fine_tune(model, (x[:64], y[:64]), epochs=2, batch_size=32, quiet=True)
+    history = fine_tune(model, (x[:64], y[:64]), epochs=2, batch_size=32, run=QUIET)
     assert history["stage"] == ["head", "head", "unfreeze 4", "unfreeze 1"]
     assert not torch.equal(model[1].running_mean, bn_stats)  # train_bn: trained with the rest
     # the folder workflow
@@ -579,6 +581,34 @@ def test_old_keywords_warn_at_the_users_line_for_every_entry_point(monkeypatch):
     old = FineTuneSchedule(head_epochs=2, lr=1e-3)
     assert old.config.head_epochs == 2 and old.config.base_lr == 1e-3
     assert not old.lr_from_optimizer
+
+
+def test_fit_s_old_keywords_warn_once_from_fine_tune_and_train_as_their_new_spelling(
+    digits, monkeypatch
+):
+    monkeypatch.setattr("netgraft.deprecation._warned", set())
+    x, y = digits
+    train, val = (x[:64], y[:64]), (x[64:96], y[64:96])
+    config = FineTuneConfig(search=False)
+    common = {"epochs": 1, "config": config, "batch_size": 32, "seed": 0}
+    models = [digits_net(), digits_net()]
+    with pytest.warns(DeprecationWarning) as record:
+        old = fine_tune(models[0], train, val, quiet=True, weight_decay=0.01, **common)
+    ours = [w for w in record if "is deprecated; use" in str(w.message)]
+    assert sorted(str(w.message) for w in ours) == [
+        "fine_tune(quiet=...) is deprecated; use run=RunOptions(progress=not quiet)",
+        "fine_tune(weight_decay=...) is deprecated; use optimizer=Optimization(weight_decay=...)",
+    ]
+    assert {w.filename for w in ours} == {__file__}  # the caller's line, not netgraft's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # each spelling warns once
+        fine_tune(digits_net(), train, epochs=0, config=config.replace(head_epochs=0), quiet=True)
+        new = fine_tune(models[1], train, val, run=netgraft.RunOptions(progress=False),
+                        optimizer=netgraft.Optimization(weight_decay=0.01), **common)  # fmt: skip
+    assert old["stage"] == new["stage"] == ["head", "all"]
+    assert old["loss"] == new["loss"] and old["val_acc"] == new["val_acc"]
+    first, second = (m.state_dict() for m in models)
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.mark.parametrize("head", ["classifier", "classifier.*", "type:Linear", ["classifier.1"]])

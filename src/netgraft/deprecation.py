@@ -5,7 +5,9 @@ a :class:`DeprecationWarning` that says what to write instead and points at the 
 outside netgraft (the user's call); later uses are silent. :func:`legacy` declares a
 function's old keyword spellings and :func:`renamed_function` keeps an old function name;
 both list what they keep in :data:`LEGACY`, which ``tests/test_api_conventions.py`` calls
-one by one. This module never changes what the old spelling does.
+one by one. A function that forwards keywords to another (``fine_tune`` to ``fit``) warns
+for the old spellings it forwards with :func:`warn_old_keywords`. This module never changes
+what the old spelling does.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import functools
 import inspect
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["LEGACY", "legacy", "renamed_function", "warn_deprecated"]
+__all__ = ["LEGACY", "legacy", "renamed_function", "warn_deprecated", "warn_old_keywords"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,6 +51,16 @@ def warn_deprecated(old: str, new: str) -> None:
     )
 
 
+def warn_old_keywords(where: str, spellings: Mapping[str, str], given: Iterable[str]) -> None:
+    """Warn (:func:`warn_deprecated`) for each keyword in ``given`` that ``spellings`` (old
+    spelling -> new, as :func:`legacy` takes them) lists, as ``where(old=...)``; a function
+    forwarding keywords to another passes that one's ``LEGACY`` entry."""
+    for old in given:
+        if old in spellings:
+            new = spellings[old]
+            warn_deprecated(f"{where}({old}=...)", new if "=" in new else f"{new}=...")
+
+
 def legacy(**spellings: str) -> Callable[[F], F]:
     """Let a function accept old keyword spellings: ``@legacy(at="after")`` renames
     ``at=`` to ``after=``; a spelling whose new form is not a parameter of the function
@@ -68,9 +80,10 @@ def legacy(**spellings: str) -> Callable[[F], F]:
 
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
-            for old in [k for k in kwargs if k in spellings and k not in params]:
+            given = [k for k in kwargs if k in spellings and k not in params]
+            warn_old_keywords(name, spellings, given)
+            for old in given:
                 new = spellings[old]
-                warn_deprecated(f"{name}({old}=...)", new if "=" in new else f"{new}=...")
                 if new in params:
                     if new in kwargs:
                         raise TypeError(f"{name}() got both {old}= and {new}=; give {new}=")

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..adapted import is_peft_model
 from ..adapters import adapter_blocks, check_adapters
-from ..deprecation import warn_deprecated
+from ..deprecation import LEGACY, warn_deprecated, warn_old_keywords
 from ..errors import NetgraftError
 from ..freeze import NORM_POLICIES, freeze, train_only
 from ..freeze import unfreeze as unfreeze_layers
@@ -371,9 +371,11 @@ def fine_tune(
     copied). ``val`` is never used to choose.
 
     The config's fields are also accepted as keyword arguments (``head_epochs=2``,
-    ``base_lr=...``): deprecated spellings that warn once.
+    ``base_lr=...``), and so are fit's old keywords (``quiet=``, ``cache=``, ``device=``,
+    ``weight_decay=``, ...): deprecated spellings that warn once, naming the new one.
     """
     config = resolve_config(config, fit_kwargs, "fine_tune", strict=False)
+    warn_old_keywords("fine_tune", LEGACY["fit"], fit_kwargs)  # fit_flat folds them in silently
     if "resume" in fit_kwargs or (run is not None and run.resume is not None):
         raise NetgraftError(
             "fine_tune cannot resume; resume a stage with fit(..., run=RunOptions(resume=...))"
