@@ -12,6 +12,7 @@ spelling) and work.
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from pathlib import Path
 
@@ -320,6 +321,23 @@ def _feature_cache(data, tmp_path):
     assert planned is not None and any((tmp_path / "p").iterdir())
 
 
+def _text_table(data, tmp_path):
+    """finetune_table's old run keywords, on four real passages and the bundled MiniLM."""
+    pytest.importorskip("transformers")
+    from netgraft.data import load_political_passages, minilm_path
+    from netgraft.text_workflows import finetune_table
+
+    p = load_political_passages(words=24)
+    rows = [(p.texts[i], p.classes[c]) for c in (0, 1) for i in (p.labels == c).nonzero()[:2, 0]]
+    table = tmp_path / "t.csv"
+    table.write_text("text,label\n" + "".join(f'"{t}",{label}\n' for t, label in rows))
+    config = netgraft.FineTuneConfig(search=False)
+    result = finetune_table(f"hf:{minilm_path()}", table, tmp_path / "t", config=config,
+                            epochs=0, max_length=8, val_fraction=0.5, cache=False,
+                            quiet=True)  # fmt: skip
+    assert result.history["stage"] == ["head"] and result.classes == sorted(p.classes)
+
+
 FIT_RUN = ["device", "precision", "accumulate", "quiet", "resume", "stage"]
 FIT_OPT = ["scheduler", "weight_decay", "lr_mult", "max_grad_norm", "shuffle", "layer_decay"]
 STUDY = ["source_model", "target_train", "target_val", "quiet", "progress", "num_classes",
@@ -341,6 +359,7 @@ CASES = {
                                                 "trust_pickle"],
                            "pretrain_folder": ["out", "aux_head", "pairs", "copies", "quiet",
                                                "weights", "trust_pickle"]}),
+    "text table": (_text_table, {"finetune_table": ["cache", "quiet"]}),
 }  # fmt: skip
 
 
@@ -363,6 +382,11 @@ def test_deprecated_spelling_warns_naming_the_new_one_and_still_works(
                 shown = [m for m in said if m.startswith(f"{where}({old}=...) is deprecated")]
                 assert shown, f"{where}({old}=...) did not warn"
                 assert f"use {LEGACY[where][old].split('=')[0]}" in shown[0], shown[0]
+    # no other old keyword: netgraft's own calls inside these use the new spellings
+    called = tuple(f"{where}({old}=...) is" for where, names in spellings.items() for old in names)
+    keywords = [m for m in said if re.match(r"[\w.]+\(\w+=\.\.\.\) is deprecated; use", m)]
+    others = [m for m in keywords if not m.startswith(called)]
+    assert not others, f"netgraft passed old keywords to itself: {others}"
     # each warning points at the caller's line, not at netgraft's own code
     src = str(Path(netgraft.__file__).parent)
     ours = [w for w in caught if "is deprecated" in str(w.message)]

@@ -22,7 +22,9 @@ import torch
 from .atomic import atomic_write
 from .data.tables import labelled_texts, read_text_table, text_table
 from .data.text import TokenizedTexts
+from .deprecation import legacy
 from .errors import DataError
+from .options import RunOptions, run_options
 from .saved import load as load_saved
 from .saved import save
 from .train import History, evaluate, fine_tune, predict
@@ -71,6 +73,7 @@ def _hf_folder(model: Any) -> str:
     return str(Path(rest).resolve())
 
 
+@legacy(cache="run=RunOptions(cache=...)", quiet="run=RunOptions(progress=not quiet)")
 def finetune_table(
     model: str,
     table: str | os.PathLike,
@@ -83,8 +86,8 @@ def finetune_table(
     batch_size: int = 32,
     val_fraction: float = 0.2,
     seed: int = 0,
-    cache: bool | str = "auto",
-    quiet: bool = False,
+    run: RunOptions | None = None,
+    **legacy_kwargs: Any,
 ) -> TextFinetuneResult:
     """Fine-tune the Hugging Face model ``model`` (``hf:PATH``) as a sequence classifier on
     the text table ``table`` and save it, servable, to ``out``.
@@ -93,8 +96,11 @@ def finetune_table(
     class (``val_fraction`` held out, seeded); the classifier gets one output per class
     (``num_classes``, when given, must be that count: another is a :class:`DataError`), then
     :func:`netgraft.fine_tune` trains it as ``config`` says for ``epochs`` after the head
-    stage. ``out`` gets the weights and recipe, ``history.json``/``.png`` and ``data.json``.
+    stage, run as ``run`` says (:class:`~netgraft.RunOptions`: device, cache, progress, ...).
+    ``out`` gets the weights and recipe, ``history.json``/``.png`` and ``data.json``. The old
+    ``cache=`` and ``quiet=`` still work and warn.
     """
+    run = run_options(run, legacy_kwargs)
     folder = _hf_folder(model)
     split = text_table(
         table, tokenizer_of(folder), max_length=max_length, val_fraction=val_fraction, seed=seed
@@ -108,7 +114,7 @@ def finetune_table(
     torch.manual_seed(seed)
     net = load_model(f"hf:{folder}", task=TEXT_TASK, num_labels=n)
     history = fine_tune(net, split.train, split.val, epochs=epochs, config=config,
-                        batch_size=batch_size, seed=seed, cache=cache, quiet=quiet)  # fmt: skip
+                        batch_size=batch_size, seed=seed, run=run)  # fmt: skip
     saved = save(net, out)
     history.save(saved)
     write_text_info(saved, split.classes, max_length, folder)

@@ -344,8 +344,7 @@ def fine_tune_folder(
     if is_text_table(data_dir):  # a CSV/JSONL text table: netgraft.text_workflows
         return finetune_table(model, data_dir, out_dir, num_classes=num_classes, config=config,
                               epochs=epochs, max_length=max_length, batch_size=batch_size,
-                              val_fraction=val_fraction, seed=seed, cache=run.cache,
-                              quiet=not run.progress)  # fmt: skip
+                              val_fraction=val_fraction, seed=seed, run=run)  # fmt: skip
     split = image_folder(
         data_dir, model, size=size, augment=augment, val_fraction=val_fraction, seed=seed
     )
