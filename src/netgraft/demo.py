@@ -44,10 +44,10 @@ from .data import load_mnist5k
 from .errors import DataError, NetgraftError
 from .freeze import freeze
 from .grow import deepen
+from .options import RunOptions
 from .reinit import reinit
 from .results import errorbars, mean_std, results_table, seeded_row, write_results
-from .train import FineTuneConfig, evaluate, fine_tune
-from .train.loop import fit_flat as fit
+from .train import FineTuneConfig, evaluate, fine_tune, fit
 
 __all__ = [
     "METHODS",
@@ -223,15 +223,17 @@ def _train_target(
 ) -> nn.Module:
     """Train one target network by ``method`` on ``train``, seeded with ``seed``."""
     epochs = _epochs_for(len(train[0]), config)
-    common = {"batch_size": config.batch_size, "seed": seed, "quiet": True}
+    common = {"batch_size": config.batch_size, "seed": seed}
+    quiet = RunOptions(progress=False)
     if method == "from scratch":
         torch.manual_seed(seed)
         model = demo_model()
-        fit(model, train, epochs=epochs, lr=config.lr, cache=False, **common)
+        fit(model, train, epochs=epochs, lr=config.lr, run=quiet.replace(cache=False), **common)
     elif method in ("frozen (no cache)", "frozen (cache)"):
         model = _reused(source, seed)
         freeze(model, "features")
-        fit(model, train, epochs=epochs, lr=config.lr, cache=method == "frozen (cache)", **common)
+        run = quiet.replace(cache=method == "frozen (cache)")
+        fit(model, train, epochs=epochs, lr=config.lr, run=run, **common)
     elif method == "fine-tuned":
         model = _reused(source, seed)
         head_epochs = max(1, epochs // 2)
@@ -248,7 +250,8 @@ def _train_target(
             train,
             epochs=max(1, epochs - head_epochs),
             config=stages,
-            cache=True,  # the head stage runs from cached features, the rest on images
+            # the head stage runs from cached features, the rest on images
+            run=quiet.replace(cache=True),
             **common,
         )
     elif method == "grown (cache)":
@@ -256,7 +259,7 @@ def _train_target(
         freeze(model, "features")
         torch.manual_seed(seed)
         deepen(model, "features.pool2", example_input=train[0][:2])
-        fit(model, train, epochs=epochs, lr=config.lr, cache=True, **common)
+        fit(model, train, epochs=epochs, lr=config.lr, run=quiet.replace(cache=True), **common)
     else:
         raise NetgraftError(f"unknown demo method {method!r}; use one of {', '.join(METHODS)}")
     return model
@@ -304,7 +307,7 @@ def _train_source(split: DigitSplit, config: DemoConfig, say: Callable[[str], No
     source = demo_model()
     started = time.perf_counter()
     fit(source, split.source, epochs=config.source_epochs, lr=config.lr, batch_size=64,
-        seed=0, cache=False, quiet=True)  # fmt: skip
+        seed=0, run=RunOptions(cache=False, progress=False))  # fmt: skip
     source_acc = _accuracy(source, split.source)
     seconds = time.perf_counter() - started
     say(f"source network: digits 0–4, train acc {source_acc:.3f}, {seconds:.1f}s")
