@@ -15,8 +15,9 @@ itself (never a LoRA of its own; ``pip install 'netgraft[peft]'``):
   unfreeze only PEFT's own trainable set unless ``base=True``.
 - :func:`prepare` (which ``fit`` and ``fine_tune`` call) checks a PEFT model and holds its
   frozen base as netgraft holds any frozen module (inference mode), so that
-  ``fit(cache="auto")`` runs the frozen bottom below the lowest adapter once and trains
-  from the cached boundary with the same losses as without the cache.
+  ``fit(..., run=RunOptions(cache="auto"))`` runs the frozen bottom below the lowest
+  adapter once and trains from the cached boundary with the same losses as without the
+  cache.
 
 Example::
 

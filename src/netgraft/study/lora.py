@@ -10,9 +10,9 @@ peft missing (:class:`~netgraft.integrations.MissingExtraError`), ``unit="layer"
 model without a stack, ``k`` beyond the stack, options PEFT rejects, targets matching no
 module of the top ``k`` blocks.
 
-What the trials share: a trial trains as ``fit(cache="auto")`` does, from the features of
-the frozen bottom below its lowest adapter; with the study's shared pass those features
-are computed once per ``k`` and read by every seed of that ``k``
+What the trials share: a trial trains as ``fit(run=RunOptions(cache="auto"))`` does, from
+the features of the frozen bottom below its lowest adapter; with the study's shared pass
+those features are computed once per ``k`` and read by every seed of that ``k``
 (:func:`netgraft.study.shared.share_lora_bottoms`). Different ``k``, and the frozen and
 surgical settings, do not share them (each ``k`` cuts elsewhere). Validation accuracy is
 measured by the whole PEFT model.

@@ -19,9 +19,9 @@ points are captured in as few passes as fit.
 The ``"lora"`` settings share less (:func:`share_lora_bottoms`): their frozen bottom, below
 the lowest adapter, is a cut of the PEFT model by substitution whose output is not one
 tensor a hook can capture, so each ``k`` runs its own bottom once, here, into the feature
-cache its trials' ``fit(cache="auto")`` then finds (under the same key: the bottom holds
-no adapter, so every seed's trial has the same one); the seeds of a ``k`` share it, the
-``k`` do not share with each other or with the frozen settings.
+cache its trials' ``fit(run=RunOptions(cache="auto"))`` then finds (under the same key: the
+bottom holds no adapter, so every seed's trial has the same one); the seeds of a ``k``
+share it, the ``k`` do not share with each other or with the frozen settings.
 
 This module never changes a model's weights, never leaves its train/eval modes or the
 global random streams changed, and writes only into the features folder it is given.

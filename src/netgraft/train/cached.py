@@ -316,7 +316,7 @@ def _check_worth(model: nn.Module, name: str, prefix: nn.Module, reasons: list[s
     if frozen < _MIN_PREFIX_SHARE * total:
         raise _Refused(
             f"the frozen prefix up to {name!r} holds only {frozen:,} of {total:,} parameters: "
-            "too little to gain from caching (pass cache=True to cache anyway)"
+            "too little to gain from caching (RunOptions(cache=True) caches anyway)"
             + (f"; a later cut was not possible: {reasons[0]}" if reasons else "")
         )
 

@@ -33,8 +33,8 @@ SGD's ``weight_decay``) is mapped with it, which is exact only when it is decoup
 (AdamW) or zero.
 
 The growth is recorded in the model's recipe, and checkpoints carry the recipe, so
-``fit(resume=...)`` on a fresh model replays it before loading the grown weights
-(:mod:`netgraft.train.checkpoint`). This module never trains.
+``fit(..., run=RunOptions(resume=...))`` on a fresh model replays it before loading the
+grown weights (:mod:`netgraft.train.checkpoint`). This module never trains.
 """
 
 from __future__ import annotations
