@@ -55,7 +55,7 @@ def cached_head(
     """Freeze every layer of ``model`` but ``head`` (its heads by default; frozen norm layers
     follow ``bn``), cut it before the head and cache ``train`` (and ``val``) through the
     frozen part: a :class:`CachedHead`. ``train``/``val`` are datasets or ``(inputs,
-    targets)``; ``cache_options`` go to :func:`netgraft.train.cached.plan` (``dir``,
+    targets)``; ``cache_options`` go to :func:`netgraft.train.cached.plan` (``cache_dir``,
     ``dtype``, ``augment_copies``, ``batch_size``). Raises :class:`CacheError` saying why
     when no frozen, deterministic part can be cut off before the head.
     """
