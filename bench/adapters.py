@@ -6,9 +6,9 @@ The pretrained MiniLM sentence encoder (a Hugging Face BERT of 6 layers) as a se
 classifier on real political-speech passages (64 tokens; the labels say which of two
 speakers), with LoRA of rank 8 on ``query`` and ``value`` of the top 1, 2 and 3 layers
 (``netgraft.add_adapters(top=k)``; the head is PEFT's ``modules_to_save``). For each k it
-runs ``netgraft.fit`` for 10 epochs without the cache and with it (``cache=True``: the
-frozen embeddings and bottom layers run once, cut by substitution) and reports for
-E = 1, 5, 10:
+runs ``netgraft.fit`` for 10 epochs without the cache and with it
+(``RunOptions(cache=True)``: the frozen embeddings and bottom layers run once, cut by
+substitution) and reports for E = 1, 5, 10:
 
 - the wall time until epoch E ends (the cached one includes finding the cut and building
   the cache),

@@ -105,8 +105,7 @@ def run_fit(arch: str, trainable: str, data: TensorDataset, epochs: int, cache: 
             lr=1e-3,
             seed=0,
             batch_size=batch,
-            cache=cache,
-            quiet=True,
+            run=netgraft.RunOptions(cache=cache, progress=False),
             callbacks=[clock],
         )
     finally:

@@ -111,8 +111,7 @@ def worker(out: Path, epochs: int, quick: bool, frozen: str) -> None:
         optimizer=optimizer,
         batch_size=BATCH,
         seed=0,
-        cache=False,
-        quiet=True,
+        run=netgraft.RunOptions(cache=False, progress=False),
     )
     steps = sum(1 for _ in range(0, len(data(quick)), BATCH)) * epochs
     result = {

@@ -187,11 +187,13 @@ def minilm_task(quick: bool) -> Task:
                 epochs=2)  # fmt: skip
 
 
-def _stage(task: Task, model: nn.Module, seed: int, **kwargs: Any) -> float:
-    """One ``fine_tune`` call on ``model`` in place; the last epoch's validation accuracy."""
+def _stage(task: Task, model: nn.Module, seed: int, epochs: int, **config: Any) -> float:
+    """One ``fine_tune`` call on ``model`` in place, ``config`` the :class:`FineTuneConfig`
+    fields besides the head; the last epoch's validation accuracy."""
+    settings = netgraft.FineTuneConfig(head=task.head, **config)
     history = netgraft.fine_tune(
-        model, task.train, task.val, head=task.head, batch_size=task.batch_size, seed=seed,
-        quiet=True, **kwargs,
+        model, task.train, task.val, epochs=epochs, config=settings, batch_size=task.batch_size,
+        seed=seed, run=netgraft.RunOptions(progress=False),
     )  # fmt: skip
     return float(history.last["val_acc"])
 

@@ -176,8 +176,9 @@ def run(kind: str, seed: int, plan: dict[str, Any]) -> dict[str, Any]:
         epochs = plan["epochs"]
     started, cpu = time.perf_counter(), time.process_time()
     netgraft.fit(model, loader, val, epochs=epochs, lr=LR, loss=lm_loss, metrics=(),
-                 batch_size=BATCH, seed=seed, scheduler="cosine", quiet=True,
-                 device="cpu", callbacks=callbacks)  # fmt: skip
+                 batch_size=BATCH, seed=seed, optimizer=netgraft.Optimization(scheduler="cosine"),
+                 run=netgraft.RunOptions(device="cpu", progress=False),
+                 callbacks=callbacks)  # fmt: skip
     out = {
         "kind": kind,
         "seed": seed,

@@ -291,8 +291,10 @@ def run(arm: str, order: int, plan: dict[str, Any], data: dict[str, torch.Tensor
                                           probe=probe, loss=lm_loss))  # fmt: skip
     started = time.perf_counter()
     netgraft.fit(model, loader, None, epochs=epochs, lr=LR, loss=lm_loss, metrics=(),
-                 batch_size=plan["batch"], seed=order, quiet=True, device=device,
-                 max_grad_norm=1.0, callbacks=callbacks)  # fmt: skip
+                 batch_size=plan["batch"], seed=order,
+                 optimizer=netgraft.Optimization(max_grad_norm=1.0),
+                 run=netgraft.RunOptions(device=device, progress=False),
+                 callbacks=callbacks)  # fmt: skip
     last = track.curve[-1]
     return {
         "arm": arm,

@@ -36,7 +36,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from netgraft import AutoRGN, evaluate, fit, freeze, pretrain_auxiliary, reinit, study, suggest
+from netgraft import (
+    AutoRGN,
+    AuxiliaryTask,
+    RunOptions,
+    evaluate,
+    fit,
+    freeze,
+    pretrain_auxiliary,
+    reinit,
+    study,
+    suggest,
+)
 from netgraft.data import load_digits, load_mnist5k, load_political_passages
 from netgraft.models import digits_cnn, mnist_cnn, text_cnn, tokenize, vocabulary
 from netgraft.results import errorbars, mean_std, rows_csv, seeded_row, write_results
@@ -51,6 +62,7 @@ __all__ = [
 ]
 
 METHODS = ("scratch", "auxiliary, frozen", "auxiliary, fine-tuned")
+QUIET = RunOptions(progress=False)
 
 
 @dataclass
@@ -152,7 +164,7 @@ class _Reuse:
         few = _per_class(self.y, self.pool, per_class, seed)
         epochs = math.ceil(self.steps / math.ceil(len(few) / self.batch_size))
         fit(model, (self.x[few], self.y[few]), epochs=epochs, lr=self.lr,
-            batch_size=self.batch_size, seed=seed, quiet=True)  # fmt: skip
+            batch_size=self.batch_size, seed=seed, run=QUIET)  # fmt: skip
         acc = evaluate(model, (self.x[self.test], self.y[self.test]), batch_size=256)["acc"]
         return float(acc), sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -200,8 +212,9 @@ def pairs_experiment(
     aux, pool, test = (torch.cat(p) for p in halves)
 
     def pretrain(model: nn.Module, seed: int) -> dict[str, Any]:
-        result = pretrain_auxiliary(model, (x[aux], y[aux]), task="pairs", aux_head=aux_head,
-                                    pairs=pairs, epochs=pretrain_epochs, seed=seed)  # fmt: skip
+        task = AuxiliaryTask("pairs", aux_head=aux_head, pairs=pairs)
+        result = pretrain_auxiliary(model, (x[aux], y[aux]), task=task, epochs=pretrain_epochs,
+                                    seed=seed)  # fmt: skip
         return _last(result.history)
 
     reuse = _Reuse(mnist_cnn, x, y, pool, test, pretrain, steps, lr=1e-3)
@@ -242,8 +255,9 @@ def corrupt_experiment(
     y = passages.labels
 
     def pretrain(model: nn.Module, seed: int) -> dict[str, Any]:
-        result = pretrain_auxiliary(model, x[aux], task="corrupt", aux_head=aux_head,
-                                    copies=copies, epochs=pretrain_epochs, seed=seed)  # fmt: skip
+        task = AuxiliaryTask("corrupt", aux_head=aux_head, copies=copies)
+        result = pretrain_auxiliary(model, x[aux], task=task, epochs=pretrain_epochs,
+                                    seed=seed)  # fmt: skip
         return _last(result.history)
 
     build = lambda: text_cnn(len(vocab) + 2)  # noqa: E731
@@ -279,7 +293,7 @@ def _digit_shift(kind: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor
         source_data, target, classes = (x[s], y[s]), (x[t], y[t] - 5), 5
     torch.manual_seed(0)
     source = digits_cnn(classes)
-    fit(source, source_data, epochs=15, lr=2e-3, batch_size=32, seed=0, quiet=True)
+    fit(source, source_data, epochs=15, lr=2e-3, batch_size=32, seed=0, run=QUIET)
     return source, target
 
 
@@ -301,7 +315,7 @@ def _whole_model_rows(
         model = copy.deepcopy(source)
         callbacks = [AutoRGN()] if auto else []
         fit(model, train, epochs=epochs, lr=lr, batch_size=16, seed=seed, callbacks=callbacks,
-            quiet=True)  # fmt: skip
+            run=QUIET)  # fmt: skip
         acc = float(evaluate(model, test, batch_size=256)["acc"])
         return acc, sum(p.numel() for p in model.parameters())
 

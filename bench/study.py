@@ -50,7 +50,7 @@ def demo_task(quick: bool):
     torch.manual_seed(0)
     source = demo_model()
     netgraft.fit(source, split.source, epochs=1 if quick else 3, lr=1e-3, batch_size=64,
-                 seed=0, quiet=True, cache=False)  # fmt: skip
+                 seed=0, run=netgraft.RunOptions(progress=False, cache=False))  # fmt: skip
     train = split.sample(20 if quick else 100, seed=0)
     n_val = 60 if quick else 200
     val = (split.test[0].view(5, 200, 1, 28, 28)[:, :n_val].reshape(-1, 1, 28, 28),
@@ -109,8 +109,8 @@ def run_study(source, train, val, shared: bool, seeds: int, epochs: int):
         started = time.perf_counter()
         result = netgraft.study(
             source, train, val, modes=("frozen",), baseline=False, seeds=seeds,
-            budget={"epochs": epochs, "lr": 1e-3, "batch_size": 32}, shared_pass=shared,
-            cache_dir=cache_dir, quiet=True,
+            budget={"epochs": epochs, "lr": 1e-3, "batch_size": 32},
+            run=netgraft.RunOptions(shared_pass=shared, cache_dir=cache_dir, progress=False),
         )  # fmt: skip
         return time.perf_counter() - started, result
 

@@ -60,9 +60,7 @@ def run(pool: str, seed: int, train, val, epochs: int, cache_dir: str) -> float:
         lr=3e-3,
         batch_size=32,
         seed=seed,
-        quiet=True,
-        cache="auto",
-        cache_options={"dir": cache_dir},
+        run=netgraft.RunOptions(progress=False, cache="auto", cache_dir=cache_dir),
     )
     return history.rows[-1]["val_acc"]
 

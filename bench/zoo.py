@@ -11,13 +11,15 @@ default weights), with a batch of 2:
    the model in train mode: every frozen parameter, and every buffer of a module whose
    parameters are all frozen, is bit-identical afterwards; the head's weights moved.
 3. ``cut``: at the latest module before the first trainable layer that gives a frozen prefix
-   (what the feature cache does), ``netgraft.cut(model, at, example_input=x)`` (torch.fx, or
-   substitution where fx cannot trace); ``suffix(prefix(x))`` is allclose to ``model(x)``.
-4. ``cache``: what a user does next: one epoch of ``netgraft.fit(cache=True)`` against the
-   same epoch with ``cache=False`` (same seed, same starting weights, 4 examples in batches
-   of 2, validated on the same 4): the training and validation losses agree within 1e-5
-   relative. A refusal (``CacheError``) fails the step as ``refused``; a difference is
-   ``trains differently with the cache`` (counted apart in the summary: must be zero).
+   (what the feature cache does), ``netgraft.cut(model, after=name, example_input=x)``
+   (torch.fx, or substitution where fx cannot trace); ``suffix(prefix(x))`` is allclose to
+   ``model(x)``.
+4. ``cache``: what a user does next: one epoch of ``netgraft.fit`` with
+   ``run=RunOptions(cache=True)`` against the same epoch with ``cache=False`` (same seed,
+   same starting weights, 4 examples in batches of 2, validated on the same 4): the
+   training and validation losses agree within 1e-5 relative. A refusal (``CacheError``)
+   fails the step as ``refused``; a difference is ``trains differently with the cache``
+   (counted apart in the summary: must be zero).
 
 Architectures over about 300M parameters (310M) are skipped with the reason recorded (timm
 counted on the meta device, torchvision from its weights' metadata; never built). Results go to ``bench/results/zoo.json`` (written after every model,
@@ -313,7 +315,7 @@ def _step_cut(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     errors = []
     for at in candidates[:MAX_CUT_TRIES]:
         try:
-            prefix, suffix = netgraft.cut(model, at=at, example_input=x)
+            prefix, suffix = netgraft.cut(model, after=at, example_input=x)
         except netgraft.SurgeryError as exc:
             errors.append(f"{at}: {exc}"[:300])
             continue
@@ -339,7 +341,8 @@ def _step_cut(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 
 def _epoch_losses(model: nn.Module, data: Any, cache: bool) -> tuple[float, float]:
     history = netgraft.fit(
-        model, data, epochs=1, lr=0.01, batch_size=BATCH, seed=0, cache=cache, val=data, quiet=True
+        model, data, epochs=1, lr=0.01, batch_size=BATCH, seed=0, val=data,
+        run=netgraft.RunOptions(cache=cache, progress=False),
     )
     row = history.rows[0]
     return float(row["loss"]), float(row["val_loss"])
@@ -365,7 +368,7 @@ def _step_cache(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
 
 
 class _Refused(Exception):
-    """fit(cache=True) refused to cache (a CacheError)."""
+    """fit with RunOptions(cache=True) refused to cache (a CacheError)."""
 
 
 class _TrainsDifferently(Exception):
