@@ -189,8 +189,9 @@ def minilm_task(quick: bool) -> Task:
 
 def _stage(task: Task, model: nn.Module, seed: int, epochs: int, **config: Any) -> float:
     """One ``fine_tune`` call on ``model`` in place, ``config`` the :class:`FineTuneConfig`
-    fields besides the head; the last epoch's validation accuracy."""
-    settings = netgraft.FineTuneConfig(head=task.head, **config)
+    fields besides the head (``search`` off: each grid point runs exactly its setting);
+    the last epoch's validation accuracy."""
+    settings = netgraft.FineTuneConfig(head=task.head, **{"search": False, **config})
     history = netgraft.fine_tune(
         model, task.train, task.val, epochs=epochs, config=settings, batch_size=task.batch_size,
         seed=seed, run=netgraft.RunOptions(progress=False),
