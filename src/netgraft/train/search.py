@@ -112,7 +112,7 @@ def holdout_split(data: Any, seed: int | None) -> tuple[Any, Any] | None:
     data is scored augmented), as datasets, or as DataLoaders with the loader's own
     settings. None when it cannot be split: an iterable dataset, a loader with its own
     sampler or batch sampler, or fewer than :data:`MIN_EXAMPLES` examples."""
-    found = _splits(data, seed, folds=1)
+    found = _splits(data, seed, count=1)
     return None if found is None else found[0]
 
 
@@ -122,10 +122,12 @@ def folds(data: Any, seed: int | None) -> list[tuple[Any, Any]] | None:
     while fewer than :data:`MIN_SCORED` examples are held out in all (one pair from 500
     examples, three at 200, all five, every example scored once, under 100). None when
     ``data`` cannot be split (see :func:`holdout_split`)."""
-    return _splits(data, seed, folds=None)
+    return _splits(data, seed, count=None)
 
 
-def _splits(data: Any, seed: int | None, folds: int | None) -> list[tuple[Any, Any]] | None:
+def _splits(data: Any, seed: int | None, count: int | None) -> list[tuple[Any, Any]] | None:
+    """``count`` (train, held-out) pairs of :func:`folds`' parts (None: as many as
+    :func:`folds` holds out), or None when ``data`` cannot be split."""
     data = to_data(data)
     loader = data if isinstance(data, DataLoader) else None
     dataset: Dataset = loader.dataset if loader is not None else data
@@ -141,13 +143,13 @@ def _splits(data: Any, seed: int | None, folds: int | None) -> list[tuple[Any, A
     if n < MIN_EXAMPLES:
         return None
     held = max(1, round(HOLDOUT * n))
-    if folds is None:
-        folds = min(FOLDS, math.ceil(MIN_SCORED / held))
+    if count is None:
+        count = min(FOLDS, math.ceil(MIN_SCORED / held))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed or 0)).tolist()
     # part i held out: order[bounds[i]:bounds[i + 1]]; part 0 is the single holdout's fifth
     bounds = [0, held] + [held + round(i * (n - held) / (FOLDS - 1)) for i in range(1, FOLDS)]
     out = []
-    for i in range(folds):
+    for i in range(count):
         out_of = set(order[bounds[i] : bounds[i + 1]])
         parts = (
             Subset(dataset, [j for j in range(n) if j not in out_of]),
