@@ -363,19 +363,46 @@ def _docs_table(rows: list[dict], methods: list[str]) -> list[str]:
     return out
 
 
-def docs_markdown(runs: list[dict]) -> str:
-    """The suite's section of docs/benchmarks.md from the run log: every method on every
-    task, the default against the best, leave-one-task-out, suggest against surgical, time."""
-    rows = summarise(runs)
-    methods = order({r["method"] for r in rows})
-    out = _docs_table(rows, methods)
-    out += ["", "| task | budget | seeds | default | best method (of those on the same seeds) | best "
-            "| gap | within 2 points | the search chose (per seed) |", "|---" * 9 + "|"]  # fmt: skip
+def _gap_table(runs: list[dict]) -> list[str]:
+    out = ["| task | budget | seeds | default | best method (of those on the same seeds) | best "
+           "| gap | within 2 points | the search chose (per seed) |", "|---" * 9 + "|"]  # fmt: skip
     for g in defaults_gap(runs):
         out.append(f"| {g['task']} | {g['budget']} | {', '.join(map(str, g['seeds']))} | "
                    f"{g['default']:.3f} | {_short(g['best'])} ({g['methods_compared']}) | "
                    f"{g['best_acc']:.3f} | {g['gap']:.3f} | {'yes' if g['within_2_points'] else 'no'} | "
                    f"{'; '.join(g['default_chose'])} |")  # fmt: skip
+    return out
+
+
+def _core_table(runs: list[dict]) -> list[str]:
+    """:func:`matched` over :data:`CORE`: every seed, regrets, ranks, leave-one-task-out."""
+    m = matched(runs)
+    out = ["| task | budget | seeds | " + " | ".join(_short(x) for x in m["methods"]) + " |",
+           "|---" * (len(m["methods"]) + 3) + "|"]  # fmt: skip
+    for key, accs in m["per_seed"].items():
+        task, budget, _, seeds = key.split(" ", 3)
+        means = {x: statistics.fmean(v) for x, v in accs.items()}
+        cells = [
+            f"{means[x]:.3f} (" + ", ".join(f"{a:.2f}" for a in accs[x]) + ")" for x in m["methods"]
+        ]
+        cells = [
+            f"**{c}**" if means[x] == max(means.values()) else c
+            for x, c in zip(m["methods"], cells, strict=True)
+        ]
+        out.append(f"| {task} | {budget} | {seeds} | " + " | ".join(cells) + " |")
+    for name, values in (("mean regret", m["mean_regret"]), ("worst regret", m["worst_regret"]),
+                         ("average rank", m["average_rank"])):  # fmt: skip
+        out.append(f"| {name} | | | " + " | ".join(f"{values[x]:.3f}" for x in m["methods"]) + " |")
+    folds = m["leave_one_task_out"]
+    out += ["", "Leave-one-task-out over these five: " + "; ".join(
+        f"{t}: {_short(f['picked'])} ("
+        + ", ".join(f"{b} {v:.3f}" for b, v in sorted(f["held_out_regret"].items())) + ")"
+        for t, f in folds.items())]  # fmt: skip
+    return out
+
+
+def _loto_tables(rows: list[dict]) -> list[str]:
+    out: list[str] = []
     for title, choosable in (
         ("fixed settings", CHOOSABLE),
         ("fixed settings and the search", (*CHOOSABLE, DEFAULT)),
@@ -389,21 +416,40 @@ def docs_markdown(runs: list[dict]) -> str:
             out.append(
                 f"| {task} | {_short(f['picked'])} | {f['train_mean_regret']:.3f} | {held} |"
             )
+    return out
+
+
+def _agreement_table(runs: list[dict]) -> list[str]:
     agree = agreement(runs)
-    if agree:
-        out += ["", "| task | budget | seed | surgical | suggest (first among surgical's) | agree |",
-                "|---|---|---|---|---|---|"]  # fmt: skip
-        for a in agree:
-            out.append(f"| {a['task']} | {a['budget']} | {a['seed']} | `{a['surgical']}` | "
-                       f"`{a['suggest']}` (`{a['suggest_among_candidates']}`) | "
-                       f"{'yes' if a['agree'] else 'no'} |")  # fmt: skip
+    out = ["| task | budget | seed | surgical | suggest (first among surgical's) | agree |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
+    for a in agree:
+        out.append(f"| {a['task']} | {a['budget']} | {a['seed']} | `{a['surgical']}` | "
+                   f"`{a['suggest']}` (`{a['suggest_among_candidates']}`) | "
+                   f"{'yes' if a['agree'] else 'no'} |")  # fmt: skip
+    out.append(f"\nThey agree on {sum(a['agree'] for a in agree)} of {len(agree)}.")
+    return out
+
+
+def docs_parts(runs: list[dict]) -> dict[str, str]:
+    """The suite's section of docs/benchmarks.md from the run log, by part: every method on
+    every task, the default against the best, the search against its candidates, leave-one-
+    task-out, suggest against surgical, the reproduction check and the time."""
+    rows = summarise(runs)
     check = reproduced(runs)
-    out += ["", f"The search's final run against the fixed row of the setting it chose: "
-            f"{check['same']} equal, {len(check['differ'])} differ {check['differ'] or ''}"]  # fmt: skip
     t = timing(runs)
-    out += ["", f"Run time: {t['runs']} runs, {t['total']} s in all; per method: "
-            + ", ".join(f"{_short(m)} {v} s" for m, v in t["per_method"].items())]  # fmt: skip
-    return "\n".join(out)
+    parts = {
+        "table": _docs_table(rows, order({r["method"] for r in rows})),
+        "gap": _gap_table(runs),
+        "core": _core_table(runs),
+        "loto": _loto_tables(rows),
+        "agreement": _agreement_table(runs),
+        "check": [f"The search's final run against the logged run of the setting it chose: "
+                  f"{check['same']} equal, {len(check['differ'])} differ {check['differ'] or ''}"],
+        "time": [f"{t['runs']} runs, {t['total']} s in all; per method: "
+                 + ", ".join(f"{_short(m)} {v} s" for m, v in t["per_method"].items())],
+    }  # fmt: skip
+    return {k: "\n".join(v) for k, v in parts.items()}
 
 
 if __name__ == "__main__":
@@ -414,4 +460,5 @@ if __name__ == "__main__":
         if len(sys.argv) > 1
         else Path(__file__).parent / "results" / "suite-runs.jsonl"
     )
-    print(docs_markdown(load_runs(log)))
+    for name, text in docs_parts(load_runs(log)).items():
+        print(f"<!-- {name} -->\n{text}\n")
