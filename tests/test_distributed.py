@@ -136,7 +136,8 @@ def test_a_dataloader_and_fine_tune_on_two_processes_match_one_process(launched_
         result = _result(launched_runs, "fine_tune", rank)
         _assert_same_weights(result["state"], tuned.state_dict())
         assert _losses(result["history"]) == pytest.approx(_losses(tuned_rows), rel=1e-9)
-        assert [r["stage"] for r in result["history"]] == ["head", "all"]
+        # the same stages as one process: its search chose the same setting
+        assert [r["stage"] for r in result["history"]] == [r["stage"] for r in tuned_rows]
 
 
 @pytest.mark.slow
