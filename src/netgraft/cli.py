@@ -382,7 +382,8 @@ _SEARCH_OPTION = typer.Option(
     None,
     "--search/--no-search",
     help="choose the setting on a held-out fifth of the training data, every fifth in turn "
-    "until 100 examples are scored (about 5x the compute, up to 20x on small data); --no-search runs the rates given [default: {'--search' if _FT.search else '--no-search'}]",
+    "until 100 examples are scored (about 5x the compute, up to 20x on small data); "
+    f"--no-search runs the rates given [default: {'--search' if _FT.search else '--no-search'}]",
 )
 _FT_DATA_OPTION = typer.Option(
     ...,
