@@ -476,6 +476,7 @@ def _trials(
     candidates after a head stage start from one copy whose head stage ran once."""
     fit_part, held = split
     quiet = {k: v for k, v in fit_kwargs.items() if k != "quiet"} | {"progress": False}
+    loss, batch_size = fit_kwargs.get("loss"), fit_kwargs.get("batch_size", 64)
 
     def train_copy(of: nn.Module, setting: FineTuneConfig, n: int) -> nn.Module:
         trained = copy.deepcopy(of)
@@ -489,5 +490,4 @@ def _trials(
             trained = train_copy(headed(), setting.replace(head_epochs=0), n)
         else:  # the head alone, or no head stage: from the model as given
             trained = train_copy(model, setting, n)
-        loss, batch_size = fit_kwargs.get("loss"), fit_kwargs.get("batch_size", 64)
         yield label, (held_out_score(trained, held, loss, batch_size), size(held))
