@@ -7,7 +7,10 @@ and returns its test accuracy (and what it chose). Bench code only.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -304,8 +307,6 @@ EXTRA = {"defaults": defaults}
 
 def run_one(task: SuiteTask, budget: str, seed: int, method: str) -> dict[str, Any]:
     """One method on the training draw of (``budget``, ``seed``): the run log's row."""
-    import time
-
     train = task.train_set(budget, seed)
     started = time.perf_counter()
     result = {**METHODS, **EXTRA}[method](task, train, budget, seed)
@@ -320,9 +321,6 @@ _LOADED: dict[str, SuiteTask] = {}  # a worker process's tasks, loaded once each
 def run_job(job: tuple[str, str, int, str], options: dict[str, Any]) -> dict[str, Any]:
     """:func:`run_one` in a worker process: ``job`` is (task, budget, seed, method);
     ``options`` the run's size, tokens and threads."""
-    import logging
-    from types import SimpleNamespace
-
     torch.set_num_threads(options["threads"])
     logging.disable(logging.WARNING)
     name, budget, seed, method = job

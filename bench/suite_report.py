@@ -253,25 +253,6 @@ def timing(runs: list[dict]) -> dict[str, Any]:
             "total": round(sum(per.values())), "runs": len(runs)}  # fmt: skip
 
 
-def markdown(rows: list[dict], methods: list[str], ranks: dict[str, float]) -> str:
-    """Task × method table of mean ± std accuracy, best per row in bold, then the ranks."""
-    head = "| task | budget | " + " | ".join(methods) + " |"
-    lines = [head, "|---" * (len(methods) + 2) + "|"]
-    for (task, budget), scores in sorted(_cells(rows).items()):
-        cell = {r["method"]: r for r in rows if r["task"] == task and r["budget"] == budget}
-        best = max(scores.values())
-        parts = []
-        for m in methods:
-            if m not in cell:
-                parts.append("–")
-                continue
-            text = f"{cell[m]['acc_mean']:.3f} ± {cell[m]['acc_std']:.3f}"
-            parts.append(f"**{text}**" if cell[m]["acc_mean"] == best else text)
-        lines.append(f"| {task} | {budget} | " + " | ".join(parts) + " |")
-    lines.append("| average rank | | " + " | ".join(str(ranks.get(m, "–")) for m in methods) + " |")
-    return "\n".join(lines)
-
-
 def plot(rows: list[dict], methods: list[str], ranks: dict[str, float], path: Path) -> None:
     """Heat map of mean accuracy (cells × methods) beside the average ranks."""
     import matplotlib
@@ -320,7 +301,7 @@ def write(runs_path: Path, json_path: Path, png_path: Path, settings: dict[str, 
         "defaults_gap": defaults_gap(runs),
         "seconds": timing(runs),
         "search_reproduces_fixed_rows": reproduced(runs),
-        "table": markdown(rows, methods, ranks),
+        "table": "\n".join(_docs_table(rows, methods)),
         "runs": runs,
     }
     text = json.dumps(result, indent=1, default=str)
