@@ -88,12 +88,12 @@ class FineTuneConfig:
     - ``search``: True makes :func:`fine_tune` choose how much of the body to train on the
       training data itself: it trains copies of the model on four fifths of it with each
       setting of :func:`netgraft.train.search.candidates` (the head alone; the body at
-      ``base_lr``; at ``0.3 * base_lr``; everything at one rate with batch norms trained),
+      ``base_lr``; everything at one rate from the start with batch norms trained),
       scores them on the fifth held out (on small data the next fifths in turn, until 100
       examples are scored: :func:`netgraft.train.search.folds`), and fine-tunes on
       all of it with the config's own setting unless another is clearly better there
-      (:func:`netgraft.train.search.pick`). About five times the compute of the run alone
-      (up to about twenty times on small data); the validation data is never used to choose.
+      (:func:`netgraft.train.search.pick`). About four times the compute of the run alone
+      (up to about fifteen times on small data); the validation data is never used to choose.
       ``base_lr`` scales the candidates, and each runs ``head_epochs + epochs`` epochs in
       all, divided its own way (the head alone for all of them, the head stage then the
       body, or one rate from the start); any other field the caller changed from its
