@@ -352,38 +352,38 @@ def demo(
 _FT = FineTuneConfig()
 _HEAD_OPTION = typer.Option(None, "--head", help="selector of the head (default: found)")
 _HEAD_EPOCHS_OPTION = typer.Option(
-    None, "--head-epochs", help=f"epochs training only the head [default: {_FT.head_epochs}]"
+    None, "--head-epochs", help=f"epochs training only the head (default: {_FT.head_epochs})"
 )
 _BASE_LR_OPTION = typer.Option(
-    None, "--lr", "--base-lr", help=f"base rate, halved after the head [default: {_FT.base_lr}]"
+    None, "--lr", "--base-lr", help=f"base rate, halved after the head (default: {_FT.base_lr})"
 )
 _HEAD_LR_OPTION = typer.Option(
-    None, "--head-lr", help=f"rate of the head stage [default: {_FT.head_lr}]"
+    None, "--head-lr", help=f"rate of the head stage (default: {_FT.head_lr})"
 )
 _LR_MULT_OPTION = typer.Option(
-    None, "--lr-mult", help=f"top/bottom learning-rate ratio [default: {_FT.lr_mult}]"
+    None, "--lr-mult", help=f"top/bottom learning-rate ratio (default: {_FT.lr_mult})"
 )
 _UNFREEZE_OPTION = typer.Option(
-    None, "--unfreeze", help=f"all or gradual [default: {_FT.unfreeze}]"
+    None, "--unfreeze", help=f"all or gradual (default: {_FT.unfreeze})"
 )
 _BN_OPTION = typer.Option(
-    None, "--bn", help=f"frozen norm layers: eval, train or frozen [default: {_FT.bn}]"
+    None, "--bn", help=f"frozen norm layers: eval, train or frozen (default: {_FT.bn})"
 )
 _TRAIN_BN_OPTION = typer.Option(
-    None, "--train-bn/--no-train-bn", help=f"unfreeze batch norms too [default: {_FT.train_bn}]"
+    None, "--train-bn/--no-train-bn", help=f"unfreeze batch norms too (default: {_FT.train_bn})"
 )
 _FREEZE_OPTION = typer.Option(
     None, "--freeze", help="selector of layers that stay frozen throughout"
 )
 _SCHEDULER_OPTION = typer.Option(
-    None, "--scheduler", help=f"onecycle, cosine or constant [default: {_FT.scheduler}]"
+    None, "--scheduler", help=f"onecycle, cosine or constant (default: {_FT.scheduler})"
 )
 _SEARCH_OPTION = typer.Option(
     None,
     "--search/--no-search",
     help="choose the setting on a held-out fifth of the training data, every fifth in turn "
-    "until 100 examples are scored (about 5x the compute, up to 20x on small data); "
-    f"--no-search runs the rates given [default: {'--search' if _FT.search else '--no-search'}]",
+    "until 100 examples are scored (about 4x the compute, up to 15x on small data); "
+    f"--no-search runs the rates given (default: {'--search' if _FT.search else '--no-search'})",
 )
 _FT_DATA_OPTION = typer.Option(
     ...,
