@@ -216,12 +216,14 @@ def _block_names(model: nn.Module) -> list[list[str]]:
 
 def one_block(task, idx, budget, seed, block: str) -> float:
     """The head, then ``block`` and the head at 5e-4 (``base_lr`` 1e-3, one rate); every
-    other block frozen throughout."""
+    other block frozen throughout; pinned (``search=False``: until 2026-12-07 this ran
+    fine_tune's default search over rates too, so surgical and suggest rows before that
+    were not the method described and were rerun)."""
     model = task.source_model(seed)
     frozen = [n for b in netgraft.blocks(model)[:-1] if b.name != block for n in b.layer_names if n]
     head_epochs, epochs = EPOCHS[budget]
     config = netgraft.FineTuneConfig(head_epochs=head_epochs, head_lr=3e-3, base_lr=1e-3,
-                                     lr_mult=1.0, keep_frozen=frozen)  # fmt: skip
+                                     lr_mult=1.0, keep_frozen=frozen, search=False)  # fmt: skip
     netgraft.fine_tune(model, task.subset(idx), epochs=epochs, config=config, batch_size=BATCH,
                        seed=seed, quiet=True)  # fmt: skip
     return test_acc(task, model)
