@@ -68,10 +68,18 @@ def test_pretrained_body_is_ready_for_replace_head_and_fit(digits):
     assert netgraft.get_recipe(model).operations[-1]["op"] == "replace_head"
 
 
-def test_corrupt_binary_learns_to_spot_shuffled_patches(digits):
+def test_corrupt_binary_learns_to_spot_shuffled_patches(digits, monkeypatch):
+    monkeypatch.setattr("netgraft.deprecation._warned", set())
     x, _ = digits
     model = _model()
-    result = pretrain_auxiliary(model, x[:800], x[800:1100], task="corrupt", epochs=3, device="cpu")
+    with pytest.warns(DeprecationWarning) as record:  # fit's old keyword, named as ours
+        result = pretrain_auxiliary(model, x[:800], x[800:1100], task="corrupt", epochs=3,
+                                    device="cpu")  # fmt: skip
+    ours = [w for w in record if "is deprecated; use" in str(w.message)]
+    assert [str(w.message) for w in ours] == [
+        "pretrain_auxiliary(device=...) is deprecated; use run=RunOptions(device=...)"
+    ]
+    assert ours[0].filename == __file__  # the caller's line
     assert result.aux_head == "binary" and result.examples == 1600
     assert result.history.last["val_acc"] > 0.85
 

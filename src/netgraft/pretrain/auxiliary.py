@@ -47,13 +47,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import Dataset
 
-from ..deprecation import legacy
+from ..deprecation import LEGACY, legacy, warn_old_keywords
 from ..errors import DataError, NetgraftError, SelectionError, closest
 from ..heads import find_head
 from ..layers import evaluating, modes_kept
 from ..options import RunOptions, run_options
-from ..train import History, fit
+from ..train import History
 from ..train.batches import predictions
+from ..train.loop import fit_flat
 from .inputs import gather_inputs
 
 __all__ = [
@@ -524,6 +525,9 @@ def pretrain_auxiliary(
     still work and warn.
     """
     spec, run = _spec_and_run(task, run, fit_kwargs)
+    # fit's old keywords (device=, weight_decay=, ...) warn as this function's, at the
+    # caller's line; fit_flat then folds them in without warning again as fit's
+    warn_old_keywords("pretrain_auxiliary", LEGACY["fit"], fit_kwargs)
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise NetgraftError(f"epochs must be a positive integer; found {epochs!r}")
     head = _head_name(model, head)
@@ -540,8 +544,8 @@ def pretrain_auxiliary(
         wrapper = _wrapper(body, x, spec.aux_head, spec.hidden)
         loss = _margin_loss(spec.margin) if spec.aux_head == "margin" else None
         callbacks, run = _fit_options(train, spec, fit_kwargs.pop("callbacks", ()), run)
-        history = fit(wrapper, train, val_set, epochs=epochs, lr=lr, batch_size=batch_size,
-                      loss=loss, seed=seed, callbacks=callbacks, run=run, **fit_kwargs)  # fmt: skip
+        history = fit_flat(wrapper, train, val_set, epochs=epochs, lr=lr, batch_size=batch_size,
+                           loss=loss, seed=seed, callbacks=callbacks, run=run, **fit_kwargs)  # fmt: skip
     result = AuxiliaryResult(spec.name, spec.aux_head, len(train), history)  # type: ignore[arg-type]
     log.info(result.summary())
     return result
