@@ -386,7 +386,7 @@ def _core_table(runs: list[dict]) -> list[str]:
                          ("average rank", m["average_rank"])):  # fmt: skip
         out.append(f"| {name} | | | " + " | ".join(f"{values[x]:.3f}" for x in m["methods"]) + " |")
     folds = m["leave_one_task_out"]
-    out += ["", "Leave-one-task-out over these five: " + "; ".join(
+    out += ["", f"Leave-one-task-out over these {len(m['methods'])}: " + "; ".join(
         f"{t}: {_short(f['picked'])} ("
         + ", ".join(f"{b} {v:.3f}" for b, v in sorted(f["held_out_regret"].items())) + ")"
         for t, f in folds.items())]  # fmt: skip
