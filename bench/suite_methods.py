@@ -216,17 +216,15 @@ def _block_names(model: nn.Module) -> list[list[str]]:
 
 def one_block(task, idx, budget, seed, block: str) -> float:
     """The head, then ``block`` and the head at 5e-4 (``base_lr`` 1e-3, one rate); every
-    other block frozen throughout; pinned (``search=False``: until 2026-12-07 this ran
-    fine_tune's default search over rates too, so surgical and suggest rows before that
-    were not the method described and were rerun)."""
-    model = task.source_model(seed)
-    frozen = [n for b in netgraft.blocks(model)[:-1] if b.name != block for n in b.layer_names if n]
-    head_epochs, epochs = EPOCHS[budget]
-    config = netgraft.FineTuneConfig(head_epochs=head_epochs, head_lr=3e-3, base_lr=1e-3,
-                                     lr_mult=1.0, keep_frozen=frozen, search=False)  # fmt: skip
-    netgraft.fine_tune(model, task.subset(idx), epochs=epochs, config=config, batch_size=BATCH,
-                       seed=seed, quiet=True)  # fmt: skip
-    return test_acc(task, model)
+    other block frozen throughout. Through :func:`_fine_tune`, as every fixed method, so
+    pinned (``search=False``): until 2026-12-07 this called fine_tune itself and ran its
+    default search over rates too, so surgical and suggest rows before that were not the
+    method described and were rerun."""
+    blocks = netgraft.blocks(task.source_model(seed))[:-1]
+    frozen = [n for b in blocks if b.name != block for n in b.layer_names if n]
+    found = _fine_tune(task, idx, budget, seed, head_lr=3e-3, base_lr=1e-3, lr_mult=1.0,
+                       keep_frozen=frozen)  # fmt: skip
+    return found["acc"]
 
 
 def _candidates(task: SuiteTask, count: int = 4) -> list[int]:
