@@ -382,7 +382,7 @@ _SEARCH_OPTION = typer.Option(
     None,
     "--search/--no-search",
     help="choose the setting on a held-out fifth of the training data, every fifth in turn "
-    "until 100 examples are scored (about 4x the compute, up to 15x on small data); "
+    "until 100 examples are scored (about 3x the compute, up to 12x on small data); "
     f"--no-search runs the rates given (default: {'--search' if _FT.search else '--no-search'})",
 )
 _FT_DATA_OPTION = typer.Option(

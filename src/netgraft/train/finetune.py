@@ -92,8 +92,10 @@ class FineTuneConfig:
       scores them on the fifth held out (on small data the next fifths in turn, until 100
       examples are scored: :func:`netgraft.train.search.folds`), and fine-tunes on
       all of it with the config's own setting unless another is clearly better there
-      (:func:`netgraft.train.search.pick`). About four times the compute of the run alone
-      (up to about fifteen times on small data); the validation data is never used to choose.
+      (:func:`netgraft.train.search.pick`). About three times the compute of the run alone
+      from 500 examples (one held-out fifth), eight to twelve times on a few hundred or
+      fewer (three to five fifths; measured on the suite); the validation data is never
+      used to choose.
       ``base_lr`` scales the candidates, and each runs ``head_epochs + epochs`` epochs in
       all, divided its own way (the head alone for all of them, the head stage then the
       body, or one rate from the start); any other field the caller changed from its
@@ -104,19 +106,20 @@ class FineTuneConfig:
     The default values live here only; everything that fine-tunes follows them. The held-out
     transfer suite (``bench/suite.py``; real tasks, images and text, leave-one-task-out)
     found no fixed setting within 2 points of the best everywhere: full fine-tuning at one
-    rate 3e-4 wins on SMS spam (0.963 against 0.840 at ``base_lr`` 1e-3), tweets and
-    MNIST and collapses EfficientNet-Lite0 on small grey images (animal silhouettes 0.30
-    against 0.62 for the head alone); ``base_lr`` 1e-4 (picked earlier on three tasks) left
-    the body untouched; 1e-3 undoes the head on 200 MobileNetV2 digits (0.835 to 0.625).
-    Hence ``search=True``: :func:`fine_tune` tries the head alone, the body at ``base_lr``
-    1e-3 and 3e-4 (``lr_mult`` 10, batch norms frozen) and everything at 3e-4 from the start
-    with norms trained, on held-out training data (further fifths in turn until 100
-    examples are scored), and keeps 1e-3 ×10 unless another is clearly better there;
-    ``head_lr`` 3e-3 and the rest are fixed. On the suite's matched seeds (18 task and
-    budget rows) it has the smallest mean regret (0.010 against 0.024 for the fixed
-    1e-3 ×10) and the best average rank, and is picked in every leave-one-task-out fold, but
-    is not within 2 points of the best everywhere (15 of 18 rows; not on elpv, 5-6 points,
-    nor on MNIST at 100 per class, 4 points: ``docs/benchmarks.md``).
+    rate 3e-4 wins on SMS spam (0.953 against 0.893 at ``base_lr`` 1e-3, 10 per class, mean
+    of 3 seeds), tweets and MNIST and collapses EfficientNet-Lite0 on small grey images
+    (animal silhouettes 0.34 against 0.58 for the head alone); ``base_lr`` 1e-4 (picked
+    earlier on three tasks) left the body untouched; 1e-3 undoes the head on 200
+    MobileNetV2 digits (0.835 to 0.625). Hence ``search=True``: :func:`fine_tune` tries the
+    head alone, the body at ``base_lr`` 1e-3 (``lr_mult`` 10, batch norms frozen) and
+    everything at 3e-4 from the start with norms trained, on held-out training data
+    (further fifths in turn until 100 examples are scored), and keeps 1e-3 ×10 unless
+    another is clearly better there; ``head_lr`` 3e-3 and the rest are fixed. On the suite
+    (18 task and budget rows, 3 seeds each) it has the smallest mean regret of the four
+    (0.008 against 0.022 for the fixed 1e-3 ×10) and the best average rank, ranks first of
+    the suite's eleven methods, and is picked in every leave-one-task-out fold, but is not
+    within 2 points of the best everywhere (15 of 18 rows; not on elpv, 5-6 points, nor on
+    the convention speeches at 100 per class, 3 points: ``docs/benchmarks.md``).
     """
 
     head: str | list[str] | None = None
