@@ -184,8 +184,9 @@ def defaults(task, idx, budget, seed):
 
 def search(task, idx, budget, seed):
     """``fine_tune``'s held-out search (``FineTuneConfig(search=True)``, the new default):
-    three settings (the head, the body at 1e-3 x10, everything at 3e-4 from the start) tried on 80% of the draw and scored on the other 20% (the next fifths
-    in turn until 100 examples are scored); the config's own setting trains on all of it unless clearly
+    three settings (the head, the body at 1e-3 x10, everything at 3e-4 from the start)
+    tried on 80% of the draw and scored on the other 20% (the next fifths in turn until 100
+    examples are scored); the config's own setting trains on all of it unless clearly
     beaten (:func:`netgraft.train.search.pick`)."""
     return _fine_tune(task, idx, budget, seed, search=True)
 

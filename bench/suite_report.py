@@ -126,11 +126,9 @@ def leave_one_task_out(rows: list[dict], choosable: tuple[str, ...] = CHOOSABLE)
     return {"folds": folds, "mean_regret_all_tasks": overall, "worst_regret_all_tasks": worst}
 
 
-# the settings run on every seed: fine_tune's search and the four fixed settings it chooses
-# among (full one rate 3e-4 as the one-rate candidate, from the start instead of after the
-# head stage)
-# the search and the settings it chooses from (until 2026-12-07 also the body at 3e-4 x10,
-# never chosen, so dropped: ``candidate 3e-4 x10`` still runs as a fixed setting)
+# the search and the fixed settings it chooses from (full one rate 3e-4 is its one-rate
+# candidate; until 2026-12-07 it also tried the body at 3e-4 x10, never chosen, so dropped:
+# ``candidate 3e-4 x10`` still runs as a fixed setting)
 CORE = (
     "search (new default)",
     "head only",
