@@ -146,13 +146,14 @@ def test_acc(task: SuiteTask, model: nn.Module) -> float:
     return round(float(evaluate(model, task.test(), batch_size=64)["acc"]), 4)
 
 
-def _fine_tune(task, idx, budget, seed, epochs=None, **fields) -> dict[str, Any]:
-    """One ``fine_tune`` call from a fresh head at the budget's epochs (overridable), the
-    :class:`netgraft.FineTuneConfig` fields given over its defaults (``search`` off unless
-    given: the fixed methods run exactly their settings)."""
+def _fine_tune(task, idx, budget, seed, epochs=None, model=None, **fields) -> dict[str, Any]:
+    """One ``fine_tune`` call from a fresh head (``model``, else ``task.source_model(seed)``)
+    at the budget's epochs (overridable), the :class:`netgraft.FineTuneConfig` fields given
+    over its defaults (``search`` off unless given: the fixed methods run exactly their
+    settings)."""
     head_epochs, body_epochs = EPOCHS[budget]
     config = netgraft.FineTuneConfig(**{"head_epochs": head_epochs, "search": False, **fields})
-    model = task.source_model(seed)
+    model = task.source_model(seed) if model is None else model
     history = netgraft.fine_tune(model, task.subset(idx), config=config, batch_size=BATCH,
                                  epochs=body_epochs if epochs is None else epochs, seed=seed,
                                  quiet=True)  # fmt: skip
@@ -211,20 +212,16 @@ def full_one_rate(task, idx, budget, seed):
                       lr_mult=1.0, train_bn=True)  # fmt: skip
 
 
-def _block_names(model: nn.Module) -> list[list[str]]:
-    return [[n for n in b.layer_names if n] for b in netgraft.blocks(model)]
-
-
 def one_block(task, idx, budget, seed, block: str) -> float:
     """The head, then ``block`` and the head at 5e-4 (``base_lr`` 1e-3, one rate); every
     other block frozen throughout. Through :func:`_fine_tune`, as every fixed method, so
     pinned (``search=False``): until 2026-12-07 this called fine_tune itself and ran its
     default search over rates too, so surgical and suggest rows before that were not the
     method described and were rerun."""
-    blocks = netgraft.blocks(task.source_model(seed))[:-1]
-    frozen = [n for b in blocks if b.name != block for n in b.layer_names if n]
-    found = _fine_tune(task, idx, budget, seed, head_lr=3e-3, base_lr=1e-3, lr_mult=1.0,
-                       keep_frozen=frozen)  # fmt: skip
+    model = task.source_model(seed)
+    frozen = [n for b in netgraft.blocks(model)[:-1] if b.name != block for n in b.layer_names if n]
+    found = _fine_tune(task, idx, budget, seed, model=model, head_lr=3e-3, base_lr=1e-3,
+                       lr_mult=1.0, keep_frozen=frozen)  # fmt: skip
     return found["acc"]
 
 
